@@ -1,0 +1,139 @@
+"""The DuckDB catalog: a `versions` table and one view per dataset showing its newest version.
+
+The catalog is a DuckDB file in `EVOLFORGE_HOME`. DuckDB lets one process hold a file read-write
+and then no other may open it, so the writer holds it only for the moment of an update, under a
+file lock (`catalog.lock`): one writer at a time, and readers (`evolforge sql`, the DuckDB CLI,
+a notebook) open it read-only between updates, retrying briefly if an update is in progress.
+
+Views read the parquet files of the newest version directly; a `_version` column in each view
+names the version a row came from, and the `versions` table records parents, so every row traces
+back through lineage. DuckDB is configured never to download extensions: only those built into
+the wheel (parquet, json, icu) are used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from filelock import FileLock
+
+from storage.datasets import DatasetStore, Manifest
+
+CATALOG_FILE = "catalog.duckdb"
+
+# Never reach the network for extensions; parquet and json are built in.
+DUCKDB_CONFIG = {
+    "autoinstall_known_extensions": "false",
+    "autoload_known_extensions": "false",
+    "allow_community_extensions": "false",
+}
+
+_VERSIONS_DDL = """
+CREATE TABLE IF NOT EXISTS versions (
+    name VARCHAR NOT NULL,
+    version VARCHAR NOT NULL,
+    stage VARCHAR,
+    code_version VARCHAR,
+    parents VARCHAR[],
+    params JSON,
+    rows BIGINT,
+    stats JSON,
+    created_at TIMESTAMPTZ,
+    flow_run VARCHAR,
+    path VARCHAR,
+    PRIMARY KEY (name, version)
+)
+"""
+
+
+def connect(path: Path | str = ":memory:", read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that will not try to download extensions."""
+    return duckdb.connect(str(path), read_only=read_only, config=dict(DUCKDB_CONFIG))
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class CatalogBusyError(Exception):
+    """The catalog stayed locked by a writer for longer than the reader would wait."""
+
+
+class Catalog:
+    def __init__(self, home: Path):
+        self.home = Path(home)
+        self.path = self.home / CATALOG_FILE
+        self.lock = FileLock(str(self.home / "catalog.lock"), timeout=120)
+        self.store = DatasetStore(self.home)
+
+    def register(self, manifest: Manifest) -> None:
+        """Record a version and point its dataset's view at the newest version."""
+        with self.lock, connect(self.path) as con:
+            con.execute(_VERSIONS_DDL)
+            con.execute(
+                """INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (name, version) DO NOTHING""",
+                [
+                    manifest.name,
+                    manifest.version,
+                    manifest.stage,
+                    manifest.code_version,
+                    manifest.parents,
+                    json.dumps(manifest.params, default=str),
+                    manifest.rows,
+                    json.dumps(manifest.stats, default=str),
+                    manifest.created_at,
+                    manifest.flow_run,
+                    str(self.store.version_dir(manifest.name, manifest.version)),
+                ],
+            )
+            newest = con.execute(
+                "SELECT version FROM versions WHERE name = ? ORDER BY created_at DESC, version DESC LIMIT 1",
+                [manifest.name],
+            ).fetchone()[0]
+            self._create_view(con, self.store.manifest(f"{manifest.name}@{newest}"))
+
+    def _create_view(self, con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
+        files = [str(p) for p in self.store.files(manifest.ref)]
+        file_list = "[" + ", ".join(_quote_str(f) for f in files) + "]"
+        con.execute(
+            f"CREATE OR REPLACE VIEW {_quote_ident(manifest.name)} AS "
+            f"SELECT *, {_quote_str(manifest.version)} AS _version "
+            f"FROM read_parquet({file_list}, union_by_name = true)"
+        )
+
+    def rebuild(self) -> int:
+        """Recreate the catalog from the manifests on disk (after a lost or deleted catalog file)."""
+        count = 0
+        for name in self.store.names():
+            for manifest in self.store.versions(name):
+                self.register(manifest)
+                count += 1
+        return count
+
+    def query(self, sql: str, params: list[Any] | None = None, wait_s: float = 10.0):
+        """Run a read-only query; returns (column names, rows)."""
+        if not self.path.exists():
+            with self.lock, connect(self.path) as con:
+                con.execute(_VERSIONS_DDL)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                con = connect(self.path, read_only=True)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise CatalogBusyError(f"catalog {self.path} is busy: {exc}") from exc
+                time.sleep(0.05)
+        with con:
+            cursor = con.execute(sql, params or [])
+            columns = [d[0] for d in cursor.description] if cursor.description else []
+            return columns, cursor.fetchall()

@@ -1,0 +1,332 @@
+"""Immutable, content-addressed parquet dataset versions.
+
+Layout under `EVOLFORGE_HOME/datasets/`::
+
+    <name>/<version>/part-00000.parquet ...
+    <name>/<version>/_manifest.json          (written last)
+
+A version id is a content hash of (stage, stage code version, parameters, parent versions), so
+the same inputs give the same version and an existing version is never recomputed or rewritten.
+
+Crash safety: a version is assembled in a staging folder `<name>/.staging-<version>-<pid>-<rand>`;
+each shard is written to a temporary file, fsynced and renamed; the manifest is written the same
+way, last; then the whole folder is renamed to `<name>/<version>`. A version folder without a
+manifest, or a staging folder whose writer process is gone, is never read and is removed by the
+next write of that dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow.parquet as pq
+
+MANIFEST = "_manifest.json"
+ROWS_PER_SHARD = 250_000
+
+
+class DatasetError(Exception):
+    """A dataset or version that does not exist, or a malformed reference."""
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+def version_id(stage: str, code_version: str, params: dict[str, Any], parents: Iterable[str]) -> str:
+    """Content hash of what determines a version's rows: stage, its code, parameters, parents."""
+    payload = _canonical(
+        {"stage": stage, "code": code_version, "params": params, "parents": sorted(parents)}
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """`name@version`: the small value that flows pass between tasks."""
+
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetRef:
+        name, sep, version = text.partition("@")
+        if not sep or not name or not version:
+            raise DatasetError(f"not a dataset reference (want NAME@VERSION): {text!r}")
+        return cls(name, version)
+
+
+@dataclass
+class Manifest:
+    name: str
+    version: str
+    stage: str
+    code_version: str
+    params: dict[str, Any]
+    parents: list[str]
+    rows: int
+    schema: list[dict[str, str]]
+    files: list[dict[str, Any]]
+    created_at: str
+    flow_run: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> DatasetRef:
+        return DatasetRef(self.name, self.version)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str, ensure_ascii=False)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Manifest:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _current_flow_run() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        run_id = flow_run.get_id()
+        return str(run_id) if run_id else None
+    except Exception:
+        return None
+
+
+class DatasetStore:
+    """Reads and writes dataset versions under `<home>/datasets`."""
+
+    def __init__(self, home: Path):
+        self.home = Path(home)
+        self.root = self.home / "datasets"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- reading ----------------------------------------------------------------------------
+    def version_dir(self, name: str, version: str) -> Path:
+        return self.root / name / version
+
+    def exists(self, name: str, version: str) -> bool:
+        return (self.version_dir(name, version) / MANIFEST).is_file()
+
+    def manifest(self, ref: DatasetRef | str) -> Manifest:
+        ref = DatasetRef.parse(ref) if isinstance(ref, str) else ref
+        path = self.version_dir(ref.name, ref.version) / MANIFEST
+        if not path.is_file():
+            raise DatasetError(f"no such dataset version: {ref}")
+        return Manifest.from_file(path)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[Manifest]:
+        """Complete versions of a dataset, oldest first."""
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        found = [
+            Manifest.from_file(p / MANIFEST)
+            for p in folder.iterdir()
+            if not p.name.startswith(".") and (p / MANIFEST).is_file()
+        ]
+        return sorted(found, key=lambda m: (m.created_at, m.version))
+
+    def latest(self, name: str) -> Manifest:
+        versions = self.versions(name)
+        if not versions:
+            raise DatasetError(f"no dataset named {name!r} (known: {', '.join(self.names()) or 'none'})")
+        return versions[-1]
+
+    def resolve(self, spec: str) -> Manifest:
+        """`NAME` (newest version) or `NAME@VERSION` (a version id or a unique prefix of one)."""
+        name, sep, version = spec.partition("@")
+        if not sep:
+            return self.latest(name)
+        matches = [m for m in self.versions(name) if m.version.startswith(version)]
+        if len(matches) != 1:
+            what = "no" if not matches else "more than one"
+            raise DatasetError(f"{what} version of {name!r} matches {version!r}")
+        return matches[0]
+
+    def files(self, ref: DatasetRef | str) -> list[Path]:
+        manifest = self.manifest(ref)
+        folder = self.version_dir(manifest.name, manifest.version)
+        return [folder / f["path"] for f in manifest.files]
+
+    def read(self, ref: DatasetRef | str, columns: list[str] | None = None) -> pl.DataFrame:
+        manifest = self.manifest(ref)
+        paths = self.files(manifest.ref)
+        if not paths:
+            return pl.DataFrame(schema=_polars_schema(manifest.schema))
+        frame = pl.read_parquet(paths, columns=columns)
+        return frame
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(
+        self,
+        name: str,
+        data: pl.DataFrame | Iterable[pl.DataFrame],
+        *,
+        stage: str,
+        code_version: str,
+        params: dict[str, Any],
+        parents: Iterable[DatasetRef | str] = (),
+        stats: dict[str, Any] | None = None,
+        schema: dict[str, pl.DataType] | None = None,
+        version: str | None = None,
+    ) -> Manifest:
+        """Write a version; a version that already exists is returned as it is (a no-op)."""
+        parent_refs = sorted(str(p) for p in parents)
+        version = version or version_id(stage, code_version, params, parent_refs)
+        if self.exists(name, version):
+            return self.manifest(DatasetRef(name, version))
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        self._clean_stale(folder, version)
+        staging = folder / f".staging-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            frames = [data] if isinstance(data, pl.DataFrame) else data
+            files, rows, out_schema = self._write_shards(staging, frames, schema)
+            manifest = Manifest(
+                name=name,
+                version=version,
+                stage=stage,
+                code_version=code_version,
+                params=params,
+                parents=parent_refs,
+                rows=rows,
+                schema=out_schema,
+                files=files,
+                created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+                flow_run=_current_flow_run(),
+                stats=stats or {},
+            )
+            tmp = staging / f".{MANIFEST}.tmp"
+            with tmp.open("w", encoding="utf-8") as handle:
+                handle.write(manifest.to_json())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, staging / MANIFEST)
+            _fsync_dir(staging)
+            target = folder / version
+            if target.exists():
+                if (target / MANIFEST).is_file():  # another writer finished the same version first
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return self.manifest(DatasetRef(name, version))
+                shutil.rmtree(target)
+            os.rename(staging, target)
+            _fsync_dir(folder)
+            return manifest
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _write_shards(
+        self,
+        staging: Path,
+        frames: Iterable[pl.DataFrame],
+        schema: dict[str, pl.DataType] | None,
+    ) -> tuple[list[dict[str, Any]], int, list[dict[str, str]]]:
+        files: list[dict[str, Any]] = []
+        rows = 0
+        out_schema: list[dict[str, str]] | None = None
+        for frame in _reshard(frames, ROWS_PER_SHARD):
+            if schema is not None:
+                frame = frame.select([pl.col(c).cast(t) for c, t in schema.items()])
+            if out_schema is None:
+                out_schema = [{"name": c, "type": str(t)} for c, t in frame.schema.items()]
+            path = staging / f"part-{len(files):05d}.parquet"
+            tmp = staging / f".{path.name}.tmp"
+            frame.write_parquet(tmp, compression="zstd", statistics=True)
+            with tmp.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            files.append(
+                {"path": path.name, "rows": frame.height, "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+            )
+            rows += frame.height
+        if out_schema is None:  # an empty dataset still has a schema and one empty shard
+            empty = pl.DataFrame(schema=schema or {})
+            out_schema = [{"name": c, "type": str(t)} for c, t in empty.schema.items()]
+            path = staging / "part-00000.parquet"
+            empty.write_parquet(path)
+            files.append({"path": path.name, "rows": 0, "bytes": path.stat().st_size, "sha256": _sha256_file(path)})
+        return files, rows, out_schema
+
+    def _clean_stale(self, folder: Path, version: str) -> None:
+        """Remove leftovers of crashed writes: dead writers' staging folders, manifest-less versions."""
+        for entry in folder.iterdir():
+            if entry.name.startswith(".staging-"):
+                parts = entry.name.split("-")
+                pid = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else -1
+                if pid != os.getpid() and not _pid_alive(pid):
+                    shutil.rmtree(entry, ignore_errors=True)
+            elif entry.is_dir() and not (entry / MANIFEST).exists() and entry.name == version:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def iter_batches(self, ref: DatasetRef | str, batch_size: int) -> Iterator[pl.DataFrame]:
+        """Row batches of a version, in order, for work split into shards."""
+        for path in self.files(ref):
+            parquet = pq.ParquetFile(path)
+            for batch in parquet.iter_batches(batch_size=batch_size):
+                yield pl.from_arrow(batch)
+
+
+def _reshard(frames: Iterable[pl.DataFrame], size: int) -> Iterator[pl.DataFrame]:
+    for frame in frames:
+        if frame.height == 0:
+            continue
+        for start in range(0, frame.height, size):
+            yield frame.slice(start, size)
+
+
+_TYPES = {
+    "String": pl.String,
+    "Int64": pl.Int64,
+    "Int32": pl.Int32,
+    "Float64": pl.Float64,
+    "Boolean": pl.Boolean,
+}
+
+
+def _polars_schema(schema: list[dict[str, str]]) -> dict[str, pl.DataType]:
+    return {col["name"]: _TYPES.get(col["type"], pl.String) for col in schema}

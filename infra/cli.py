@@ -1,0 +1,302 @@
+"""The `evolforge` command line: ingest seeds, run the factory, query the catalog, manage datasets.
+
+    evolforge ingest gsm8k math                      # GSM8K + MATH train from ../shared/data
+    evolforge ingest file --path my.jsonl --map question=q,answer=a
+    evolforge ingest hf --name openai/gsm8k --config main --format gsm8k
+    evolforge run --config configs/demo.yaml --set rounds=2
+    evolforge sql "SELECT source, count(*) FROM seeds GROUP BY ALL"
+    evolforge datasets ls | show seeds | export seeds --to out.jsonl
+
+Every command fails with one line on stderr and a non-zero exit; set EVOLFORGE_DEBUG=1 for the
+traceback. Heavy libraries are imported only by the commands that need them, so `sql` and
+`datasets` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_ERROR = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def _prepare_env() -> None:
+    """Keep Prefect's local state and results inside EVOLFORGE_HOME unless the user chose otherwise."""
+    from infra.settings import home
+
+    data_home = home()
+    os.environ.setdefault("PREFECT_HOME", str(data_home / "prefect"))
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(data_home / "prefect" / "results"))
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(data_home / "prefect" / "results"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+
+def _cell(value: Any, width: int = 60) -> str:
+    if value is None:
+        return "NULL"
+    text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
+    text = text.replace("\n", "⏎")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> str:
+    cells = [[_cell(v, max_width) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [line, "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |", line]
+    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    out.append(line)
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)
+
+
+def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
+    if fmt == "table":
+        print(format_table(columns, rows))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows([[json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in r] for r in rows])
+    else:
+        for row in rows:
+            print(json.dumps(dict(zip(columns, row, strict=True)), default=str, ensure_ascii=False))
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _parse_mapping(text: str | None) -> dict[str, str]:
+    if not text:
+        return {}
+    mapping = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise CliError(f"--map expects field=column pairs separated by commas, got {item!r}")
+        mapping[key.strip()] = value.strip()
+    return mapping
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from tasks.seeds import IngestParams, SeedSource, load_seeds
+
+    if len(args.source) > 1 and (args.path or args.name):
+        raise CliError("--path/--name apply to one source; ingest several files with one command each and --add")
+    try:
+        sources = [
+            SeedSource(
+                kind=kind,
+                path=args.path,
+                name=args.name,
+                config=args.hf_config,
+                split=args.split,
+                format=args.format,
+                mapping=_parse_mapping(args.map),
+                label=args.label,
+            )
+            for kind in args.source
+        ]
+        if args.add:
+            sources = _previous_sources() + sources
+        params = IngestParams(sources=sources, strict=args.strict, max_row_chars=args.max_row_chars)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CliError(f"invalid ingest options: {first['msg']}") from exc
+    result = load_seeds(params)
+    stats = result.stats
+    seeds, rejected = result["seeds"], result["seeds_rejected"]
+    state = "already ingested (no new version)" if result.cached else "ingested"
+    print(f"{state}: {seeds}  rejected: {rejected}")
+    print(
+        f"read {stats['read']} = accepted {stats['accepted']} + rejected {stats['rejected']}"
+        f" (of which {stats['duplicate_questions_collapsed']} duplicate questions collapsed)"
+    )
+    for reason, count in sorted(stats.get("rejected_by_reason", {}).items()):
+        print(f"  rejected {reason}: {count}")
+    if stats["rejected"]:
+        print("see them with: evolforge sql \"SELECT file, line, reason, detail FROM seeds_rejected\"")
+    return 0
+
+
+def _previous_sources():
+    from infra.settings import home
+    from storage.datasets import DatasetError, DatasetStore
+    from tasks.seeds import SeedSource
+
+    try:
+        manifest = DatasetStore(home()).latest("seeds")
+    except DatasetError:
+        return []
+    sources = []
+    for data in manifest.params.get("sources", []):
+        data = {k: v for k, v in data.items() if k != "sha256"}
+        sources.append(SeedSource(**data))
+    return sources
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from infra.settings import home
+    from storage.catalog import Catalog
+
+    try:
+        columns, rows = Catalog(home()).query(args.query)
+    except duckdb.Error as exc:
+        raise CliError(f"sql: {str(exc).splitlines()[0]}") from exc
+    print_rows(columns, rows, args.format)
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from infra.settings import home
+    from storage.datasets import DatasetStore
+
+    store = DatasetStore(home())
+    if args.action == "ls":
+        rows = []
+        for name in store.names():
+            versions = store.versions(name)
+            if versions:
+                newest = versions[-1]
+                rows.append((name, newest.version, newest.rows, len(versions), newest.stage, newest.created_at[:19]))
+        print_rows(["name", "newest", "rows", "versions", "stage", "created_at"], rows, args.format)
+        return 0
+    if not args.spec:
+        raise CliError(f"datasets {args.action} needs NAME or NAME@VERSION")
+    manifest = store.resolve(args.spec)
+    if args.action == "show":
+        versions = [m.version for m in store.versions(manifest.name)]
+        print(f"{manifest.name}@{manifest.version}  stage={manifest.stage}  code={manifest.code_version}")
+        print(f"rows: {manifest.rows}   created: {manifest.created_at}   flow run: {manifest.flow_run or '-'}")
+        print(f"path: {store.version_dir(manifest.name, manifest.version)}")
+        print(f"parents: {', '.join(manifest.parents) or '-'}")
+        print("schema: " + ", ".join(f"{c['name']}:{c['type']}" for c in manifest.schema))
+        print("params: " + json.dumps(manifest.params, default=str)[:2000])
+        if manifest.stats:
+            print("stats: " + json.dumps(manifest.stats, default=str)[:2000])
+        print(f"versions ({len(versions)}): " + ", ".join(versions))
+        return 0
+    return _export(store, manifest, args)
+
+
+def _export(store, manifest, args: argparse.Namespace) -> int:
+    if not args.to:
+        raise CliError("datasets export needs --to PATH")
+    target = Path(args.to).expanduser()
+    fmt = args.export_format or {".jsonl": "jsonl", ".parquet": "parquet"}.get(target.suffix, "")
+    if fmt not in ("jsonl", "parquet", "hf"):
+        raise CliError("choose --as jsonl|parquet|hf (or give --to a .jsonl/.parquet name)")
+    frame = store.read(manifest.ref)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        frame.write_ndjson(target)
+    elif fmt == "parquet":
+        frame.write_parquet(target)
+    else:
+        import datasets
+
+        ds = datasets.Dataset.from_polars(frame) if hasattr(datasets.Dataset, "from_polars") else datasets.Dataset(frame.to_arrow())
+        ds.info.description = f"evolforge {manifest.name}@{manifest.version} (stage {manifest.stage})"
+        ds.save_to_disk(str(target))
+    print(f"exported {manifest.rows} rows of {manifest.name}@{manifest.version} to {target} ({fmt})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.params import load_factory_params
+
+    params = load_factory_params(args.config, args.set or [])
+    from flows.factory import factory
+    from flows.summary import render_summary
+
+    summary = factory(params)
+    print(render_summary(summary))
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from infra.settings import home
+    from storage.catalog import Catalog
+
+    count = Catalog(home()).rebuild()
+    print(f"catalog rebuilt from {count} manifest(s): {home() / 'catalog.duckdb'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evolforge", description="A data factory for math instruction data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", help="load seed problems into the seeds dataset")
+    ingest.add_argument("source", nargs="+", choices=["gsm8k", "math", "sample", "file", "hf"])
+    ingest.add_argument("--path", help="local file (jsonl, json, csv, parquet); gsm8k/math default to ../shared/data train")
+    ingest.add_argument("--name", help="hub data set name (hf)")
+    ingest.add_argument("--config", dest="hf_config", help="hub data set config (hf)")
+    ingest.add_argument("--split", default="train")
+    ingest.add_argument("--format", choices=["gsm8k", "math", "seed"], help="record layout of a file/hf source")
+    ingest.add_argument("--map", help="field mapping, e.g. question=q,answer=a,solution=s,id=uid")
+    ingest.add_argument("--label", help="value of the source column (default: the source kind)")
+    ingest.add_argument("--strict", action="store_true", help="fail on the first bad row instead of rejecting it")
+    ingest.add_argument("--add", action="store_true", help="add to the current seeds instead of replacing them")
+    ingest.add_argument("--max-row-chars", type=int, default=20_000)
+    ingest.set_defaults(func=cmd_ingest)
+
+    run = sub.add_parser("run", help="run the factory flow")
+    run.add_argument("--config", help="run profile (YAML), e.g. configs/demo.yaml")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (dotted keys)")
+    run.set_defaults(func=cmd_run)
+
+    sql = sub.add_parser("sql", help="query the catalog (read-only)")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.set_defaults(func=cmd_sql)
+
+    ds = sub.add_parser("datasets", help="list, show and export dataset versions")
+    ds.add_argument("action", choices=["ls", "show", "export"])
+    ds.add_argument("spec", nargs="?", help="NAME or NAME@VERSION")
+    ds.add_argument("--to", help="export target path")
+    ds.add_argument("--as", dest="export_format", choices=["jsonl", "parquet", "hf"])
+    ds.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    ds.set_defaults(func=cmd_datasets)
+
+    catalog = sub.add_parser("catalog", help="rebuild the DuckDB catalog from the manifests")
+    catalog.add_argument("action", choices=["rebuild"])
+    catalog.set_defaults(func=cmd_catalog)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _prepare_env()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("evolforge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("EVOLFORGE_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = "" if isinstance(exc, CliError) else f"{type(exc).__name__}: "
+        print(f"evolforge: error: {kind}{message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

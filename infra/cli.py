@@ -22,10 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from infra.errors import UserError
+
 EXIT_ERROR = 2
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user-facing error: printed as one line."""
 
 
@@ -35,7 +37,9 @@ def _prepare_env() -> None:
 
     data_home = home()
     os.environ.setdefault("PREFECT_HOME", str(data_home / "prefect"))
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(data_home / "prefect" / "results"))
+    os.environ.setdefault(
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(data_home / "prefect" / "results")
+    )
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(data_home / "prefect" / "results"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -46,7 +50,13 @@ def _prepare_env() -> None:
 def _cell(value: Any, width: int = 60) -> str:
     if value is None:
         return "NULL"
-    text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
+    text = (
+        value
+        if isinstance(value, str)
+        else json.dumps(value, default=str)
+        if isinstance(value, list | dict)
+        else str(value)
+    )
     text = text.replace("\n", "⏎")
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -55,8 +65,14 @@ def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> 
     cells = [[_cell(v, max_width) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    out = [line, "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |", line]
-    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    out = [
+        line,
+        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
+        line,
+    ]
+    out += [
+        "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in cells
+    ]
     out.append(line)
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out)
@@ -68,7 +84,12 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
-        writer.writerows([[json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in r] for r in rows])
+        writer.writerows(
+            [
+                [json.dumps(v, default=str) if isinstance(v, list | dict) else v for v in r]
+                for r in rows
+            ]
+        )
     else:
         for row in rows:
             print(json.dumps(dict(zip(columns, row, strict=True)), default=str, ensure_ascii=False))
@@ -95,7 +116,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from tasks.seeds import IngestParams, SeedSource, load_seeds
 
     if len(args.source) > 1 and (args.path or args.name):
-        raise CliError("--path/--name apply to one source; ingest several files with one command each and --add")
+        raise CliError(
+            "--path/--name apply to one source; ingest several files with one command each and --add"
+        )
     try:
         sources = [
             SeedSource(
@@ -128,7 +151,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     for reason, count in sorted(stats.get("rejected_by_reason", {}).items()):
         print(f"  rejected {reason}: {count}")
     if stats["rejected"]:
-        print("see them with: evolforge sql \"SELECT file, line, reason, detail FROM seeds_rejected\"")
+        print(
+            'see them with: evolforge sql "SELECT file, line, reason, detail FROM seeds_rejected"'
+        )
     return 0
 
 
@@ -173,7 +198,16 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             versions = store.versions(name)
             if versions:
                 newest = versions[-1]
-                rows.append((name, newest.version, newest.rows, len(versions), newest.stage, newest.created_at[:19]))
+                rows.append(
+                    (
+                        name,
+                        newest.version,
+                        newest.rows,
+                        len(versions),
+                        newest.stage,
+                        newest.created_at[:19],
+                    )
+                )
         print_rows(["name", "newest", "rows", "versions", "stage", "created_at"], rows, args.format)
         return 0
     if not args.spec:
@@ -181,8 +215,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     manifest = store.resolve(args.spec)
     if args.action == "show":
         versions = [m.version for m in store.versions(manifest.name)]
-        print(f"{manifest.name}@{manifest.version}  stage={manifest.stage}  code={manifest.code_version}")
-        print(f"rows: {manifest.rows}   created: {manifest.created_at}   flow run: {manifest.flow_run or '-'}")
+        print(
+            f"{manifest.name}@{manifest.version}  stage={manifest.stage}  code={manifest.code_version}"
+        )
+        print(
+            f"rows: {manifest.rows}   created: {manifest.created_at}   flow run: {manifest.flow_run or '-'}"
+        )
         print(f"path: {store.version_dir(manifest.name, manifest.version)}")
         print(f"parents: {', '.join(manifest.parents) or '-'}")
         print("schema: " + ", ".join(f"{c['name']}:{c['type']}" for c in manifest.schema))
@@ -210,10 +248,18 @@ def _export(store, manifest, args: argparse.Namespace) -> int:
     else:
         import datasets
 
-        ds = datasets.Dataset.from_polars(frame) if hasattr(datasets.Dataset, "from_polars") else datasets.Dataset(frame.to_arrow())
-        ds.info.description = f"evolforge {manifest.name}@{manifest.version} (stage {manifest.stage})"
+        ds = (
+            datasets.Dataset.from_polars(frame)
+            if hasattr(datasets.Dataset, "from_polars")
+            else datasets.Dataset(frame.to_arrow())
+        )
+        ds.info.description = (
+            f"evolforge {manifest.name}@{manifest.version} (stage {manifest.stage})"
+        )
         ds.save_to_disk(str(target))
-    print(f"exported {manifest.rows} rows of {manifest.name}@{manifest.version} to {target} ({fmt})")
+    print(
+        f"exported {manifest.rows} rows of {manifest.name}@{manifest.version} to {target} ({fmt})"
+    )
     return 0
 
 
@@ -239,26 +285,39 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evolforge", description="A data factory for math instruction data.")
+    parser = argparse.ArgumentParser(
+        prog="evolforge", description="A data factory for math instruction data."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     ingest = sub.add_parser("ingest", help="load seed problems into the seeds dataset")
     ingest.add_argument("source", nargs="+", choices=["gsm8k", "math", "sample", "file", "hf"])
-    ingest.add_argument("--path", help="local file (jsonl, json, csv, parquet); gsm8k/math default to ../shared/data train")
+    ingest.add_argument(
+        "--path",
+        help="local file (jsonl, json, csv, parquet); gsm8k/math default to ../shared/data train",
+    )
     ingest.add_argument("--name", help="hub data set name (hf)")
     ingest.add_argument("--config", dest="hf_config", help="hub data set config (hf)")
     ingest.add_argument("--split", default="train")
-    ingest.add_argument("--format", choices=["gsm8k", "math", "seed"], help="record layout of a file/hf source")
+    ingest.add_argument(
+        "--format", choices=["gsm8k", "math", "seed"], help="record layout of a file/hf source"
+    )
     ingest.add_argument("--map", help="field mapping, e.g. question=q,answer=a,solution=s,id=uid")
     ingest.add_argument("--label", help="value of the source column (default: the source kind)")
-    ingest.add_argument("--strict", action="store_true", help="fail on the first bad row instead of rejecting it")
-    ingest.add_argument("--add", action="store_true", help="add to the current seeds instead of replacing them")
+    ingest.add_argument(
+        "--strict", action="store_true", help="fail on the first bad row instead of rejecting it"
+    )
+    ingest.add_argument(
+        "--add", action="store_true", help="add to the current seeds instead of replacing them"
+    )
     ingest.add_argument("--max-row-chars", type=int, default=20_000)
     ingest.set_defaults(func=cmd_ingest)
 
     run = sub.add_parser("run", help="run the factory flow")
     run.add_argument("--config", help="run profile (YAML), e.g. configs/demo.yaml")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (dotted keys)")
+    run.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a parameter (dotted keys)"
+    )
     run.set_defaults(func=cmd_run)
 
     sql = sub.add_parser("sql", help="query the catalog (read-only)")
@@ -293,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("EVOLFORGE_DEBUG"):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = "" if isinstance(exc, CliError) else f"{type(exc).__name__}: "
+        kind = "" if isinstance(exc, UserError) else f"{type(exc).__name__}: "
         print(f"evolforge: error: {kind}{message}", file=sys.stderr)
         return EXIT_ERROR
 

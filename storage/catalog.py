@@ -14,6 +14,7 @@ the wheel (parquet, json, icu) are used.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from filelock import FileLock
 from storage.datasets import DatasetStore, Manifest
 
 CATALOG_FILE = "catalog.duckdb"
+logger = logging.getLogger(__name__)
 
 # Never reach the network for extensions; parquet and json are built in.
 DUCKDB_CONFIG = {
@@ -64,7 +66,24 @@ def _quote_str(text: str) -> str:
 
 
 class CatalogBusyError(Exception):
-    """The catalog stayed locked by a writer for longer than the reader would wait."""
+    """The catalog stayed locked by another process for longer than we would wait."""
+
+
+def _open_retrying(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """DuckDB takes a process-level file lock (shared for readers, exclusive for the writer):
+    wait for the other side's short hold to end instead of failing at once."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.01
+    while True:
+        try:
+            return connect(path, read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise CatalogBusyError(
+                    f"catalog {path} is busy: {str(exc).splitlines()[0]}"
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 class Catalog:
@@ -74,32 +93,49 @@ class Catalog:
         self.lock = FileLock(str(self.home / "catalog.lock"), timeout=120)
         self.store = DatasetStore(self.home)
 
-    def register(self, manifest: Manifest) -> None:
-        """Record a version and point its dataset's view at the newest version."""
-        with self.lock, connect(self.path) as con:
-            con.execute(_VERSIONS_DDL)
-            con.execute(
-                """INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (name, version) DO NOTHING""",
-                [
-                    manifest.name,
-                    manifest.version,
-                    manifest.stage,
-                    manifest.code_version,
-                    manifest.parents,
-                    json.dumps(manifest.params, default=str),
-                    manifest.rows,
-                    json.dumps(manifest.stats, default=str),
-                    manifest.created_at,
-                    manifest.flow_run,
-                    str(self.store.version_dir(manifest.name, manifest.version)),
-                ],
+    def register(self, manifest: Manifest, wait_s: float = 60.0) -> bool:
+        """Record a version and point its dataset's view at the newest version.
+
+        The manifests on disk are the source of truth; if readers keep the catalog open for
+        longer than `wait_s`, the update is skipped with a warning (`evolforge catalog rebuild`
+        or the next update of the dataset catches up) rather than failing the pipeline.
+        """
+        try:
+            with self.lock:
+                con = _open_retrying(self.path, read_only=False, wait_s=wait_s)
+                with con:
+                    self._register(con, manifest)
+            return True
+        except CatalogBusyError as exc:
+            logger.warning(
+                "catalog not updated for %s@%s: %s", manifest.name, manifest.version, exc
             )
-            newest = con.execute(
-                "SELECT version FROM versions WHERE name = ? ORDER BY created_at DESC, version DESC LIMIT 1",
-                [manifest.name],
-            ).fetchone()[0]
-            self._create_view(con, self.store.manifest(f"{manifest.name}@{newest}"))
+            return False
+
+    def _register(self, con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
+        con.execute(_VERSIONS_DDL)
+        con.execute(
+            """INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (name, version) DO NOTHING""",
+            [
+                manifest.name,
+                manifest.version,
+                manifest.stage,
+                manifest.code_version,
+                manifest.parents,
+                json.dumps(manifest.params, default=str),
+                manifest.rows,
+                json.dumps(manifest.stats, default=str),
+                manifest.created_at,
+                manifest.flow_run,
+                str(self.store.version_dir(manifest.name, manifest.version)),
+            ],
+        )
+        newest = con.execute(
+            "SELECT version FROM versions WHERE name = ? ORDER BY created_at DESC, version DESC LIMIT 1",
+            [manifest.name],
+        ).fetchone()[0]
+        self._create_view(con, self.store.manifest(f"{manifest.name}@{newest}"))
 
     def _create_view(self, con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
         files = [str(p) for p in self.store.files(manifest.ref)]
@@ -122,18 +158,9 @@ class Catalog:
     def query(self, sql: str, params: list[Any] | None = None, wait_s: float = 10.0):
         """Run a read-only query; returns (column names, rows)."""
         if not self.path.exists():
-            with self.lock, connect(self.path) as con:
+            with self.lock, _open_retrying(self.path, read_only=False, wait_s=wait_s) as con:
                 con.execute(_VERSIONS_DDL)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                con = connect(self.path, read_only=True)
-                break
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                    raise CatalogBusyError(f"catalog {self.path} is busy: {exc}") from exc
-                time.sleep(0.05)
-        with con:
+        with _open_retrying(self.path, read_only=True, wait_s=wait_s) as con:
             cursor = con.execute(sql, params or [])
             columns = [d[0] for d in cursor.description] if cursor.description else []
             return columns, cursor.fetchall()

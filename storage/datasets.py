@@ -31,11 +31,13 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
+from infra.errors import UserError
+
 MANIFEST = "_manifest.json"
 ROWS_PER_SHARD = 250_000
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset or version that does not exist, or a malformed reference."""
 
 
@@ -43,7 +45,9 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
 
 
-def version_id(stage: str, code_version: str, params: dict[str, Any], parents: Iterable[str]) -> str:
+def version_id(
+    stage: str, code_version: str, params: dict[str, Any], parents: Iterable[str]
+) -> str:
     """Content hash of what determines a version's rows: stage, its code, parameters, parents."""
     payload = _canonical(
         {"stage": stage, "code": code_version, "params": params, "parents": sorted(parents)}
@@ -155,7 +159,9 @@ class DatasetStore:
         return Manifest.from_file(path)
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
 
     def versions(self, name: str) -> list[Manifest]:
         """Complete versions of a dataset, oldest first."""
@@ -172,7 +178,9 @@ class DatasetStore:
     def latest(self, name: str) -> Manifest:
         versions = self.versions(name)
         if not versions:
-            raise DatasetError(f"no dataset named {name!r} (known: {', '.join(self.names()) or 'none'})")
+            raise DatasetError(
+                f"no dataset named {name!r} (known: {', '.join(self.names()) or 'none'})"
+            )
         return versions[-1]
 
     def resolve(self, spec: str) -> Manifest:
@@ -268,29 +276,37 @@ class DatasetStore:
     ) -> tuple[list[dict[str, Any]], int, list[dict[str, str]]]:
         files: list[dict[str, Any]] = []
         rows = 0
-        out_schema: list[dict[str, str]] | None = None
+        first: pl.DataFrame | None = None
         for frame in _reshard(frames, ROWS_PER_SHARD):
             if schema is not None:
                 frame = frame.select([pl.col(c).cast(t) for c, t in schema.items()])
-            if out_schema is None:
-                out_schema = [{"name": c, "type": str(t)} for c, t in frame.schema.items()]
-            path = staging / f"part-{len(files):05d}.parquet"
-            tmp = staging / f".{path.name}.tmp"
-            frame.write_parquet(tmp, compression="zstd", statistics=True)
-            with tmp.open("rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            files.append(
-                {"path": path.name, "rows": frame.height, "bytes": path.stat().st_size, "sha256": _sha256_file(path)}
-            )
+            if first is None:
+                first = frame.clear()
+            if frame.height == 0:
+                continue
+            files.append(self._write_shard(staging, len(files), frame))
             rows += frame.height
-        if out_schema is None:  # an empty dataset still has a schema and one empty shard
-            empty = pl.DataFrame(schema=schema or {})
-            out_schema = [{"name": c, "type": str(t)} for c, t in empty.schema.items()]
-            path = staging / "part-00000.parquet"
-            empty.write_parquet(path)
-            files.append({"path": path.name, "rows": 0, "bytes": path.stat().st_size, "sha256": _sha256_file(path)})
+        if not files:  # an empty dataset still has its schema, in one empty shard
+            empty = first if first is not None else pl.DataFrame(schema=schema or {})
+            files.append(self._write_shard(staging, 0, empty))
+        reference = first if first is not None else pl.DataFrame(schema=schema or {})
+        out_schema = [{"name": c, "type": str(t)} for c, t in reference.schema.items()]
         return files, rows, out_schema
+
+    @staticmethod
+    def _write_shard(staging: Path, index: int, frame: pl.DataFrame) -> dict[str, Any]:
+        path = staging / f"part-{index:05d}.parquet"
+        tmp = staging / f".{path.name}.tmp"
+        frame.write_parquet(tmp, compression="zstd", statistics=True)
+        with tmp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return {
+            "path": path.name,
+            "rows": frame.height,
+            "bytes": path.stat().st_size,
+            "sha256": _sha256_file(path),
+        }
 
     def _clean_stale(self, folder: Path, version: str) -> None:
         """Remove leftovers of crashed writes: dead writers' staging folders, manifest-less versions."""
@@ -314,6 +330,7 @@ class DatasetStore:
 def _reshard(frames: Iterable[pl.DataFrame], size: int) -> Iterator[pl.DataFrame]:
     for frame in frames:
         if frame.height == 0:
+            yield frame  # carries the schema
             continue
         for start in range(0, frame.height, size):
             yield frame.slice(start, size)

@@ -48,7 +48,9 @@ def code_version(*files: str | Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def stage_version(stage: str, code: str, params: dict[str, Any], parents: Iterable[DatasetRef | str]) -> str:
+def stage_version(
+    stage: str, code: str, params: dict[str, Any], parents: Iterable[DatasetRef | str]
+) -> str:
     return version_id(stage, code, params, [str(p) for p in parents])
 
 
@@ -75,7 +77,9 @@ def run_stage(
         manifests = [store.manifest(DatasetRef(name, version)) for name in outputs]
         for manifest in manifests:
             catalog.register(manifest)  # idempotent; restores a lost catalog entry
-        return StageResult({m.name: m.ref for m in manifests}, cached=True, stats=manifests[0].stats)
+        return StageResult(
+            {m.name: m.ref for m in manifests}, cached=True, stats=manifests[0].stats
+        )
     result = compute()
     missing = set(outputs) - set(result.frames)
     if missing:

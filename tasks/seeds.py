@@ -35,6 +35,7 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from infra.errors import UserError
 from infra.settings import shared_data_dir
 
 SEED_SCHEMA: dict[str, pl.DataType] = {
@@ -61,7 +62,13 @@ RAW_PREVIEW = 300
 SourceKind = Literal["gsm8k", "math", "file", "hf", "sample"]
 FORMAT_FIELDS = {
     "gsm8k": {"question": "question", "solution": "answer"},
-    "math": {"question": "problem", "solution": "solution", "subject": "type", "level": "level", "id": "id"},
+    "math": {
+        "question": "problem",
+        "solution": "solution",
+        "subject": "type",
+        "level": "level",
+        "id": "id",
+    },
     "seed": {
         "id": "id",
         "question": "question",
@@ -74,7 +81,7 @@ FORMAT_FIELDS = {
 MAPPABLE = ("id", "question", "answer", "solution", "subject", "level")
 
 
-class SeedError(Exception):
+class SeedError(UserError):
     """A bad seed source or, in strict mode, the first bad row: one line naming file and line."""
 
 
@@ -99,7 +106,9 @@ class SeedSource(BaseModel):
     def _known_fields(cls, mapping: dict[str, str]) -> dict[str, str]:
         unknown = sorted(set(mapping) - set(MAPPABLE))
         if unknown:
-            raise ValueError(f"unknown seed field(s) in mapping: {', '.join(unknown)} (known: {', '.join(MAPPABLE)})")
+            raise ValueError(
+                f"unknown seed field(s) in mapping: {', '.join(unknown)} (known: {', '.join(MAPPABLE)})"
+            )
         return mapping
 
     @model_validator(mode="after")
@@ -109,7 +118,9 @@ class SeedSource(BaseModel):
         if self.kind == "hf" and not self.name:
             raise ValueError("an 'hf' seed source needs a data set name")
         if self.kind in ("file", "hf") and not self.format and "question" not in self.mapping:
-            raise ValueError(f"a '{self.kind}' seed source needs a format (gsm8k, math, seed) or a mapping for 'question'")
+            raise ValueError(
+                f"a '{self.kind}' seed source needs a format (gsm8k, math, seed) or a mapping for 'question'"
+            )
         return self
 
     def resolved_path(self) -> Path | None:
@@ -124,7 +135,9 @@ class SeedSource(BaseModel):
         return None
 
     def fields(self) -> dict[str, str]:
-        preset = {"gsm8k": "gsm8k", "math": "math", "sample": "seed"}.get(self.kind) or self.format or ""
+        preset = (
+            {"gsm8k": "gsm8k", "math": "math", "sample": "seed"}.get(self.kind) or self.format or ""
+        )
         return {**FORMAT_FIELDS.get(preset, {}), **self.mapping}
 
     def answer_style(self) -> str:
@@ -230,18 +243,38 @@ def read_jsonl(path: Path, max_row_chars: int) -> Iterator[RawRow]:
             try:
                 text = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield RawRow(number, None, _preview(raw_bytes.decode("utf-8", "replace")), ("not_utf8", f"invalid UTF-8 at byte {exc.start}"))
+                yield RawRow(
+                    number,
+                    None,
+                    _preview(raw_bytes.decode("utf-8", "replace")),
+                    ("not_utf8", f"invalid UTF-8 at byte {exc.start}"),
+                )
                 continue
             if len(text) > max_row_chars:
-                yield RawRow(number, None, _preview(text), ("too_large", f"row has {len(text)} characters, cap is {max_row_chars}"))
+                yield RawRow(
+                    number,
+                    None,
+                    _preview(text),
+                    ("too_large", f"row has {len(text)} characters, cap is {max_row_chars}"),
+                )
                 continue
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield RawRow(number, None, _preview(text), ("malformed_json", exc.msg + f" at column {exc.colno}"))
+                yield RawRow(
+                    number,
+                    None,
+                    _preview(text),
+                    ("malformed_json", exc.msg + f" at column {exc.colno}"),
+                )
                 continue
             if not isinstance(data, dict):
-                yield RawRow(number, None, _preview(text), ("not_an_object", f"expected a JSON object, got {type(data).__name__}"))
+                yield RawRow(
+                    number,
+                    None,
+                    _preview(text),
+                    ("not_an_object", f"expected a JSON object, got {type(data).__name__}"),
+                )
                 continue
             yield RawRow(number, data, text)
 
@@ -260,11 +293,23 @@ def read_json(path: Path, max_row_chars: int) -> Iterator[RawRow]:
     if not isinstance(data, list):
         raise SeedError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
     for number, item in enumerate(data, start=1):
-        raw = json.dumps(item, ensure_ascii=False, default=str) if not isinstance(item, str) else item
+        raw = (
+            json.dumps(item, ensure_ascii=False, default=str) if not isinstance(item, str) else item
+        )
         if not isinstance(item, dict):
-            yield RawRow(number, None, _preview(raw), ("not_an_object", f"record {number} is a {type(item).__name__}"))
+            yield RawRow(
+                number,
+                None,
+                _preview(raw),
+                ("not_an_object", f"record {number} is a {type(item).__name__}"),
+            )
         elif len(raw) > max_row_chars:
-            yield RawRow(number, None, _preview(raw), ("too_large", f"record has {len(raw)} characters, cap is {max_row_chars}"))
+            yield RawRow(
+                number,
+                None,
+                _preview(raw),
+                ("too_large", f"record has {len(raw)} characters, cap is {max_row_chars}"),
+            )
         else:
             yield RawRow(number, item, raw)
 
@@ -278,7 +323,12 @@ def read_csv(path: Path, max_row_chars: int) -> Iterator[RawRow]:
         if any(_has_lone_surrogate(v) for v in row.values()):
             yield RawRow(number, None, _preview(raw), ("not_utf8", "invalid UTF-8 bytes in row"))
         elif len(raw) > max_row_chars:
-            yield RawRow(number, None, _preview(raw), ("too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"))
+            yield RawRow(
+                number,
+                None,
+                _preview(raw),
+                ("too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"),
+            )
         else:
             yield RawRow(number, dict(row), raw)
 
@@ -291,7 +341,12 @@ def read_parquet(path: Path, max_row_chars: int) -> Iterator[RawRow]:
     for number, row in enumerate(frame.iter_rows(named=True), start=1):
         raw = json.dumps(row, ensure_ascii=False, default=str)
         if len(raw) > max_row_chars:
-            yield RawRow(number, None, _preview(raw), ("too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"))
+            yield RawRow(
+                number,
+                None,
+                _preview(raw),
+                ("too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"),
+            )
         else:
             yield RawRow(number, row, raw)
 
@@ -313,7 +368,12 @@ def read_hf(source: SeedSource, max_row_chars: int) -> Iterator[RawRow]:
     for number, row in enumerate(data, start=1):
         raw = json.dumps(row, ensure_ascii=False, default=str)
         if len(raw) > max_row_chars:
-            yield RawRow(number, None, _preview(raw), ("too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"))
+            yield RawRow(
+                number,
+                None,
+                _preview(raw),
+                ("too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"),
+            )
         else:
             yield RawRow(number, dict(row), raw)
 
@@ -324,7 +384,13 @@ def _env(name: str) -> str:
     return os.environ.get(name, "unset")
 
 
-READERS = {".jsonl": read_jsonl, ".ndjson": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+READERS = {
+    ".jsonl": read_jsonl,
+    ".ndjson": read_jsonl,
+    ".json": read_json,
+    ".csv": read_csv,
+    ".parquet": read_parquet,
+}
 
 
 def read_rows(source: SeedSource, max_row_chars: int) -> tuple[str, Iterator[RawRow]]:
@@ -336,7 +402,9 @@ def read_rows(source: SeedSource, max_row_chars: int) -> tuple[str, Iterator[Raw
         raise SeedError(f"{path}: no such file")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise SeedError(f"{path}: unsupported file type {path.suffix!r} (use jsonl, json, csv or parquet)")
+        raise SeedError(
+            f"{path}: unsupported file type {path.suffix!r} (use jsonl, json, csv or parquet)"
+        )
     return str(path), reader(path, max_row_chars)
 
 
@@ -384,17 +452,22 @@ def normalise_question(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def normalise_row(row: RawRow, source: SeedSource) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+def normalise_row(
+    row: RawRow, source: SeedSource
+) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
     """A seed record, or the (reason, detail) of why the row is rejected."""
     assert row.data is not None
     fields = source.fields()
-    for name, column in fields.items():
+    for column in fields.values():
         if column in row.data and _has_lone_surrogate(row.data[column]):
             return None, ("lone_surrogate", f"field {column!r} contains a lone surrogate")
     values = {name: row.data.get(column) for name, column in fields.items()}
     question = _text(values.get("question"))
     if question is None:
-        return None, ("missing_field", f"field {fields.get('question', 'question')!r} is missing or empty")
+        return None, (
+            "missing_field",
+            f"field {fields.get('question', 'question')!r} is missing or empty",
+        )
     solution = _text(values.get("solution"))
     answer = _text(values.get("answer"))
     if answer is None:
@@ -403,7 +476,9 @@ def normalise_row(row: RawRow, source: SeedSource) -> tuple[dict[str, Any] | Non
             return None, ("missing_field", f"field {what!r} is missing or empty")
         answer = final_answer(solution, source.answer_style())
         if answer is None:
-            marker = {"gsm8k": "'####'", "math": "\\boxed{}"}.get(source.answer_style(), "'####' or \\boxed{}")
+            marker = {"gsm8k": "'####'", "math": "\\boxed{}"}.get(
+                source.answer_style(), "'####' or \\boxed{}"
+            )
             return None, ("no_final_answer", f"solution has no final answer ({marker})")
     try:
         level = _level(values.get("level"))
@@ -426,7 +501,9 @@ def normalise_row(row: RawRow, source: SeedSource) -> tuple[dict[str, Any] | Non
     }, None
 
 
-def ingest(sources: list[SeedSource], strict: bool = False, max_row_chars: int = DEFAULT_MAX_ROW_CHARS) -> IngestResult:
+def ingest(
+    sources: list[SeedSource], strict: bool = False, max_row_chars: int = DEFAULT_MAX_ROW_CHARS
+) -> IngestResult:
     """Read and normalise every source; bad rows are rejected with file, line and reason."""
     seeds: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
@@ -438,7 +515,16 @@ def ingest(sources: list[SeedSource], strict: bool = False, max_row_chars: int =
     def reject(label: str, file: str, line: int, reason: str, detail: str, raw: str) -> None:
         if strict:
             raise SeedError(f"{file}:{line}: {reason}: {detail}")
-        rejected.append({"source": label, "file": file, "line": line, "reason": reason, "detail": detail, "raw": raw})
+        rejected.append(
+            {
+                "source": label,
+                "file": file,
+                "line": line,
+                "reason": reason,
+                "detail": detail,
+                "raw": raw,
+            }
+        )
         per_source[label]["rejected"] += 1
 
     for source in sources:
@@ -460,11 +546,25 @@ def ingest(sources: list[SeedSource], strict: bool = False, max_row_chars: int =
             assert record is not None
             where = f"{file}:{row.line}"
             if record["id"] in seen_ids:
-                reject(label, file, row.line, "duplicate_id", f"id {record['id']!r} already used at {seen_ids[record['id']]}", _preview(row.raw))
+                reject(
+                    label,
+                    file,
+                    row.line,
+                    "duplicate_id",
+                    f"id {record['id']!r} already used at {seen_ids[record['id']]}",
+                    _preview(row.raw),
+                )
                 continue
             key = normalise_question(record["question"])
             if key in seen_questions:
-                reject(label, file, row.line, "duplicate_question", f"same question as {seen_questions[key]}", _preview(row.raw))
+                reject(
+                    label,
+                    file,
+                    row.line,
+                    "duplicate_question",
+                    f"same question as {seen_questions[key]}",
+                    _preview(row.raw),
+                )
                 continue
             seen_ids[record["id"]] = where
             seen_questions[key] = record["id"]
@@ -486,7 +586,9 @@ def ingest(sources: list[SeedSource], strict: bool = False, max_row_chars: int =
         "accepted": result.accepted,
         "rejected": result.rejected.height,
         "rejected_by_reason": dict(reasons),
-        "duplicate_questions_collapsed": sum(1 for r in rejected if r["reason"] == "duplicate_question"),
+        "duplicate_questions_collapsed": sum(
+            1 for r in rejected if r["reason"] == "duplicate_question"
+        ),
         "per_source": per_source,
     }
     assert result.read == result.accepted + result.rejected.height, "seed counts do not reconcile"
@@ -502,7 +604,9 @@ OUTPUTS = ["seeds", "seeds_rejected"]
 class IngestParams(BaseModel):
     """Which seeds to load and how strictly."""
 
-    sources: list[SeedSource] = Field(default_factory=lambda: [SeedSource(kind="sample")], min_length=1)
+    sources: list[SeedSource] = Field(
+        default_factory=lambda: [SeedSource(kind="sample")], min_length=1
+    )
     strict: bool = False
     max_row_chars: int = Field(DEFAULT_MAX_ROW_CHARS, gt=0)
 
@@ -536,7 +640,9 @@ def load_seeds(params: IngestParams, home: Path | None = None):
         result = ingest(params.sources, strict=params.strict, max_row_chars=params.max_row_chars)
         return StageOutput({"seeds": result.seeds, "seeds_rejected": result.rejected}, result.stats)
 
-    return run_stage(STAGE, ingest_code_version(), ingest_stage_params(params), [], OUTPUTS, compute, home)
+    return run_stage(
+        STAGE, ingest_code_version(), ingest_stage_params(params), [], OUTPUTS, compute, home
+    )
 
 
 def _ingest_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
@@ -557,7 +663,11 @@ def _prefect_task():
     def ingest_seeds(params: IngestParams) -> dict[str, Any]:
         """Load seed problems into a `seeds` version; returns refs and counts."""
         result = load_seeds(params)
-        return {"refs": {k: str(v) for k, v in result.refs.items()}, "cached": result.cached, "stats": result.stats}
+        return {
+            "refs": {k: str(v) for k, v in result.refs.items()},
+            "cached": result.cached,
+            "stats": result.stats,
+        }
 
     return ingest_seeds
 

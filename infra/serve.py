@@ -1,0 +1,57 @@
+"""Serve the factory's two deployments to a Prefect server: nightly and ad hoc.
+
+- `factory/nightly`: a scheduled refresh at 02:00 every day (cron `0 2 * * *`), with at most one
+  run at a time (further runs queue); it runs the profile named by `EVOLFORGE_NIGHTLY_CONFIG`
+  (default `configs/demo.yaml`).
+- `factory/adhoc`: no schedule; trigger it from the Prefect UI ("Run" → custom run), where the
+  `FactoryParams` model renders as a form, or with
+  `prefect deployment run factory/adhoc --param params='{"rounds": 2}'`.
+
+`python -m infra.serve` registers both with the server at `PREFECT_API_URL` and executes their
+runs in this process until interrupted (`make serve` starts a local server and this). For work
+pools and workers instead, see `infra/prefect.yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import serve
+
+from flows.factory import factory
+from flows.params import load_factory_params
+from infra.settings import PROJECT_ROOT
+
+NIGHTLY_CRON = "0 2 * * *"
+
+
+def build_deployments(nightly_config: str | Path | None = None):
+    config = (
+        nightly_config
+        or os.environ.get("EVOLFORGE_NIGHTLY_CONFIG")
+        or PROJECT_ROOT / "configs" / "demo.yaml"
+    )
+    nightly_params = load_factory_params(config, [])
+    nightly = factory.to_deployment(
+        name="nightly",
+        cron=NIGHTLY_CRON,
+        concurrency_limit=1,
+        parameters={"params": nightly_params.model_dump(mode="json")},
+        description="Nightly refresh of the factory's datasets (02:00, one run at a time).",
+        tags=["evolforge", "nightly"],
+    )
+    adhoc = factory.to_deployment(
+        name="adhoc",
+        description="Run the factory with parameters from the UI form.",
+        tags=["evolforge", "adhoc"],
+    )
+    return nightly, adhoc
+
+
+def main() -> None:
+    serve(*build_deployments())
+
+
+if __name__ == "__main__":
+    main()

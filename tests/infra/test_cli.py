@@ -1,0 +1,103 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from infra.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_ingest_sql_and_datasets(capsys, evolforge_home):
+    code, out, _ = run(capsys, "ingest", "sample")
+    assert code == 0 and "read 30 = accepted 30 + rejected 0" in out
+    code, out, _ = run(capsys, "ingest", "sample")
+    assert code == 0 and "no new version" in out
+    code, out, _ = run(capsys, "sql", "SELECT count(*) AS n FROM seeds", "--format", "json")
+    assert json.loads(out) == {"n": 30}
+    code, out, _ = run(
+        capsys, "sql", "SELECT id, level FROM seeds ORDER BY id LIMIT 2", "--format", "csv"
+    )
+    assert out.splitlines()[0] == "id,level" and len(out.splitlines()) == 3
+    code, out, _ = run(capsys, "sql", "SELECT count(*) AS n FROM seeds")
+    assert "| n " in out and "(1 row)" in out
+    code, out, _ = run(capsys, "datasets", "ls")
+    assert "seeds" in out and "seeds_rejected" in out
+    code, out, _ = run(capsys, "datasets", "show", "seeds")
+    assert "stage=ingest" in out and "rows: 30" in out
+
+
+def test_export_jsonl_parquet_and_hf(capsys, evolforge_home, tmp_path):
+    run(capsys, "ingest", "sample")
+    assert run(capsys, "datasets", "export", "seeds", "--to", str(tmp_path / "s.jsonl"))[0] == 0
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 30
+    assert run(capsys, "datasets", "export", "seeds", "--to", str(tmp_path / "s.parquet"))[0] == 0
+    assert (
+        run(capsys, "datasets", "export", "seeds", "--to", str(tmp_path / "hf"), "--as", "hf")[0]
+        == 0
+    )
+    import datasets
+
+    assert datasets.load_from_disk(str(tmp_path / "hf")).num_rows == 30
+
+
+def test_ingest_add_merges_sources(capsys, evolforge_home, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"question": "What is 9 - 4?", "answer": "#### 5"}) + "\n")
+    run(capsys, "ingest", "sample")
+    code, out, _ = run(capsys, "ingest", "file", "--path", str(path), "--format", "gsm8k", "--add")
+    assert code == 0 and "accepted 31" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sql", "SELECT * FROM nope"], "evolforge: error: sql: Catalog Error"),
+        (["datasets", "show", "nope"], "no dataset named 'nope'"),
+        (
+            ["ingest", "file", "--path", "/no/such.jsonl", "--format", "gsm8k"],
+            "/no/such.jsonl: no such file",
+        ),
+        (["ingest", "file", "--path", "x.jsonl"], "needs a format"),
+        (
+            ["ingest", "file", "--path", "x.jsonl", "--map", "question"],
+            "--map expects field=column",
+        ),
+        (["run", "--config", "/no/such.yaml"], "no such config file"),
+        (["run", "--set", "seeds.strict=notabool"], "seeds.strict"),
+    ],
+)
+def test_errors_are_one_line_and_nonzero(capsys, evolforge_home, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code != 0
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_console_script_strict_error(evolforge_home, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok?", "answer": "#### 1"}\n{oops\n')
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "infra.cli",
+            "ingest",
+            "file",
+            "--path",
+            str(bad),
+            "--format",
+            "gsm8k",
+            "--strict",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"evolforge: error: {bad}:2: malformed_json: Expecting property name enclosed in double quotes at column 2"
+    ]

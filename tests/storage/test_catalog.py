@@ -1,0 +1,83 @@
+import subprocess
+import sys
+import textwrap
+
+import polars as pl
+
+from storage.catalog import Catalog, connect
+from storage.datasets import DatasetStore
+
+
+def write(home, name, rows, params):
+    store = DatasetStore(home)
+    m = store.write(
+        name,
+        pl.DataFrame({"id": [f"r{i}" for i in range(rows)]}),
+        stage="s",
+        code_version="c",
+        params=params,
+        parents=["seeds@p"],
+    )
+    Catalog(home).register(m)
+    return m
+
+
+def test_view_shows_newest_version_and_versions_table(evolforge_home):
+    m1 = write(evolforge_home, "things", 2, {"v": 1})
+    m2 = write(evolforge_home, "things", 5, {"v": 2})
+    catalog = Catalog(evolforge_home)
+    _, rows = catalog.query("SELECT count(*), min(_version) FROM things")
+    assert rows == [(5, m2.version)]
+    _, rows = catalog.query("SELECT name, version, parents, rows FROM versions ORDER BY created_at")
+    assert rows == [("things", m1.version, ["seeds@p"], 2), ("things", m2.version, ["seeds@p"], 5)]
+    write(
+        evolforge_home, "things", 2, {"v": 1}
+    )  # re-registering an old version keeps the newest view
+    assert catalog.query("SELECT count(*) FROM things")[1] == [(5,)]
+
+
+def test_reader_opens_read_only_while_writer_process_registers(evolforge_home):
+    write(evolforge_home, "things", 3, {"v": 0})
+    writer = textwrap.dedent(
+        f"""
+        import polars as pl
+        from storage.catalog import Catalog
+        from storage.datasets import DatasetStore
+        home = {str(evolforge_home)!r}
+        for i in range(1, 25):
+            m = DatasetStore(home).write("things", pl.DataFrame({{"id": ["x"] * i}}), stage="s", code_version="c", params={{"v": i}})
+            Catalog(home).register(m)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer])
+    catalog = Catalog(evolforge_home)
+    seen = set()
+    while proc.poll() is None:
+        _, rows = catalog.query("SELECT count(*) FROM things")
+        seen.add(rows[0][0])
+    assert proc.wait() == 0
+    assert catalog.query("SELECT count(*) FROM things")[1] == [(24,)]
+    assert seen  # reads succeeded while the writer ran
+
+
+def test_rebuild_from_manifests(evolforge_home):
+    write(evolforge_home, "a", 2, {})
+    write(evolforge_home, "b", 3, {})
+    (evolforge_home / "catalog.duckdb").unlink()
+    assert Catalog(evolforge_home).rebuild() == 2
+    assert Catalog(evolforge_home).query(
+        "SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b)"
+    )[1] == [(2, 3)]
+
+
+def test_no_extension_downloads():
+    con = connect()
+    settings = dict(
+        con.execute(
+            "SELECT name, value FROM duckdb_settings() WHERE name LIKE 'auto%extensions'"
+        ).fetchall()
+    )
+    assert settings == {
+        "autoinstall_known_extensions": "false",
+        "autoload_known_extensions": "false",
+    }

@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from infra.errors import UserError
 from infra.settings import shared_data_dir
+from tasks.common import StagePlan, result_dict, stage_task
 
 SEED_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String,
@@ -626,10 +627,9 @@ def ingest_stage_params(params: IngestParams) -> dict[str, Any]:
     }
 
 
-def ingest_seeds_version(params: IngestParams) -> str:
-    from storage.stages import stage_version
-
-    return stage_version(STAGE, ingest_code_version(), ingest_stage_params(params), [])
+def plan_ingest(params: IngestParams) -> StagePlan:
+    params = params if isinstance(params, IngestParams) else IngestParams.model_validate(params)
+    return StagePlan(STAGE, ingest_code_version(), ingest_stage_params(params), [], OUTPUTS)
 
 
 def load_seeds(params: IngestParams, home: Path | None = None):
@@ -645,31 +645,7 @@ def load_seeds(params: IngestParams, home: Path | None = None):
     )
 
 
-def _ingest_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
-    """Keyed on inputs (file hashes, parameters, code), never the run id; no key while the
-    outputs are missing, so a deleted dataset is recomputed rather than served from cache."""
-    from storage.stages import outputs_exist
-
-    params = parameters["params"]
-    params = params if isinstance(params, IngestParams) else IngestParams.model_validate(params)
-    version = ingest_seeds_version(params)
-    return f"{STAGE}-{version}" if outputs_exist(OUTPUTS, version) else None
-
-
-def _prefect_task():
-    from prefect import task
-
-    @task(name="ingest_seeds", cache_key_fn=_ingest_cache_key, persist_result=True)
-    def ingest_seeds(params: IngestParams) -> dict[str, Any]:
-        """Load seed problems into a `seeds` version; returns refs and counts."""
-        result = load_seeds(params)
-        return {
-            "refs": {k: str(v) for k, v in result.refs.items()},
-            "cached": result.cached,
-            "stats": result.stats,
-        }
-
-    return ingest_seeds
-
-
-ingest_seeds = _prefect_task()
+@stage_task("ingest_seeds", plan_ingest)
+def ingest_seeds(params: IngestParams) -> dict[str, Any]:
+    """Load seed problems into a `seeds` version; returns refs, whether cached, and counts."""
+    return result_dict(load_seeds(params))

@@ -16,11 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(scope="session")
+def models_dir(model_home) -> Path:
+    """One folder for converted models per test session: the GGUF → HF conversion runs once."""
+    folder = model_home / "models"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(autouse=True)
-def evolforge_home(tmp_path, monkeypatch) -> Path:
+def evolforge_home(tmp_path, monkeypatch, models_dir) -> Path:
     home = tmp_path / "evolforge-home"
     home.mkdir()
     monkeypatch.setenv("EVOLFORGE_HOME", str(home))
+    monkeypatch.setenv("EVOLFORGE_MODELS", str(models_dir))
     return home
 
 

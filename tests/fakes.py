@@ -14,7 +14,9 @@ class ScriptedEngine:
     to simulate a failed request (the response then carries the error).
     """
 
-    def __init__(self, reply: Callable[[ChatRequest, int], str | Completion], identity: str = "scripted"):
+    def __init__(
+        self, reply: Callable[[ChatRequest, int], str | Completion], identity: str = "scripted"
+    ):
         self._reply = reply
         self._identity = identity
         self.calls: list[ChatRequest] = []
@@ -32,7 +34,9 @@ class ScriptedEngine:
                 for i in range(request.sampling.n):
                     out = self._reply(request, i)
                     if isinstance(out, str):
-                        out = Completion(text=out, finish_reason="stop", completion_tokens=len(out.split()))
+                        out = Completion(
+                            text=out, finish_reason="stop", completion_tokens=len(out.split())
+                        )
                     completions.append(out)
                 prompt_tokens = sum(len(m["content"].split()) for m in request.messages)
                 responses.append(ChatResponse(completions=completions, prompt_tokens=prompt_tokens))

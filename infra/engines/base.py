@@ -125,3 +125,18 @@ class Engine(Protocol):
     def generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
         """One response per request, in order. Failures are responses with `error` set."""
         ...
+
+
+def schema_error(text: str, schema: dict[str, Any]) -> str | None:
+    """None when `text` is JSON that validates under `schema`, else a one-line reason."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not JSON ({exc.msg} at char {exc.pos})"
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        return f"schema violation: {exc.message}"
+    return None

@@ -1,0 +1,137 @@
+"""Engines chosen by configuration: `EngineConfig` -> `build_engine` -> `open_engine`.
+
+Stages never branch on the engine kind. They receive an `EngineConfig` (a field of their flow's
+parameter model) and call `open_engine(config, stage).generate(requests)`, which returns the
+configured engine behind the crash-safe request cache in `EVOLFORGE_HOME/cache`.
+
+`build_engine` is memoised per process on the configuration, so the embedded model is loaded
+once however many stages and tasks use it. Implementations are imported lazily: vLLM and
+transformers are only imported when their kind is built.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from infra.engines.base import (
+    ChatRequest,
+    ChatResponse,
+    Completion,
+    Engine,
+    SamplingParams,
+    schema_error,
+)
+from infra.engines.cached import CachedEngine, reset_stage_stats, stage_stats
+
+
+class EngineConfig(BaseModel):
+    """Which LLM engine to use, and its options. Unused options are ignored by other kinds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["embedded", "vllm", "openai"] = "embedded"
+    # None = the packaged SmolLM2-135M-Instruct (embedded, vllm); the served name (openai).
+    model: str | None = None
+
+    # embedded + vllm
+    batch_size: int = Field(64, ge=1, description="rows decoded together (embedded), chunk size")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    json_retries: int = Field(2, ge=0, description="embedded: re-tries of schema-invalid output")
+    num_threads: int | None = Field(None, ge=1, description="embedded: torch CPU threads")
+
+    # vllm
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(None, ge=1)
+
+    # openai-compatible
+    base_url: str | None = Field(None, description="default: $OPENAI_BASE_URL")
+    api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var holding the key")
+    max_concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    revision: str | None = Field(None, description="openai: weights revision for cache keys")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.kind == "openai" and not self.model:
+            raise ValueError("engine kind 'openai' needs `model` (the name the server serves)")
+        if self.api_key_env.startswith(("sk-", "sk_")):
+            raise ValueError("api_key_env names an environment variable; do not put a key in it")
+        return self
+
+
+_engines: dict[EngineConfig, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    """The engine for `config`, built once per process."""
+    with _engines_lock:
+        engine = _engines.get(config)
+        if engine is None:
+            engine = _engines[config] = _build(config)
+        return engine
+
+
+def _build(config: EngineConfig) -> Engine:
+    if config.kind == "embedded":
+        from infra.engines.embedded import EmbeddedEngine
+
+        return EmbeddedEngine(
+            config.model,
+            batch_size=config.batch_size,
+            dtype=config.dtype,
+            num_threads=config.num_threads,
+            json_retries=config.json_retries,
+        )
+    if config.kind == "vllm":
+        from infra.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            config.model,
+            dtype=config.dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_model_len=config.max_model_len,
+            batch_size=config.batch_size,
+        )
+    from infra.engines.openai_engine import OpenAIEngine
+
+    return OpenAIEngine(
+        config.model,
+        base_url=config.base_url,
+        api_key_env=config.api_key_env,
+        max_concurrency=config.max_concurrency,
+        timeout_s=config.timeout_s,
+        max_retries=config.max_retries,
+        backoff_s=config.backoff_s,
+        revision=config.revision,
+    )
+
+
+def open_engine(config: EngineConfig, stage: str) -> CachedEngine:
+    """The configured engine behind the request cache, counting under `stage`."""
+    from storage.request_cache import open_request_cache
+
+    return CachedEngine(build_engine(config), open_request_cache(), stage)
+
+
+__all__ = [
+    "CachedEngine",
+    "ChatRequest",
+    "ChatResponse",
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "SamplingParams",
+    "build_engine",
+    "open_engine",
+    "reset_stage_stats",
+    "schema_error",
+    "stage_stats",
+]

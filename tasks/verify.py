@@ -1,0 +1,766 @@
+"""Final-answer extraction, math equivalence and majority voting, as batch functions.
+
+Extraction (`extract_answer`) finds the final answer of a solution written in any of the formats
+the factory meets: WizardMath's `The answer is: X`, MATH's last `\\boxed{...}` / `\\fbox{...}`
+(nested braces), GSM8K's `#### X`, and for programs the last non-empty printed line
+(`extract_program_answer`). When a text holds several of these, the one that occurs last wins,
+because solutions state their final answer at the end ("... so the answer is $\\boxed{5}$").
+
+Equivalence (`check_equivalence`) is a trl-style batch verifier:
+`(predictions, references) -> list[bool | None]`, where None means "could not judge" (no
+reference, a parse that timed out, an answer too long to be a final answer), never "wrong".
+It runs in two tiers:
+
+1. In process, cheap: both answers are normalised (LaTeX spacing, `\\dfrac`, `\\left`, units such
+   as `\\text{ cm}` or "5 dollars", `$`, `%`, degrees, `x =` prefixes, thousands separators) and
+   compared as strings, then as exact numbers (integers, decimals, `a/b`, `\\frac{a}{b}`). Most
+   pairs (GSM8K numbers, simple MATH answers) are decided here without any symbolic work.
+2. Everything else goes to `math-verify` (LaTeX and plain-expression parsing into sympy, then
+   symbolic/numeric comparison: `\\frac{\\sqrt2}{2}` vs `\\sqrt{2}/2`, intervals, tuples, sets,
+   `y = 2x + 1` vs `2x + 1`).
+
+Why a process pool: parsing model-written strings with sympy can hang or explode
+(`10^{10^{10^{10}}}` makes sympy build a gigantic integer in C code that no signal interrupts).
+math-verify's own timeouts use SIGALRM, which only works in a process's main thread, while Prefect
+runs tasks in worker threads. So math-verify runs in a small pool of spawned worker processes,
+in each worker's main thread (its SIGALRM timeouts work there), under an address-space limit.
+The parent streams items to the workers and watches progress: a worker that produces no result
+for `item_deadline_s` is killed and replaced, the item it was stuck on is answered None, and the
+rest of its chunk is re-queued. The parent never uses signals, so the batch functions are safe to
+call from any thread.
+
+Voting (`majority_vote`, `majority_votes`) groups sampled answers by equivalence (each answer is
+compared with the representative, i.e. first member, of the groups formed before it) and returns
+the largest group; ties go to the group that appeared first; None answers never win but count
+in the denominator of the agreement ratio.
+
+Run the benchmark: `.venv/bin/python bench/answer_check.py`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from fractions import Fraction
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Answers longer than this are not final answers; judging them would only feed the parser junk.
+MAX_ANSWER_CHARS = 1000
+# Extraction looks at no more than this many trailing `\boxed` occurrences (bounds the work on
+# adversarial text full of unbalanced `\boxed{`).
+_MAX_BOXED_TRIES = 4
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+_ANSWER_IS = re.compile(r"the (?:final )?answer is\b[ \t]*:?", re.IGNORECASE)
+_GSM8K = re.compile(r"^####[ \t]*(.*?)[ \t]*$", re.MULTILINE)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\b")
+_NUMBER_WITH_COMMAS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+
+
+def _match_braces(text: str, open_at: int) -> int | None:
+    """Index of the `}` closing the `{` at `open_at` (escaped `\\{`, `\\}` do not count)."""
+    depth = 0
+    i = open_at
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _boxed_candidates(text: str) -> list[tuple[int, str]]:
+    """(position, content) of the last few well-formed `\\boxed{...}` / `\\fbox{...}`."""
+    found: list[tuple[int, str]] = []
+    starts = [m for m in _BOXED.finditer(text)][-_MAX_BOXED_TRIES:]
+    for m in reversed(starts):
+        i = m.end()
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            close = _match_braces(text, i)
+            if close is None:
+                continue
+            found.append((m.start(), text[i + 1 : close]))
+        else:
+            # `\boxed 5` (no braces): the argument runs to the next `$` or whitespace.
+            arg = re.match(r"[^\s$]+", text[i:])
+            if arg:
+                found.append((m.start(), arg.group(0)))
+        if found:
+            break
+    return found
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` or `\\fbox{...}` (nested braces handled)."""
+    found = _boxed_candidates(text)
+    return clean_answer(found[0][1]) if found else None
+
+
+def extract_answer_is(text: str) -> str | None:
+    """X from the last `The answer is: X` (also without the colon, with `$...$`, a final `.`)."""
+    last = None
+    for last in _ANSWER_IS.finditer(text):  # noqa: B007 - we want the last match
+        pass
+    if last is None:
+        return None
+    return _answer_is_value(text, last.end())
+
+
+def _answer_is_value(text: str, start: int) -> str | None:
+    line = text[start:].lstrip(" \t")
+    line = line.split("\n", 1)[0]
+    # A sentence that goes on after the answer: "The answer is 5. That is because ..."
+    cut = re.search(r"\.\s+(?=[A-Z])", line)
+    if cut:
+        line = line[: cut.start()]
+    if _BOXED.search(line):
+        return extract_boxed(line)  # None for an empty box: "the answer is $\\boxed{}$"
+    return clean_answer(line)
+
+
+def extract_gsm8k(text: str) -> str | None:
+    """X from the last `#### X` line, with thousands separators removed."""
+    last = None
+    for last in _GSM8K.finditer(text):  # noqa: B007 - we want the last match
+        pass
+    if last is None:
+        return None
+    value = clean_answer(last.group(1))
+    if value is not None and _NUMBER_WITH_COMMAS.match(value):
+        value = value.replace(",", "")
+    return value
+
+
+def extract_program_answer(stdout: str | None) -> str | None:
+    """The last non-empty printed line of a program (an `answer is` anchor in it is honoured)."""
+    if not stdout:
+        return None
+    for line in reversed(stdout.splitlines()):
+        if line.strip():
+            anchored = extract_answer(line)
+            return anchored if anchored is not None else clean_answer(line)
+    return None
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The final answer of a solution, or None when it states none.
+
+    Candidates: `The answer is: X`, `#### X`, the last `\\boxed{}`/`\\fbox{}`; the one that
+    occurs last in the text wins (a boxed answer inside "the answer is $\\boxed{5}$" starts
+    after the phrase, so it wins and the `$` around it do not matter).
+    """
+    if not text:
+        return None
+    candidates: list[tuple[int, str | None]] = []
+    for m in _ANSWER_IS.finditer(text):
+        candidates.append((m.start(), None))  # resolved lazily: only the last one matters
+    if candidates:
+        start = candidates[-1][0]
+        m = _ANSWER_IS.match(text, start)
+        assert m is not None
+        candidates = [(start, _answer_is_value(text, m.end()))]
+    gsm = list(_GSM8K.finditer(text))
+    if gsm:
+        candidates.append((gsm[-1].start(), extract_gsm8k(text)))
+    candidates += [(pos, clean_answer(content)) for pos, content in _boxed_candidates(text)]
+    candidates = [c for c in candidates if c[1]]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: c[0])[1]
+
+
+def clean_answer(value: str | None) -> str | None:
+    """Strip the wrapping a final answer often carries: `$...$`, `\\(...\\)`, a trailing `.`."""
+    if value is None:
+        return None
+    s = value.strip()
+    for _ in range(3):
+        before = s
+        s = s.strip().rstrip(".").strip()
+        if len(s) >= 2 and s.startswith("$") and s.endswith("$") and not s.startswith("$$$"):
+            s = s.strip("$")
+        elif s[:2] in ("\\(", "\\[") and s[-2:] == {"\\(": "\\)", "\\[": "\\]"}[s[:2]]:
+            s = s[2:-2]
+        elif s.endswith("$") and s.count("$") == 1:
+            s = s[:-1]
+        elif s.startswith("$") and s.count("$") == 1 and not re.match(r"\$\s*\d", s):
+            s = s[1:]
+        if s == before:
+            break
+    return s or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and the cheap in-process comparison
+# ---------------------------------------------------------------------------------------------
+
+_TEXT_UNIT = re.compile(r"\\(?:text|mbox|mathrm|textbf)\s*\{\s*[A-Za-z][A-Za-z .\-/^2]*\}$")
+_WORD_UNITS = re.compile(r"^(.*?\d\}?)\s+(?:[A-Za-z]{2,}\.?\s*){1,3}$")
+_MATH_WORDS = {"pi", "sqrt", "log", "ln", "sin", "cos", "tan", "exp", "and", "or", "i", "e"}
+_VAR_ASSIGN = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(?=[^=]+$)")
+_LATEX_SPACES = re.compile(r"\\[,;:! ]|\\q?quad|~")
+
+
+def strip_units(s: str) -> str:
+    """Remove unit and currency decorations from an answer ('5 dollars', '10\\text{ cm}', '$5')."""
+    s = s.strip()
+    s = re.sub(r"^(?:\\\$|\$|USD\s*|Rs\.?\s*)(?=\s*[-+]?[\d.\\])", "", s)
+    s = re.sub(r"\\\$$", "", s).strip()
+    for _ in range(2):
+        stripped = _TEXT_UNIT.sub("", s).strip()
+        if stripped and re.search(r"[\d}]$", stripped):
+            s = stripped
+    m = _WORD_UNITS.match(s)
+    if m and not any(w.lower().rstrip(".") in _MATH_WORDS for w in s[m.end(1) :].split()):
+        s = m.group(1).strip()
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?$|°$", "", s)
+    s = re.sub(r"\s*(?:\\%|%|\s+percent)$", "", s)
+    s = re.sub(r"\s*(?:degrees?|cents?)$", "", s)
+    return s.strip()
+
+
+def normalize_answer(value: str) -> str:
+    """A canonical string for exact comparison (whitespace-free, LaTeX synonyms unified)."""
+    s = clean_answer(value) or ""
+    whole_box = re.fullmatch(r"\\(?:boxed|fbox)\s*\{(.*)\}", s, re.DOTALL)
+    if whole_box and _match_braces(s, s.index("{")) == len(s) - 1:
+        s = whole_box.group(1)
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = _LATEX_SPACES.sub(" ", s)
+    s = s.replace("{,}", ",")
+    s = strip_units(s)
+    s = _VAR_ASSIGN.sub("", s)
+    s = s.strip().rstrip(".").strip()
+    if _NUMBER_WITH_COMMAS.match(s):
+        s = s.replace(",", "")
+    s = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\s+", "", s)
+    return s
+
+
+_INT_OR_DEC = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_NUMERIC_FORMS = [
+    re.compile(rf"^({_INT_OR_DEC})$"),
+    re.compile(r"^([-+]?\d+)/(\d+)$"),
+    re.compile(r"^([-+]?)\\frac\{(\d+)\}\{(\d+)\}$"),
+    re.compile(r"^([-+]?)\\frac(\d)(\d)$"),
+]
+
+
+def as_number(normalized: str) -> Fraction | None:
+    """The exact value of a plain numeric answer (int, decimal, a/b, \\frac{a}{b}), else None."""
+    if not normalized or len(normalized) > 40:
+        return None
+    m = _NUMERIC_FORMS[0].match(normalized)
+    if m:
+        return Fraction(m.group(1))
+    m = _NUMERIC_FORMS[1].match(normalized)
+    if m:
+        return Fraction(int(m.group(1)), int(m.group(2))) if int(m.group(2)) else None
+    for form in _NUMERIC_FORMS[2:]:
+        m = form.match(normalized)
+        if m:
+            num, den = int(m.group(2)), int(m.group(3))
+            if not den:
+                return None
+            value = Fraction(num, den)
+            return -value if m.group(1) == "-" else value
+    return None
+
+
+def _numbers_equal(a: Fraction, b: Fraction, a_text: str, b_text: str) -> bool:
+    if a == b:
+        return True
+    # A decimal may round a non-terminating value (0.333333 for 1/3): allow what math-verify
+    # allows (6 decimal places), but only when one side is written as a decimal.
+    if "." in a_text or "." in b_text:
+        return abs(a - b) < Fraction(1, 10**6)
+    return False
+
+
+def quick_equivalence(prediction: str, reference: str) -> bool | None:
+    """Decide a pair in process when it is easy; None means "ask math-verify"."""
+    p, r = normalize_answer(prediction), normalize_answer(reference)
+    if not p or not r:
+        return None
+    if p == r:
+        return True
+    pn, rn = as_number(p), as_number(r)
+    if pn is not None and rn is not None:
+        return _numbers_equal(pn, rn, p, r)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The math-verify worker pool
+# ---------------------------------------------------------------------------------------------
+
+_READY = "ready"
+
+
+def _prepare_for_parser(value: str) -> str:
+    """Text math-verify can parse: units removed, wrapped as inline math."""
+    s = clean_answer(value) or ""
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = strip_units(s)
+    if _NUMBER_WITH_COMMAS.match(s):
+        s = s.replace(",", "")
+    return f"${s}$"
+
+
+def _worker_judge(prediction: str, reference: str, parse_timeout: int, verify_timeout: int):
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify.errors import TimeoutException
+
+    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+    def parsed(text: str):
+        try:
+            return parse(
+                _prepare_for_parser(text),
+                config,
+                parsing_timeout=parse_timeout,
+                raise_on_error=True,
+            )
+        except TimeoutException:
+            raise
+        except Exception:
+            return []
+
+    try:
+        gold = parsed(reference)
+        if not gold:
+            return None
+        target = parsed(prediction)
+        if not target:
+            return False
+        try:
+            return bool(verify(gold, target, timeout_seconds=verify_timeout, raise_on_error=True))
+        except TimeoutException:
+            raise
+        except Exception:
+            return bool(verify(gold, target, timeout_seconds=verify_timeout))
+    except TimeoutException:
+        return None
+
+
+def _worker_entry(
+    read_fd: int, write_fd: int, parse_timeout: int, verify_timeout: int, memory_mb: int
+) -> None:
+    """Worker loop: receive chunks of (index, prediction, reference), send (index, verdict)."""
+    import resource
+    import signal
+
+    inbox = Connection(read_fd, writable=False)
+    conn = Connection(write_fd, readable=False)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    if memory_mb > 0:
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
+    _worker_judge("1", "1", parse_timeout, verify_timeout)  # import and warm the parser
+    conn.send(_READY)
+    while True:
+        try:
+            chunk = inbox.recv()
+        except EOFError:
+            return
+        if chunk is None:
+            return
+        for index, prediction, reference in chunk:
+            try:
+                verdict = _worker_judge(prediction, reference, parse_timeout, verify_timeout)
+            except MemoryError:
+                verdict = None
+            conn.send((index, verdict))
+
+
+_WORKER_CODE = (
+    "import sys; from tasks.verify import _worker_entry; "
+    "_worker_entry(*(int(a) for a in sys.argv[1:]))"
+)
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen
+    conn: Connection  # results from the worker
+    outbox: Connection  # chunks to the worker
+    started: float
+    ready: bool = False
+    inflight: deque[int] = field(default_factory=deque)
+    last_progress: float = 0.0
+
+
+class VerifierPool:
+    """Worker processes running math-verify, with a per-item wall-clock deadline.
+
+    `parse_timeout_s` and `verify_timeout_s` are math-verify's own (SIGALRM) limits inside a
+    worker; `item_deadline_s` is the parent's hard limit on a worker making no progress, after
+    which the worker is killed and replaced. `startup_deadline_s` covers spawning a worker and
+    importing sympy on a busy machine.
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        parse_timeout_s: int = 2,
+        verify_timeout_s: int = 2,
+        item_deadline_s: float = 8.0,
+        startup_deadline_s: float = 90.0,
+        memory_mb: int = 4096,
+        chunk_size: int = 16,
+    ):
+        if workers < 1:
+            raise ValueError(f"VerifierPool workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.parse_timeout_s = max(1, int(parse_timeout_s))
+        self.verify_timeout_s = max(1, int(verify_timeout_s))
+        self.item_deadline_s = item_deadline_s
+        self.startup_deadline_s = startup_deadline_s
+        self.memory_mb = memory_mb
+        self.chunk_size = chunk_size
+        self.killed = 0  # workers killed for missing a deadline, over the pool's life
+        self._pool: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _spawn(self) -> _Worker:
+        # A fresh interpreter (not multiprocessing's spawn, which re-runs the caller's __main__
+        # script) talking over two inherited pipes with multiprocessing's Connection framing.
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _WORKER_CODE,
+                    str(to_child_r),
+                    str(from_child_w),
+                    str(self.parse_timeout_s),
+                    str(self.verify_timeout_s),
+                    str(self.memory_mb),
+                ],
+                pass_fds=(to_child_r, from_child_w),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        now = time.monotonic()
+        return _Worker(
+            process=process,
+            conn=Connection(from_child_r, writable=False),
+            outbox=Connection(to_child_w, readable=False),
+            started=now,
+            last_progress=now,
+        )
+
+    def _kill(self, worker: _Worker) -> None:
+        worker.process.kill()
+        worker.process.wait(timeout=5)
+        worker.conn.close()
+        worker.outbox.close()
+
+    def judge(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
+        """math-verify verdicts for (prediction, reference) pairs, None where it could not judge."""
+        if not pairs:
+            return []
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("VerifierPool is closed")
+            while len(self._pool) < self.workers:
+                self._pool.append(self._spawn())
+            return self._judge(pairs)
+
+    def _judge(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
+        results: list[bool | None] = [None] * len(pairs)
+        done = [False] * len(pairs)
+        pending = deque(range(len(pairs)))
+        remaining = len(pairs)
+        startup_failures = 0
+        while remaining:
+            for worker in self._pool:
+                if not worker.inflight and pending:
+                    chunk = [pending.popleft() for _ in range(min(self.chunk_size, len(pending)))]
+                    worker.inflight.extend(chunk)
+                    # A dead worker fails the send; it is noticed and replaced below.
+                    with contextlib.suppress(OSError):
+                        worker.outbox.send([(i, *pairs[i]) for i in chunk])
+                    worker.last_progress = max(worker.last_progress, time.monotonic())
+            busy = [w for w in self._pool if w.inflight]
+            readable = wait([w.conn for w in busy], timeout=0.5)
+            now = time.monotonic()
+            for position, worker in enumerate(list(self._pool)):
+                died = False
+                if worker.conn in readable:
+                    try:
+                        while worker.conn.poll():
+                            msg = worker.conn.recv()
+                            worker.last_progress = time.monotonic()
+                            if msg == _READY:
+                                worker.ready = True
+                                continue
+                            index, verdict = msg
+                            if worker.inflight and worker.inflight[0] == index:
+                                worker.inflight.popleft()
+                            if not done[index]:
+                                results[index], done[index] = verdict, True
+                                remaining -= 1
+                    except (EOFError, OSError):
+                        died = True
+                deadline = self.item_deadline_s if worker.ready else self.startup_deadline_s
+                stuck = bool(worker.inflight) and now - worker.last_progress > deadline
+                if not (died or stuck or worker.process.poll() is not None):
+                    continue
+                if not worker.ready:
+                    startup_failures += 1
+                    if startup_failures > 3:
+                        raise RuntimeError(
+                            "math-verify workers fail to start (exit code "
+                            f"{worker.process.returncode}); is math-verify installed?"
+                        )
+                self._kill(worker)
+                if stuck:
+                    self.killed += 1
+                if worker.inflight and worker.ready:
+                    # The item the worker was stuck on cannot be judged; the rest go back.
+                    culprit = worker.inflight.popleft()
+                    if not done[culprit]:
+                        done[culprit] = True
+                        remaining -= 1
+                        log.warning("math-verify item %d hit the %.0fs deadline", culprit, deadline)
+                pending.extendleft(reversed([i for i in worker.inflight if not done[i]]))
+                self._pool[position] = self._spawn()
+        return results
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for worker in self._pool:
+                with contextlib.suppress(OSError):
+                    worker.outbox.send(None)
+            for worker in self._pool:
+                try:
+                    worker.process.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    worker.process.kill()
+                    worker.process.wait(timeout=2)
+                worker.conn.close()
+                worker.outbox.close()
+            self._pool.clear()
+
+    def __enter__(self) -> VerifierPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_default_pool: VerifierPool | None = None
+_default_lock = threading.Lock()
+
+
+def default_pool() -> VerifierPool:
+    """The process-wide pool (`EVOLFORGE_VERIFY_WORKERS` workers, default 2), started lazily."""
+    global _default_pool
+    with _default_lock:
+        if _default_pool is None or _default_pool._closed:
+            workers = int(os.environ.get("EVOLFORGE_VERIFY_WORKERS", "2"))
+            _default_pool = VerifierPool(workers=workers)
+            atexit.register(_default_pool.close)
+        return _default_pool
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch verifiers
+# ---------------------------------------------------------------------------------------------
+
+
+def check_equivalence(
+    predictions: list[str | None],
+    references: list[str | None],
+    pool: VerifierPool | None = None,
+) -> list[bool | None]:
+    """Whether each predicted final answer is equivalent to its reference final answer.
+
+    True / False, or None when it could not be judged: no reference, an answer over
+    `MAX_ANSWER_CHARS`, or math-verify timing out. A missing prediction is False (wrong).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"check_equivalence: {len(predictions)} predictions vs {len(references)} references"
+        )
+    results: list[bool | None] = [None] * len(predictions)
+    hard: list[int] = []
+    for i, (pred, ref) in enumerate(zip(predictions, references, strict=True)):
+        if ref is None or not ref.strip():
+            results[i] = None
+        elif pred is None or not pred.strip():
+            results[i] = False
+        elif len(pred) > MAX_ANSWER_CHARS or len(ref) > MAX_ANSWER_CHARS:
+            results[i] = True if pred.strip() == ref.strip() else None
+        else:
+            quick = quick_equivalence(pred, ref)
+            if quick is None:
+                hard.append(i)
+            else:
+                results[i] = quick
+    if hard:
+        verdicts = (pool or default_pool()).judge(
+            [(str(predictions[i]), str(references[i])) for i in hard]
+        )
+        for i, verdict in zip(hard, verdicts, strict=True):
+            results[i] = verdict
+    return results
+
+
+def check_completions(
+    completions: list[str], references: list[str | None], pool: VerifierPool | None = None
+) -> list[bool | None]:
+    """Like `check_equivalence`, extracting each completion's final answer first."""
+    return check_equivalence([extract_answer(c) for c in completions], references, pool)
+
+
+def is_equivalent(prediction: str | None, reference: str | None) -> bool | None:
+    return check_equivalence([prediction], [reference])[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Majority voting
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Vote:
+    """The majority answer of a set of samples.
+
+    `answer` is the first member of the winning group (None when no sample had an answer);
+    `agreement` = winning group size / number of samples (Nones included); `group_sizes` are in
+    order of first appearance; `groups[i]` are the sample indices of group i; `winner` indexes
+    the winning group (None when there is none).
+    """
+
+    answer: str | None
+    agreement: float
+    group_sizes: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+    winner: int | None
+    n_samples: int
+
+    def group_of(self, sample: int) -> int | None:
+        for g, members in enumerate(self.groups):
+            if sample in members:
+                return g
+        return None
+
+    def agrees(self, sample: int) -> bool | None:
+        """Whether a sample is in the winning group (None when there is no winner)."""
+        if self.winner is None:
+            return None
+        return sample in self.groups[self.winner]
+
+
+def majority_votes(
+    answer_lists: list[list[str | None]], pool: VerifierPool | None = None
+) -> list[Vote]:
+    """`majority_vote` for many sample sets, with all equivalence checks in one batch.
+
+    Within each set, answers are first grouped by normalised string; the distinct forms are then
+    compared pairwise (earlier form as reference) and clustered greedily against the
+    representatives of the groups formed so far.
+    """
+    forms_per_set: list[list[str]] = []
+    form_members: list[dict[str, list[int]]] = []
+    form_text: list[dict[str, str]] = []
+    pairs: list[tuple[str, str]] = []
+    pair_index: dict[tuple[int, int, int], int] = {}
+    for s, answers in enumerate(answer_lists):
+        members: dict[str, list[int]] = {}
+        text: dict[str, str] = {}
+        for i, answer in enumerate(answers):
+            if answer is None or not answer.strip():
+                continue
+            key = normalize_answer(answer) or answer.strip()
+            members.setdefault(key, []).append(i)
+            text.setdefault(key, answer)
+        forms = list(members)
+        for j in range(len(forms)):
+            for i in range(j):
+                pair_index[(s, i, j)] = len(pairs)
+                pairs.append((text[forms[j]], text[forms[i]]))
+        forms_per_set.append(forms)
+        form_members.append(members)
+        form_text.append(text)
+    verdicts = check_equivalence([p for p, _ in pairs], [r for _, r in pairs], pool)
+
+    votes = []
+    for s, answers in enumerate(answer_lists):
+        forms = forms_per_set[s]
+        reps: list[int] = []  # form index of each group's representative
+        groups: list[list[int]] = []
+        for j, form in enumerate(forms):
+            for g, rep in enumerate(reps):
+                if verdicts[pair_index[(s, rep, j)]] is True:
+                    groups[g].extend(form_members[s][form])
+                    break
+            else:
+                reps.append(j)
+                groups.append(list(form_members[s][form]))
+        groups = [sorted(g) for g in groups]
+        n = len(answers)
+        if not groups:
+            votes.append(Vote(None, 0.0, (), (), None, n))
+            continue
+        # Larger group first, then the group whose first member came earliest.
+        winner = min(range(len(groups)), key=lambda g: (-len(groups[g]), groups[g][0]))
+        answer = answers[groups[winner][0]]
+        votes.append(
+            Vote(
+                answer=answer,
+                agreement=len(groups[winner]) / n,
+                group_sizes=tuple(len(g) for g in groups),
+                groups=tuple(tuple(g) for g in groups),
+                winner=winner,
+                n_samples=n,
+            )
+        )
+    return votes
+
+
+def majority_vote(answers: list[str | None], pool: VerifierPool | None = None) -> Vote:
+    """The majority answer of sampled final answers, grouped by math equivalence."""
+    return majority_votes([answers], pool)[0]

@@ -1,0 +1,271 @@
+"""Answer extraction, equivalence and majority voting, on the real reference data sets."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tasks.verify import (
+    VerifierPool,
+    check_completions,
+    check_equivalence,
+    extract_answer,
+    extract_boxed,
+    extract_gsm8k,
+    extract_program_answer,
+    majority_vote,
+    majority_votes,
+    normalize_answer,
+    quick_equivalence,
+)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    # Short inner timeouts keep the pathological cases quick; real pairs take well under 0.1 s.
+    with VerifierPool(workers=2, parse_timeout_s=1, verify_timeout_s=1) as p:
+        yield p
+
+
+def _jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --- extraction ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Step 1: 2 + 3 = 5.\nThe answer is: 5", "5"),
+        ("so it costs 12 dollars.\nThe answer is 12.", "12"),
+        ("The answer is: $\\frac{3}{8}$.", "\\frac{3}{8}"),
+        ("The answer is: 7. This is because 3 + 4 = 7.", "7"),
+        ("The final answer is $\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}"),
+        ("We get $x = \\boxed{\\frac{\\sqrt{3}}{2}}$.", "\\frac{\\sqrt{3}}{2}"),
+        ("first $\\boxed{1}$, then finally $\\boxed{\\{1, 2\\}}$", "\\{1, 2\\}"),
+        ("The area is $\\fbox{12}$ square units.", "12"),
+        ("Thus $\\boxed 5$ is it.", "5"),
+        ("Natalia sold 48/2 = 24 clips.\n#### 1,024", "1024"),
+        ("He pays 10 * 3 = 30.\n#### 30", "30"),
+        ("The answer is 3 but wait, recompute: $\\boxed{4}$", "4"),
+        ("no final answer here", None),
+        ("", None),
+        ("\\boxed{unclosed", None),
+        ("so the answer is $\\boxed{}$.", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_single_format_extractors():
+    assert extract_boxed("a \\boxed{x^{2}} b \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
+    assert extract_boxed("nothing") is None
+    assert extract_gsm8k("#### 12,345,678") == "12345678"
+    assert extract_gsm8k("no marker") is None
+    assert extract_program_answer("step 1\n42\n\n") == "42"
+    assert extract_program_answer("The answer is: 3/4\n") == "3/4"
+    assert extract_program_answer("") is None
+    assert extract_program_answer("\n  \n") is None
+
+
+def test_extraction_is_linear_on_adversarial_text():
+    huge = "\\boxed{" * 200_000 + "x"
+    start = time.monotonic()
+    assert extract_answer(huge) is None
+    assert extract_answer("The answer is " + "1" * 1_000_000) == "1" * 1_000_000
+    assert time.monotonic() - start < 5
+
+
+def test_math500_reference_solutions_match_their_answers(shared_data, pool):
+    rows = _jsonl(shared_data / "math500" / "test.jsonl")
+    assert len(rows) == 500
+    extracted = [extract_answer(r["solution"]) for r in rows]
+    verdicts = check_equivalence(extracted, [r["answer"] for r in rows], pool)
+    failures = [
+        (r["unique_id"], e, r["answer"])
+        for r, e, v in zip(rows, extracted, verdicts, strict=True)
+        if v is not True
+    ]
+    assert failures == []
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "known_failures"),
+    [
+        ("gsm8k/train.jsonl", "answer", 0),
+        ("gsm8k/test.jsonl", "answer", 0),
+        # math/train has two solutions whose box is empty in the data set itself ("there are
+        # $\boxed{}$ primes", "so the answer is $\boxed{}$"; the intended answer is 0).
+        ("math/train.jsonl", "solution", 2),
+        ("math/test.jsonl", "solution", 0),
+    ],
+)
+def test_every_reference_row_has_an_answer(shared_data, path, field, known_failures):
+    rows = _jsonl(shared_data / path)
+    failures = [r[field][-100:] for r in rows if extract_answer(r[field]) is None]
+    print(f"{path}: {len(failures)} of {len(rows)} rows without an extractable answer")
+    assert len(failures) == known_failures, failures[:5]
+    if path.startswith("gsm8k"):
+        # GSM8K answers are numbers once thousands separators are gone.
+        values = [extract_answer(r[field]) for r in rows]
+        assert all(quick_equivalence(v, v) for v in values)
+        assert all(v.lstrip("-").replace(".", "", 1).isdigit() for v in values)
+
+
+# --- equivalence -----------------------------------------------------------------------------
+
+EQUIVALENT = [
+    ("\\frac{1}{2}", "0.5"),
+    ("1/2", "\\dfrac12"),
+    ("\\tfrac{3}{4}", "0.75"),
+    ("x=3", "3"),
+    ("x = 3", "3"),
+    ("(1,2)", "(1, 2)"),
+    ("[2,5)", "[2, 5)"),
+    ("(-\\infty, 3]", "(-\\infty,3]"),
+    ("10\\text{ cm}", "10"),
+    ("5 dollars", "5"),
+    ("\\$5", "5"),
+    ("$5.00", "5"),
+    ("50\\%", "50"),
+    ("45^\\circ", "45"),
+    ("1,000", "1000"),
+    ("1{,}000", "1000"),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"),
+    ("\\{1,2\\}", "\\{2,1\\}"),
+    ("x^2+2x+1", "(x+1)^2"),
+    ("\\text{Monday}", "Monday"),
+    ("y=2x+1", "2x+1"),
+    ("1\\frac{1}{2}", "3/2"),
+    ("2\\sqrt{3}", "\\sqrt{12}"),
+    ("0.333333", "\\frac13"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+    ("\\boxed{7}", "7"),
+    ("-\\frac{2}{3}", "-2/3"),
+    ("12 apples", "12"),
+]
+NOT_EQUIVALENT = [
+    ("(1,2)", "(2,1)"),
+    ("0.33", "\\frac13"),
+    ("3", "4"),
+    ("\\pi", "3.14"),
+    ("1000", "100"),
+    ("\\frac{1}{2}", "2"),
+    ("x^2+1", "(x+1)^2"),
+    ("[2,5)", "[2,5]"),
+    ("\\sqrt{2}", "2"),
+    ("-5", "5"),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference"), EQUIVALENT)
+def test_equivalent_pairs(pool, prediction, reference):
+    assert check_equivalence([prediction], [reference], pool) == [True]
+
+
+@pytest.mark.parametrize(("prediction", "reference"), NOT_EQUIVALENT)
+def test_non_equivalent_pairs(pool, prediction, reference):
+    assert check_equivalence([prediction], [reference], pool) == [False]
+
+
+def test_missing_sides():
+    # No pool needed: none of these reach math-verify.
+    assert check_equivalence([None, "3", ""], ["3", None, "3"]) == [False, None, False]
+    with pytest.raises(ValueError, match="2 predictions vs 1 references"):
+        check_equivalence(["1", "2"], ["1"])
+
+
+def test_normalisation_decides_common_pairs_in_process():
+    assert normalize_answer("\\$1,234.50") == "1234.50"
+    assert normalize_answer("x = \\dfrac{1}{2}") == "\\frac{1}{2}"
+    assert quick_equivalence("1,234", "1234") is True
+    assert quick_equivalence("0.5", "\\frac{1}{2}") is True
+    assert quick_equivalence("7", "8") is False
+    assert quick_equivalence("\\sqrt{2}", "\\frac{2}{\\sqrt2}") is None  # needs math-verify
+
+
+PATHOLOGICAL = [
+    "9" * 1_000_000,
+    "{" * 400 + "1" + "}" * 400,
+    "(" * 300 + "1" + ")" * 300,
+    "10^{10^{10^{10}}}",
+    "\\frac{10^{10^{10}}}{3}",
+    "2^{2^{2^{2^{2^{2^{2}}}}}}",
+    "9^{9^{9^{9}}}!",
+    "\\sqrt{" * 150 + "2" + "}" * 150,
+]
+
+
+def test_pathological_strings_return_within_the_time_limit(pool):
+    start = time.monotonic()
+    verdicts = check_equivalence(PATHOLOGICAL, ["5"] * len(PATHOLOGICAL), pool)
+    elapsed = time.monotonic() - start
+    assert all(v is not True for v in verdicts), verdicts
+    assert elapsed < 60, f"pathological batch took {elapsed:.1f}s"
+    # The pool is still healthy afterwards.
+    assert check_equivalence(["\\frac{\\sqrt2}{2}"], ["\\sqrt{2}/2"], pool) == [True]
+
+
+def test_hung_worker_is_killed_and_replaced():
+    # The inner (SIGALRM) timeout is longer than the outer deadline, so only the parent's
+    # watchdog can stop the bomb: the worker is killed, the bomb is None, the next item is fine.
+    with VerifierPool(workers=1, parse_timeout_s=20, verify_timeout_s=20, item_deadline_s=3.0) as p:
+        start = time.monotonic()
+        verdicts = check_equivalence(
+            ["10^{10^{10^{10}}}", "\\frac{\\sqrt2}{2}"], ["5", "\\sqrt{2}/2"], p
+        )
+        assert verdicts == [None, True]
+        assert p.killed >= 1
+        assert time.monotonic() - start < 60
+
+
+def test_works_from_worker_threads(pool):
+    # Prefect runs tasks in threads, where math-verify's own SIGALRM timeouts would raise.
+    pairs = [("\\sqrt{8}", "2\\sqrt{2}"), ("x^2-1", "(x-1)(x+1)"), ("\\pi", "3")]
+    with ThreadPoolExecutor(max_workers=3) as ex:
+        results = list(ex.map(lambda p: check_equivalence([p[0]], [p[1]], pool)[0], pairs))
+    assert results == [True, True, False]
+
+
+def test_check_completions_extracts_first(pool):
+    completions = ["Step 1 ...\nThe answer is: \\frac{2}{4}", "#### 7", "I am not sure."]
+    assert check_completions(completions, ["0.5", "8", "1"], pool) == [True, False, False]
+
+
+# --- majority vote ---------------------------------------------------------------------------
+
+
+def test_majority_vote_groups_equivalent_forms(pool):
+    vote = majority_vote(["3", "\\frac{1}{2}", "0.5", "1/2", "3", None], pool)
+    assert vote.answer == "\\frac{1}{2}"
+    assert vote.group_sizes == (2, 3)
+    assert vote.agreement == pytest.approx(3 / 6)
+    assert vote.groups == ((0, 4), (1, 2, 3))
+    assert [vote.agrees(i) for i in range(6)] == [False, True, True, True, False, False]
+
+
+def test_majority_vote_ties_go_to_the_earliest_group(pool):
+    vote = majority_vote(["7", "8", "8.0", "7"], pool)
+    assert vote.answer == "7"
+    assert vote.agreement == 0.5
+
+
+def test_none_never_wins(pool):
+    vote = majority_vote([None, None, None, "5"], pool)
+    assert vote.answer == "5"
+    assert vote.agreement == 0.25
+    empty = majority_vote([None, None], pool)
+    assert (empty.answer, empty.agreement, empty.winner, empty.agrees(0)) == (None, 0.0, None, None)
+
+
+def test_majority_votes_batches_many_sets(pool):
+    votes = majority_votes([["1", "1", "2"], [], ["x+1", "1+x", "x"]], pool)
+    assert [v.answer for v in votes] == ["1", None, "x+1"]
+    assert votes[1].n_samples == 0
+    assert votes[2].group_sizes == (2, 1)

@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from infra.errors import UserError
 from infra.settings import shared_data_dir
 from tasks.common import StagePlan, result_dict, stage_task
+from tasks.verify import extract_boxed, extract_gsm8k
 
 SEED_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String,
@@ -169,38 +170,15 @@ def file_sha256(path: Path) -> str:
 
 # -- answers ----------------------------------------------------------------------------------
 
-_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
-
 
 def gsm8k_final_answer(solution: str) -> str | None:
     """The final answer after `####`, without thousands separators."""
-    match = _GSM8K_FINAL.search(solution)
-    if not match:
-        return None
-    answer = match.group(1).strip().replace(",", "")
-    return answer or None
+    return extract_gsm8k(solution)
 
 
 def last_boxed(text: str) -> str | None:
     """Contents of the last `\\boxed{...}` or `\\fbox{...}`, nested braces handled."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        # `\boxed 5` (no braces) occurs in a few MATH solutions
-        match = re.match(r"\\boxed\s+([^\s$]+)", text[start:])
-        return match.group(1) if match else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                inner = text[i + 1 : j].strip()
-                return inner or None
-    return None
+    return extract_boxed(text)
 
 
 def final_answer(solution: str, style: str) -> str | None:

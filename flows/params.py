@@ -1,7 +1,7 @@
 """The factory's parameters: one pydantic model, rendered as a form in the Prefect UI.
 
 Run profiles in `configs/*.yaml` are partial dumps of this model; `--set key=value` overrides
-any field by its dotted path (`--set rounds=2 --set engine.batch_size=32`).
+any field by its dotted path (`--set evolution.rounds=2 --set engine.batch_size=32`).
 """
 
 from __future__ import annotations
@@ -10,17 +10,35 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from infra.engines import EngineConfig
 from infra.errors import UserError
+from tasks.elimination import EliminationConfig
+from tasks.rounds import DecontamParams, DedupParams, EvolutionParams, SftParams, SolutionParams
 from tasks.seeds import IngestParams
 
 
 class FactoryParams(BaseModel):
     """Everything a factory run needs; defaults run the built-in sample on the embedded engine."""
 
+    model_config = ConfigDict(extra="forbid")
+
     # Seed problems: sources (gsm8k, math, sample, file, hf) and how strictly to read them.
     seeds: IngestParams = Field(default_factory=IngestParams)
+    # The LLM engine for every stage: embedded (CPU), vllm (GPU) or openai (any compatible server).
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    # WizardMath step 1: seeds re-solved step by step, only correct solutions kept.
+    sft: SftParams = Field(default_factory=SftParams)
+    # Math Evol-Instruct: rounds, operation mix, sampling.
+    evolution: EvolutionParams = Field(default_factory=EvolutionParams)
+    # The instruction eliminator's rules and judges.
+    elimination: EliminationConfig = Field(default_factory=EliminationConfig)
+    # Dedup (exact + MinHash LSH) and decontamination against benchmark test sets.
+    dedup: DedupParams = Field(default_factory=DedupParams)
+    decontamination: DecontamParams = Field(default_factory=DecontamParams)
+    # CoT + PoT solutions with sandboxed programs and the self-consistency vote.
+    solutions: SolutionParams = Field(default_factory=SolutionParams)
 
 
 class ConfigError(UserError):

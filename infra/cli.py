@@ -42,6 +42,8 @@ def _prepare_env() -> None:
     )
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(data_home / "prefect" / "results"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # No telemetry from the ephemeral server: there is no network to send it to.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     params = load_factory_params(args.config, args.set or [])
     from flows.factory import factory
-    from flows.summary import render_summary
+    from tasks.report import render_summary
 
     summary = factory(params)
     print(render_summary(summary))

@@ -102,6 +102,8 @@ class SeedSource(BaseModel):
     mapping: dict[str, str] = Field(default_factory=dict)
     # Label stored in the `source` column; defaults to the kind (or the hub name).
     label: str | None = None
+    # Read only the first `limit` rows of the source (a quick run on part of a large set).
+    limit: int | None = Field(None, ge=1)
 
     @field_validator("mapping")
     @classmethod
@@ -511,7 +513,9 @@ def ingest(
         per_source.setdefault(label, {"read": 0, "accepted": 0, "rejected": 0})
         file, rows = read_rows(source, max_row_chars)
         empty = True
-        for row in rows:
+        for taken, row in enumerate(rows):
+            if source.limit is not None and taken >= source.limit:
+                break
             empty = False
             read += 1
             per_source[label]["read"] += 1

@@ -294,9 +294,18 @@ def write_solutions(
     model = engine.identity
     rows: list[dict[str, Any]] = []
 
+    # CoT and PoT requests go to the engine as one batch: batched decoding is what makes
+    # the engines fast, and the two kinds are independent.
+    cot_requests = _requests(cot_t, questions, replace(cot_sampling, n=k_cot)) if k_cot else []
+    pot_requests = _requests(pot_t, questions, replace(pot_sampling, n=k_pot)) if k_pot else []
+    all_responses = engine.generate(cot_requests + pot_requests)
+    cot_responses, pot_responses = (
+        all_responses[: len(cot_requests)],
+        all_responses[len(cot_requests) :],
+    )
+
     if k_cot:
-        responses = engine.generate(_requests(cot_t, questions, replace(cot_sampling, n=k_cot)))
-        for iid, response in zip(ids, responses, strict=True):
+        for iid, response in zip(ids, cot_responses, strict=True):
             for s, (text, finish) in enumerate(_completion_fields(response, k_cot)):
                 rows.append(
                     {
@@ -315,9 +324,8 @@ def write_solutions(
                 )
 
     if k_pot:
-        responses = engine.generate(_requests(pot_t, questions, replace(pot_sampling, n=k_pot)))
         pot_rows: list[dict[str, Any]] = []
-        for iid, response in zip(ids, responses, strict=True):
+        for iid, response in zip(ids, pot_responses, strict=True):
             for s, (text, finish) in enumerate(_completion_fields(response, k_pot)):
                 program = extract_program(text)
                 pot_rows.append(

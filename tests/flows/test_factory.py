@@ -5,7 +5,14 @@ from tasks.seeds import IngestParams, SeedSource
 
 
 def test_rerun_is_a_cache_hit_with_no_new_version(prefect_harness, evolforge_home):
-    params = FactoryParams(seeds=IngestParams(sources=[SeedSource(kind="sample")]))
+    params = FactoryParams.model_validate(
+        {
+            "seeds": IngestParams(sources=[SeedSource(kind="sample")]).model_dump(),
+            "sft": {"enabled": False},
+            "solutions": {"enabled": False},
+            "evolution": {"rounds": 0},
+        }
+    )
     first = factory(params)
     state = factory(params, return_state=True)
     second = state.result()

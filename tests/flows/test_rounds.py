@@ -70,7 +70,7 @@ def small_params(**overrides) -> FactoryParams:
     data = {
         "seeds": {"sources": [{"kind": "sample"}]},
         "sft": {"samples_per_seed": 1},
-        "evolution": {"rounds": 3},
+        "evolution": {"rounds": 8},
         "solutions": {"k_cot": 1, "k_pot": 1, "sandbox": {"workers": 1}},
     }
     data.update(overrides)
@@ -100,7 +100,7 @@ def test_factory_rounds_with_scripted_engine(prefect_harness, evolforge_home, sc
     assert "copies_prompt" in set(eliminated["rule"])
 
     # funnels reconcile per round, and the pool keeps the parents of removed evolutions
-    assert sorted(funnel["round"].unique()) == [1, 2, 3]
+    assert sorted(funnel["round"].unique()) == list(range(1, 9))
     for r in funnel.iter_rows(named=True):
         assert r["generated"] == r["eliminated"] + r["duplicate"] + r["contaminated"] + r["kept"]
     assert funnel.filter(pl.col("round") == 1)["generated"].sum() == seeds.height

@@ -47,7 +47,8 @@ with get_client(sync_client=True) as client:
         "nightly_limit": nightly.global_concurrency_limit.limit if nightly.global_concurrency_limit else None,
         "adhoc_schedules": len(deployments["adhoc"].schedules),
     }))
-run = run_deployment("factory/adhoc", parameters={"params": {"seeds": {"sources": [{"kind": "sample"}]}}}, timeout=240)
+params = {"seeds": {"sources": [{"kind": "sample"}]}, "sft": {"enabled": False}, "solutions": {"enabled": False}, "evolution": {"rounds": 0}}
+run = run_deployment("factory/adhoc", parameters={"params": params}, timeout=240)
 print(json.dumps({"state": run.state.type.value, "name": run.state.name}))
 """
 

@@ -18,7 +18,7 @@ PARAMS = {
     "engine": {"kind": "embedded", "batch_size": 16},
     "sft": {"samples_per_seed": 1, "max_tokens": 64},
     "evolution": {"rounds": 2, "max_tokens": 96},
-    "elimination": {"equal_judge": False, "probe_max_tokens": 32, "judge_max_tokens": 40},
+    "elimination": {"equal_judge": False, "solvable_judge": False, "probe_max_tokens": 32},
     "solutions": {
         "k_cot": 1,
         "k_pot": 1,

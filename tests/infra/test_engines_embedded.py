@@ -124,3 +124,158 @@ def test_batch_of_mixed_lengths_keeps_order(engine):
     alone = engine.generate([_ask(questions[3], max_tokens=16)])[0]
     assert responses[3].text == alone.text
     assert torch.get_num_threads() >= 1
+
+
+# -- speed machinery: pure helpers ----------------------------------------------------------
+
+
+def test_auto_threads_uses_one_thread_only_on_an_oversubscribed_machine():
+    from infra.engines.embedded import auto_threads
+
+    assert auto_threads(load=5.2, cpus=2) == 1
+    assert auto_threads(load=1.0, cpus=2) is None
+    assert auto_threads(load=9.0, cpus=1) is None  # one CPU: nothing to give up
+
+
+def test_common_prefix_counts_equal_leading_tokens():
+    from infra.engines.embedded import _common_prefix
+
+    assert _common_prefix([1, 2, 3, 4], [1, 2, 9]) == 2
+    assert _common_prefix([1, 2], [1, 2, 3]) == 2
+    assert _common_prefix([5], [1]) == 0
+
+
+def test_stop_in_tail_sees_only_recent_text():
+    from infra.engines.embedded import _stop_in_tail
+
+    def decode(tokens):
+        return "".join(chr(ord("a") + t) for t in tokens)
+
+    tokens = [0] * 40 + [25, 25]  # "aaaa...zz"
+    assert _stop_in_tail(decode, tokens, ("zz",))
+    assert not _stop_in_tail(decode, tokens, ("xy",))
+    # "b" long ago is outside the window of 4 * len("b") + 8 tokens: already handled then.
+    assert not _stop_in_tail(decode, [1] + [0] * 40, ("b",))
+
+
+def _full_sort_top_p(probs, top_p):
+    sorted_probs, order = torch.sort(probs, descending=True)
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    sorted_probs[drop] = 0.0
+    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 50.0])  # 50: flat, nucleus past 512 words
+def test_top_p_matches_a_full_sort(temperature):
+    from infra.engines.embedded import _top_p
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(5000, generator=generator) * 8 / temperature, dim=-1)
+    for top_p in (0.5, 0.9, 0.95):
+        expected = _full_sort_top_p(probs.clone(), top_p)
+        got = _top_p(probs, top_p)
+        assert torch.equal(got > 0, expected > 0)
+        assert torch.allclose(got, expected)
+    assert _top_p(probs, 1.0) is probs
+
+
+def test_preallocated_layer_matches_concatenation():
+    from transformers.cache_utils import DynamicLayer
+
+    from infra.engines.embedded import _Cursor, _PreallocatedLayer
+
+    generator = torch.Generator().manual_seed(1)
+
+    def kv(rows, length):
+        return (
+            torch.randn(rows, 3, length, 4, generator=generator),
+            torch.randn(rows, 3, length, 4, generator=generator),
+        )
+
+    cursor = _Cursor()
+    layer, reference = _PreallocatedLayer(capacity=10, cursor=cursor), DynamicLayer()
+    keys, values = kv(1, 3)  # a shared prefix of 3 columns, one row
+    layer.update(keys, values)
+    reference.update(keys, values)
+    layer.expand_batch(2)
+    reference.batch_repeat_interleave(2)
+    keys, values = kv(2, 2)  # both rows append a block of two columns
+    got, expected = layer.update(keys, values), reference.update(keys, values)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    # A decode step: each row writes its own column; the view grows to the furthest one.
+    cursor.positions, cursor.length = torch.tensor([5, 3]), 6
+    keys, values = kv(2, 1)
+    got_keys, got_values = layer.update(keys, values)
+    assert got_keys.shape == (2, 3, 6, 4) and layer.get_seq_length() == 6
+    assert torch.equal(got_keys[0, :, 5], keys[0, :, 0])
+    assert torch.equal(got_values[1, :, 3], values[1, :, 0])
+    assert torch.equal(got_keys[:, :, :3], expected[0][:, :, :3])
+    layer.batch_select_indices(torch.tensor([1]))
+    assert layer.keys.shape == (1, 3, 6, 4)
+    assert torch.equal(layer.keys[0, :, 3], keys[1, :, 0])
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        cursor.positions = None
+        layer.update(*kv(1, 5))
+
+
+# -- speed machinery: with the model ---------------------------------------------------------
+
+
+def _few_shot(question: str, **sampling) -> ChatRequest:
+    from tasks.templates import render_messages
+
+    messages = render_messages("cot_fewshot", instruction=question)
+    return ChatRequest(tuple(messages), SamplingParams(**sampling))
+
+
+@pytest.mark.slow
+def test_few_shot_prefix_is_shared_and_changes_nothing(engine, monkeypatch):
+    import infra.engines.embedded as embedded
+
+    requests = [
+        _few_shot("What is 15 + 27?", max_tokens=12),
+        _few_shot(
+            "A train travels 60 miles per hour for 3 hours. How far does it go?", max_tokens=12
+        ),
+        _few_shot("What is 9 * 8?", temperature=0.8, seed=5, max_tokens=12),
+    ]
+    ids, prefix = engine._encode(requests[0])
+    assert prefix > 300 and ids[:prefix] == engine._encode(requests[1])[0][:prefix]
+    assert engine._encode(_ask("Hi"))[1] == 0  # one message: no prefix
+    shared = engine.generate(requests)
+    monkeypatch.setattr(embedded, "MIN_SHARED_PREFIX", 10**9)
+    assert engine._encode(requests[0])[1] == 0
+    unshared = engine.generate(requests)
+    assert all(r.ok for r in shared)
+    assert [r.text for r in shared] == [r.text for r in unshared]
+    monkeypatch.undo()
+    alone = engine.generate([requests[2]])[0]
+    assert alone.text == shared[2].text
+
+
+@pytest.mark.slow
+def test_stop_string_cuts_at_first_occurrence_in_long_output(engine):
+    request = _ask("Count from 1 to 30, separated by commas.", max_tokens=80, stop=("12",))
+    (response,) = engine.generate([request])
+    completion = response.completions[0]
+    assert completion.finish_reason == "stop"
+    assert "12" not in completion.text and "11" in completion.text
+
+
+@pytest.mark.slow
+def test_threads_follow_the_load_when_not_fixed(engine, monkeypatch):
+    import infra.engines.embedded as embedded
+
+    assert engine.num_threads >= 1
+    before, auto = torch.get_num_threads(), engine._auto_threads
+    engine._auto_threads = True
+    try:
+        monkeypatch.setattr(embedded, "auto_threads", lambda: 1)
+        engine.generate([_ask("Hi", max_tokens=2)])
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(embedded, "auto_threads", lambda: None)
+        engine.generate([_ask("Hi", max_tokens=2)])
+        assert torch.get_num_threads() == engine._default_threads
+    finally:
+        engine._auto_threads = auto
+        torch.set_num_threads(before)

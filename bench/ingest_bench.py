@@ -25,7 +25,9 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    )
     args = parser.parse_args()
     cli = str(Path(sys.executable).with_name("evolforge"))
     with tempfile.TemporaryDirectory() as home:
@@ -37,8 +39,12 @@ def main() -> None:
         versions = len(list((Path(home) / "datasets" / "seeds").iterdir()))
         query, out = timed([cli, "sql", "SELECT count(*) FROM seeds", "--format", "csv"], env)
         print(f"ingest GSM8K+MATH train (cold, process included): {first:.2f} s  [target < 20 s]")
-        print(f"re-ingest, no new version (seeds versions on disk: {versions}): {rerun:.2f} s  [target < 5 s]")
-        print(f"evolforge sql count(*) (process included): {query:.2f} s -> {out.strip().splitlines()[-1]} rows  [target < 2 s]")
+        print(
+            f"re-ingest, no new version (seeds versions on disk: {versions}): {rerun:.2f} s  [target < 5 s]"
+        )
+        print(
+            f"evolforge sql count(*) (process included): {query:.2f} s -> {out.strip().splitlines()[-1]} rows  [target < 2 s]"
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.engines import EngineConfig, SamplingParams, open_engine, stage_stats
 from infra.settings import home
-from storage.datasets import DatasetStore
+from storage.datasets import DatasetStore, sha256_file
 from storage.stages import StageOutput, code_version
 from tasks import dedup as dedup_mod
 from tasks import elimination as elimination_mod
@@ -421,16 +421,8 @@ class DecontamParams(BaseModel):
             path = Path(bench["path"])
             if not path.is_file():
                 raise dedup_mod.DedupInputError(f"{path}: benchmark file not found")
-            bench["sha256"] = _sha256(path)
+            bench["sha256"] = sha256_file(path)
         return data
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def plan_dedup(

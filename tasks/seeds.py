@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from infra.errors import UserError
 from infra.settings import shared_data_dir
+from storage.datasets import sha256_file
 from tasks.common import StagePlan, result_dict, stage_task
 from tasks.verify import extract_boxed, extract_gsm8k
 
@@ -158,16 +159,8 @@ class SeedSource(BaseModel):
             if not path.is_file():
                 raise SeedError(f"{path}: no such file")
             data["path"] = str(path)
-            data["sha256"] = file_sha256(path)
+            data["sha256"] = sha256_file(path)
         return data
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- answers ----------------------------------------------------------------------------------

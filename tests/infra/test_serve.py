@@ -66,7 +66,15 @@ def test_deployments_register_and_adhoc_runs(tmp_path, evolforge_home):
     }
     bin_dir = os.path.dirname(sys.executable)
     server = subprocess.Popen(
-        [os.path.join(bin_dir, "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            os.path.join(bin_dir, "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -76,11 +84,21 @@ def test_deployments_register_and_adhoc_runs(tmp_path, evolforge_home):
     try:
         wait_healthy(api, server)
         runner = subprocess.Popen(
-            [sys.executable, "-m", "infra.serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            [sys.executable, "-m", "infra.serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 120
         while True:
-            trigger = subprocess.run([sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=300)
+            trigger = subprocess.run(
+                [sys.executable, "-c", TRIGGER],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             if trigger.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(2)  # the deployments are not registered yet

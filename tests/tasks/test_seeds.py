@@ -246,4 +246,6 @@ def test_load_seeds_is_versioned_and_cached(evolforge_home, tmp_path):
 def test_limit_reads_only_the_first_rows():
     result = ingest([SeedSource(kind="sample", limit=6)])
     assert (result.read, result.accepted) == (6, 6)
-    assert result.seeds.filter(pl.col("level").is_null()).height == 3  # the sample interleaves kinds
+    assert (
+        result.seeds.filter(pl.col("level").is_null()).height == 3
+    )  # the sample interleaves kinds

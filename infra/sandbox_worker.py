@@ -252,8 +252,8 @@ class Worker:
             try:
                 __import__(name)
                 self.preloaded.append(name)
-            except Exception:
-                pass
+            except Exception:  # best effort: a program that needs it imports it (and fails) itself
+                continue
         # Orphans of a program re-parent to the worker, so it can reap (and find) them all.
         self.subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1)
         # Same-uid programs cannot ptrace the worker or read its memory through /proc.
@@ -423,7 +423,7 @@ class Worker:
                 else:
                     os.unlink(path)
             except FileNotFoundError:
-                pass
+                continue  # already gone: the program removed it itself
             except OSError:
                 return False
         return True

@@ -17,6 +17,7 @@ next write of that dataset.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -109,9 +110,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    """Hex sha256 of a file's bytes. Memoised on (path, size, mtime): stage plans hash their
+    input files both for the Prefect cache key and in the task body."""
+    stat = os.stat(path)
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -35,12 +35,15 @@ class FunnelMismatchError(AssertionError):
     """Counts that do not reconcile: a row was lost or counted twice."""
 
 
-def _outcome(rule: str) -> str:
-    if rule in DUPLICATE_RULES:
-        return "duplicate"
-    if rule in CONTAMINATION_RULES:
-        return "contaminated"
-    return "eliminated"
+def _outcome() -> pl.Expr:
+    rule = pl.col("rule")
+    return (
+        pl.when(rule.is_in(list(DUPLICATE_RULES)))
+        .then(pl.lit("duplicate"))
+        .when(rule.is_in(list(CONTAMINATION_RULES)))
+        .then(pl.lit("contaminated"))
+        .otherwise(pl.lit("eliminated"))
+    )
 
 
 def round_funnel(
@@ -48,9 +51,7 @@ def round_funnel(
 ) -> pl.DataFrame:
     """Counts per (round, direction, op). `removed` has a `rule` column per removed row."""
     base = generated.group_by(FUNNEL_KEYS).agg(pl.len().alias("generated"))
-    removed = removed.with_columns(
-        pl.col("rule").map_elements(_outcome, return_dtype=pl.String).alias("outcome")
-    )
+    removed = removed.with_columns(_outcome().alias("outcome"))
     counts = base
     for outcome in ["eliminated", "duplicate", "contaminated"]:
         part = (

@@ -40,29 +40,19 @@ from tasks import solutions as solutions_mod
 from tasks.common import StagePlan, ref, result_dict, stage_task
 from tasks.templates import PROMPTS_DIR
 
+# What the catalog keeps of an evolution: its record without the raw completion and errors,
+# which stay in the per-round `evolutions` dataset.
 INSTRUCTIONS_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,
-    "parent_id": pl.String,
-    "root_id": pl.String,
-    "round": pl.Int64,
-    "direction": pl.String,
-    "op": pl.String,
-    "template_version": pl.String,
-    "model": pl.String,
-    "text": pl.String,
+    k: v
+    for k, v in evolution_mod.INSTRUCTION_SCHEMA.items()
+    if k not in ("raw", "finish_reason", "error")
 }
 INSTRUCTION_COLUMNS = list(INSTRUCTIONS_SCHEMA)
+# Every removal of a round: the eliminator's record, plus which stage removed it and, for
+# duplicates and contamination, what it collided with.
 REMOVED_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,
-    "parent_id": pl.String,
-    "root_id": pl.String,
-    "round": pl.Int64,
-    "direction": pl.String,
-    "op": pl.String,
-    "text": pl.String,
+    **elimination_mod.ELIMINATED_SCHEMA,
     "stage": pl.String,  # elimination | dedup
-    "rule": pl.String,
-    "evidence": pl.String,
     "collided_with": pl.String,
     "similarity": pl.Float64,
 }

@@ -26,8 +26,9 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -209,6 +210,19 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+def _bad(number: int, raw: str, reason: str, detail: str) -> RawRow:
+    return RawRow(number, None, _preview(raw), (reason, detail))
+
+
+def _checked(number: int, data: dict[str, Any], raw: str, max_row_chars: int) -> RawRow:
+    """The row, or its rejection when it is over the size cap."""
+    if len(raw) > max_row_chars:
+        return _bad(
+            number, raw, "too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"
+        )
+    return RawRow(number, data, raw)
+
+
 def read_jsonl(path: Path, max_row_chars: int) -> Iterator[RawRow]:
     with path.open("rb") as handle:
         for number, raw_bytes in enumerate(handle, start=1):
@@ -217,38 +231,20 @@ def read_jsonl(path: Path, max_row_chars: int) -> Iterator[RawRow]:
             try:
                 text = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield RawRow(
-                    number,
-                    None,
-                    _preview(raw_bytes.decode("utf-8", "replace")),
-                    ("not_utf8", f"invalid UTF-8 at byte {exc.start}"),
-                )
+                text = raw_bytes.decode("utf-8", "replace")
+                yield _bad(number, text, "not_utf8", f"invalid UTF-8 at byte {exc.start}")
                 continue
-            if len(text) > max_row_chars:
-                yield RawRow(
-                    number,
-                    None,
-                    _preview(text),
-                    ("too_large", f"row has {len(text)} characters, cap is {max_row_chars}"),
-                )
+            if len(text) > max_row_chars:  # checked before parsing: a huge line is not parsed
+                yield _checked(number, {}, text, max_row_chars)
                 continue
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield RawRow(
-                    number,
-                    None,
-                    _preview(text),
-                    ("malformed_json", exc.msg + f" at column {exc.colno}"),
-                )
+                yield _bad(number, text, "malformed_json", f"{exc.msg} at column {exc.colno}")
                 continue
             if not isinstance(data, dict):
-                yield RawRow(
-                    number,
-                    None,
-                    _preview(text),
-                    ("not_an_object", f"expected a JSON object, got {type(data).__name__}"),
-                )
+                kind = type(data).__name__
+                yield _bad(number, text, "not_an_object", f"expected a JSON object, got {kind}")
                 continue
             yield RawRow(number, data, text)
 
@@ -267,44 +263,33 @@ def read_json(path: Path, max_row_chars: int) -> Iterator[RawRow]:
     if not isinstance(data, list):
         raise SeedError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
     for number, item in enumerate(data, start=1):
-        raw = (
-            json.dumps(item, ensure_ascii=False, default=str) if not isinstance(item, str) else item
-        )
         if not isinstance(item, dict):
-            yield RawRow(
-                number,
-                None,
-                _preview(raw),
-                ("not_an_object", f"record {number} is a {type(item).__name__}"),
+            raw = (
+                item if isinstance(item, str) else json.dumps(item, ensure_ascii=False, default=str)
             )
-        elif len(raw) > max_row_chars:
-            yield RawRow(
-                number,
-                None,
-                _preview(raw),
-                ("too_large", f"record has {len(raw)} characters, cap is {max_row_chars}"),
-            )
+            yield _bad(number, raw, "not_an_object", f"record {number} is a {type(item).__name__}")
         else:
-            yield RawRow(number, item, raw)
+            yield _checked(
+                number, item, json.dumps(item, ensure_ascii=False, default=str), max_row_chars
+            )
 
 
 def read_csv(path: Path, max_row_chars: int) -> Iterator[RawRow]:
     text = path.read_bytes().decode("utf-8", "surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     for row in reader:
-        number = reader.line_num
         raw = ",".join(str(v) for v in row.values())
         if any(_has_lone_surrogate(v) for v in row.values()):
-            yield RawRow(number, None, _preview(raw), ("not_utf8", "invalid UTF-8 bytes in row"))
-        elif len(raw) > max_row_chars:
-            yield RawRow(
-                number,
-                None,
-                _preview(raw),
-                ("too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"),
-            )
+            yield _bad(reader.line_num, raw, "not_utf8", "invalid UTF-8 bytes in row")
         else:
-            yield RawRow(number, dict(row), raw)
+            yield _checked(reader.line_num, dict(row), raw, max_row_chars)
+
+
+def _json_rows(rows: Iterable[dict[str, Any]], max_row_chars: int) -> Iterator[RawRow]:
+    for number, row in enumerate(rows, start=1):
+        yield _checked(
+            number, dict(row), json.dumps(row, ensure_ascii=False, default=str), max_row_chars
+        )
 
 
 def read_parquet(path: Path, max_row_chars: int) -> Iterator[RawRow]:
@@ -312,17 +297,7 @@ def read_parquet(path: Path, max_row_chars: int) -> Iterator[RawRow]:
         frame = pl.read_parquet(path)
     except Exception as exc:
         raise SeedError(f"{path}: not a readable parquet file: {exc}") from exc
-    for number, row in enumerate(frame.iter_rows(named=True), start=1):
-        raw = json.dumps(row, ensure_ascii=False, default=str)
-        if len(raw) > max_row_chars:
-            yield RawRow(
-                number,
-                None,
-                _preview(raw),
-                ("too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"),
-            )
-        else:
-            yield RawRow(number, row, raw)
+    return _json_rows(frame.iter_rows(named=True), max_row_chars)
 
 
 def read_hf(source: SeedSource, max_row_chars: int) -> Iterator[RawRow]:
@@ -335,27 +310,12 @@ def read_hf(source: SeedSource, max_row_chars: int) -> Iterator[RawRow]:
         data = datasets.load_dataset(source.name, source.config, split=source.split)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE", "unset")
         raise SeedError(
             f"hf:{source.name}: could not load split {source.split!r} from the Hugging Face hub "
-            f"(offline or not found; HF_HUB_OFFLINE={_env('HF_HUB_OFFLINE')}): {first}"
+            f"(offline or not found; HF_HUB_OFFLINE={offline}): {first}"
         ) from exc
-    for number, row in enumerate(data, start=1):
-        raw = json.dumps(row, ensure_ascii=False, default=str)
-        if len(raw) > max_row_chars:
-            yield RawRow(
-                number,
-                None,
-                _preview(raw),
-                ("too_large", f"row has {len(raw)} characters, cap is {max_row_chars}"),
-            )
-        else:
-            yield RawRow(number, dict(row), raw)
-
-
-def _env(name: str) -> str:
-    import os
-
-    return os.environ.get(name, "unset")
+    return _json_rows(data, max_row_chars)
 
 
 READERS = {

@@ -121,11 +121,16 @@ def extract_boxed(text: str) -> str | None:
     return clean_answer(found[0][1]) if found else None
 
 
+def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    last = None
+    for last in pattern.finditer(text):  # noqa: B007 - only the last match is wanted
+        continue
+    return last
+
+
 def extract_answer_is(text: str) -> str | None:
     """X from the last `The answer is: X` (also without the colon, with `$...$`, a final `.`)."""
-    last = None
-    for last in _ANSWER_IS.finditer(text):  # noqa: B007 - we want the last match
-        pass
+    last = _last_match(_ANSWER_IS, text)
     if last is None:
         return None
     return _answer_is_value(text, last.end())
@@ -145,9 +150,7 @@ def _answer_is_value(text: str, start: int) -> str | None:
 
 def extract_gsm8k(text: str) -> str | None:
     """X from the last `#### X` line, with thousands separators removed."""
-    last = None
-    for last in _GSM8K.finditer(text):  # noqa: B007 - we want the last match
-        pass
+    last = _last_match(_GSM8K, text)
     if last is None:
         return None
     value = clean_answer(last.group(1))

@@ -49,7 +49,7 @@ serve: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & SERVER=$$!; \
 	trap "kill $$SERVER 2>/dev/null" EXIT INT TERM; \
 	for i in $$(seq 1 60); do curl -sf $$PREFECT_API_URL/health >/dev/null && break; sleep 1; done; \
-	$(BIN)/python -m infra.serve
+	$(BIN)/python -m flows.serve
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest_bench.py

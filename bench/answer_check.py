@@ -23,7 +23,6 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
-from infra.settings import shared_data_dir
 from tasks.verify import (
     VerifierPool,
     check_equivalence,
@@ -31,6 +30,8 @@ from tasks.verify import (
     normalize_answer,
     quick_equivalence,
 )
+
+from storage.settings import shared_data_dir
 
 FRAC = re.compile(r"^(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
 INT = re.compile(r"^-?\d+$")

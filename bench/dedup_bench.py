@@ -238,9 +238,9 @@ def jaccard_of_planted(folder: Path, truth: dict) -> dict:
 def run_datasketch(folder: Path, limit: int | None) -> dict:
     """The near stage with datasketch, on exactly the documents our near stage compares."""
     from datasketch import MinHash, MinHashLSH
+    from tasks.dedup import DedupConfig, run_sql
 
     from storage.catalog import connect
-    from tasks.dedup import DedupConfig, run_sql
 
     cfg = DedupConfig()
     con = connect()

@@ -33,7 +33,7 @@ import resource
 import tempfile
 import time
 
-from infra.settings import home, shared_data_dir
+from storage.settings import home, shared_data_dir
 
 
 def _load() -> str:

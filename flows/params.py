@@ -1,11 +1,17 @@
-"""The factory's parameters: one pydantic model, rendered as a form in the Prefect UI.
+"""The flows' parameters: one pydantic model per flow, rendered as a form in the Prefect UI.
 
-Run profiles in `configs/*.yaml` are partial dumps of this model; `--set key=value` overrides
-any field by its dotted path (`--set evolution.rounds=2 --set engine.batch_size=32`).
+`FactoryParams` holds every section; each flow's own model (`DataParams`, ...) is the part of it
+that flow reads, so one run profile (`configs/*.yaml`, a partial dump of `FactoryParams`) serves
+the factory and each flow run on its own (`evolforge run --flow data`).
+
+`--set key=value` overrides any field by its dotted path, list items by index
+(`--set evolution.rounds=2 --set seeds.sources.0.limit=6`). An unknown key is an error naming
+the key and the nearest valid one.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -13,32 +19,71 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infra.engines import EngineConfig
-from infra.errors import UserError
-from tasks.elimination import EliminationConfig
-from tasks.rounds import DecontamParams, DedupParams, EvolutionParams, SftParams, SolutionParams
+from storage.errors import UserError
+from tasks.evolution.dedup import DecontamParams, DedupParams
+from tasks.evolution.eliminate import EliminationParams
+from tasks.evolution.evolve import EvolutionParams
 from tasks.seeds import IngestParams
+from tasks.solutions.sft import SftParams
+from tasks.solutions.solve import SolutionParams
 
 
-class FactoryParams(BaseModel):
-    """Everything a factory run needs; defaults run the built-in sample on the embedded engine."""
+class DataParams(BaseModel):
+    """Seeds → SFT answers → evolution rounds → solutions: the data flow."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # Seed problems: sources (gsm8k, math, sample, file, hf) and how strictly to read them.
-    seeds: IngestParams = Field(default_factory=IngestParams)
-    # The LLM engine for every stage: embedded (CPU), vllm (GPU) or openai (any compatible server).
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    # WizardMath step 1: seeds re-solved step by step, only correct solutions kept.
-    sft: SftParams = Field(default_factory=SftParams)
-    # Math Evol-Instruct: rounds, operation mix, sampling.
-    evolution: EvolutionParams = Field(default_factory=EvolutionParams)
-    # The instruction eliminator's rules and judges.
-    elimination: EliminationConfig = Field(default_factory=EliminationConfig)
-    # Dedup (exact + MinHash LSH) and decontamination against benchmark test sets.
-    dedup: DedupParams = Field(default_factory=DedupParams)
-    decontamination: DecontamParams = Field(default_factory=DecontamParams)
-    # CoT + PoT solutions with sandboxed programs and the self-consistency vote.
-    solutions: SolutionParams = Field(default_factory=SolutionParams)
+    seeds: IngestParams = Field(
+        default_factory=IngestParams,
+        title="Seeds",
+        description="Seed problems: sources (gsm8k, math, sample, file, hf) and how strictly to read them.",
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        title="LLM engine",
+        description="The engine for every stage: embedded (CPU), vllm (GPU) or openai (any compatible server).",
+    )
+    sft: SftParams = Field(
+        default_factory=SftParams,
+        title="SFT answers",
+        description="WizardMath step 1: seeds re-solved step by step, only correct solutions kept.",
+    )
+    evolution: EvolutionParams = Field(
+        default_factory=EvolutionParams,
+        title="Evolution",
+        description="Math Evol-Instruct: rounds, operation mix, sampling.",
+    )
+    elimination: EliminationParams = Field(
+        default_factory=EliminationParams,
+        title="Elimination",
+        description="The instruction eliminator's rules and judges.",
+    )
+    dedup: DedupParams = Field(
+        default_factory=DedupParams,
+        title="Dedup",
+        description="Exact and near duplicates (MinHash LSH) across the seeds and all rounds.",
+    )
+    decontamination: DecontamParams = Field(
+        default_factory=DecontamParams,
+        title="Decontamination",
+        description="Overlap with benchmark test sets (GSM8K test, MATH test).",
+    )
+    solutions: SolutionParams = Field(
+        default_factory=SolutionParams,
+        title="Solutions",
+        description="CoT + PoT solutions with sandboxed programs and the self-consistency vote.",
+    )
+
+
+class FactoryParams(DataParams):
+    """Everything a factory run needs; defaults run the built-in sample on the embedded engine."""
+
+    def for_flow(self, model: type[BaseModel]) -> BaseModel:
+        """The part of these parameters that `model` (a flow's own parameter model) reads."""
+        return model.model_validate(self.model_dump(include=set(model.model_fields)))
+
+
+FLOW_PARAMS: dict[str, type[BaseModel]] = {"factory": FactoryParams, "data": DataParams}
 
 
 class ConfigError(UserError):
@@ -47,15 +92,84 @@ class ConfigError(UserError):
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
+    node: Any = data
+    for position, key in enumerate(keys):
+        last = position == len(keys) - 1
+        where = ".".join(keys[: position + 1])
+        if isinstance(node, list):
+            if not key.isdigit():
+                raise ConfigError(f"--set {dotted}: {where!r} is a list: use an index (0, 1, ...)")
+            index = int(key)
+            if index > len(node):
+                raise ConfigError(
+                    f"--set {dotted}: {where!r}: index {index} past the end (list has {len(node)})"
+                )
+            if index == len(node):
+                node.append({})
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {key!r} is not a group of settings")
-    node[keys[-1]] = value
+            raise ConfigError(f"--set {dotted}: {keys[position - 1]!r} is not a group of settings")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
 
 
-def load_factory_params(config: str | Path | None, overrides: list[str]) -> FactoryParams:
+def _defaults_for(data: dict[str, Any], model: type[BaseModel]) -> None:
+    """Fill list fields that an override indexes into with their defaults, so that
+    `seeds.sources.0.limit=6` edits the default source instead of replacing the list."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            data.setdefault(name, {})
+            if isinstance(data[name], dict):
+                _defaults_for(data[name], annotation)
+        elif name not in data and info.default_factory is not None:
+            default = info.default_factory()
+            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                data[name] = [item.model_dump(exclude_unset=True) for item in default]
+
+
+def _nearest(model: type[BaseModel], loc: tuple[Any, ...], key: str) -> str | None:
+    """The nearest field name to `key` in the model found at `loc`."""
+    node: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        annotation = fields[part].annotation
+        args = getattr(annotation, "__args__", None)
+        if args:  # list[Model] or Model | None
+            annotation = next((a for a in args if isinstance(a, type)), annotation)
+        node = annotation
+    fields = getattr(node, "model_fields", None) or {}
+    match = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def validation_message(exc: ValidationError, model: type[BaseModel], where: str) -> str:
+    """One line for the first error: the dotted key, what is wrong, the nearest valid key."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        nearest = _nearest(model, loc[:-1], str(loc[-1]))
+        parent = ".".join(str(p) for p in loc[:-1])
+        hint = f"; did you mean {'.'.join(filter(None, [parent, nearest]))!r}?" if nearest else ""
+        return f"{where}: unknown key {key!r}{hint}"
+    return f"{where}: {key}: {err['msg']}"
+
+
+def load_params(
+    config: str | Path | None, overrides: list[str], model: type[BaseModel] = FactoryParams
+) -> BaseModel:
+    """A flow's parameters from a run profile and `--set` overrides."""
     data: dict[str, Any] = {}
     if config:
         path = Path(config)
@@ -67,14 +181,23 @@ def load_factory_params(config: str | Path | None, overrides: list[str]) -> Fact
             raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of parameters at the top level")
+    if overrides:
+        _defaults_for(data, FactoryParams)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
     try:
-        return FactoryParams.model_validate(data)
+        full = FactoryParams.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConfigError(f"{config or 'parameters'}: {where}: {err['msg']}") from exc
+        raise ConfigError(
+            validation_message(exc, FactoryParams, str(config or "parameters"))
+        ) from exc
+    return full if model is FactoryParams else full.for_flow(model)
+
+
+def load_factory_params(config: str | Path | None, overrides: list[str]) -> FactoryParams:
+    params = load_params(config, overrides, FactoryParams)
+    assert isinstance(params, FactoryParams)
+    return params

@@ -29,7 +29,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.settings import home
+from storage.settings import home
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_NAME = "SmolLM2-135M-Instruct"

@@ -1,5 +1,9 @@
 """The DuckDB catalog: a `versions` table and one view per dataset showing its newest version.
 
+Artifacts (model checkpoints, plots: folders stored as versions) are rows of `versions` with
+their `kind`; the `artifacts` view lists every artifact version with its folder, parents,
+parameters and stats (final metrics), and `models` the model checkpoints among them.
+
 The catalog is a DuckDB file in `EVOLFORGE_HOME`. DuckDB lets one process hold a file read-write
 and then no other may open it, so the writer holds it only for the moment of an update, under a
 file lock (`catalog.lock`): one writer at a time, and readers (`evolforge sql`, the DuckDB CLI,
@@ -47,8 +51,19 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at TIMESTAMPTZ,
     flow_run VARCHAR,
     path VARCHAR,
+    kind VARCHAR DEFAULT 'dataset',
     PRIMARY KEY (name, version)
 )
+"""
+# Catalogs written before artifacts existed lack the kind column.
+_MIGRATE = "ALTER TABLE versions ADD COLUMN IF NOT EXISTS kind VARCHAR DEFAULT 'dataset'"
+_ARTIFACT_VIEWS = """
+CREATE OR REPLACE VIEW artifacts AS
+    SELECT name, version, kind, stage, path, parents, params, stats, created_at, flow_run
+    FROM versions WHERE kind <> 'dataset';
+CREATE OR REPLACE VIEW models AS
+    SELECT name, version, path, parents, params, stats AS metrics, created_at, flow_run
+    FROM versions WHERE kind = 'model';
 """
 
 
@@ -114,8 +129,11 @@ class Catalog:
 
     def _register(self, con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
         con.execute(_VERSIONS_DDL)
+        con.execute(_MIGRATE)
         con.execute(
-            """INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO versions (name, version, stage, code_version, parents, params, rows,
+                                     stats, created_at, flow_run, path, kind)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (name, version) DO NOTHING""",
             [
                 manifest.name,
@@ -129,8 +147,12 @@ class Catalog:
                 manifest.created_at,
                 manifest.flow_run,
                 str(self.store.version_dir(manifest.name, manifest.version)),
+                manifest.kind,
             ],
         )
+        con.execute(_ARTIFACT_VIEWS)
+        if not manifest.is_dataset:
+            return
         newest = con.execute(
             "SELECT version FROM versions WHERE name = ? ORDER BY created_at DESC, version DESC LIMIT 1",
             [manifest.name],
@@ -160,6 +182,7 @@ class Catalog:
         if not self.path.exists():
             with self.lock, _open_retrying(self.path, read_only=False, wait_s=wait_s) as con:
                 con.execute(_VERSIONS_DDL)
+                con.execute(_ARTIFACT_VIEWS)
         with _open_retrying(self.path, read_only=True, wait_s=wait_s) as con:
             cursor = con.execute(sql, params or [])
             columns = [d[0] for d in cursor.description] if cursor.description else []

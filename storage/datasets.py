@@ -27,12 +27,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import polars as pl
 import pyarrow.parquet as pq
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
-from infra.errors import UserError
+from storage.errors import UserError
 
 MANIFEST = "_manifest.json"
 ROWS_PER_SHARD = 250_000
@@ -40,6 +41,14 @@ ROWS_PER_SHARD = 250_000
 
 class DatasetError(UserError):
     """A dataset or version that does not exist, or a malformed reference."""
+
+
+def _parse_ref(value: Any) -> Any:
+    if isinstance(value, str):
+        return DatasetRef.parse(value)
+    if isinstance(value, dict) and set(value) == {"name", "version"}:
+        return DatasetRef(value["name"], value["version"])
+    return value
 
 
 def _canonical(obj: Any) -> str:
@@ -74,6 +83,16 @@ class DatasetRef:
         return cls(name, version)
 
 
+# A `DatasetRef` as a pydantic field: validated from and serialised to `name@version`, so typed
+# flow state renders as plain text in the Prefect UI and in JSON.
+Ref = Annotated[
+    DatasetRef,
+    BeforeValidator(_parse_ref),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": "^[^@]+@[0-9a-f]+$", "title": "name@version"}),
+]
+
+
 @dataclass
 class Manifest:
     name: str
@@ -88,6 +107,12 @@ class Manifest:
     created_at: str
     flow_run: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    # "dataset" (parquet shards) or the kind of an artifact folder ("model", "plot", ...)
+    kind: str = "dataset"
+
+    @property
+    def is_dataset(self) -> bool:
+        return self.kind == "dataset"
 
     @property
     def ref(self) -> DatasetRef:
@@ -135,7 +160,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _current_flow_run() -> str | None:
+def current_flow_run() -> str | None:
     try:
         from prefect.runtime import flow_run
 
@@ -167,9 +192,15 @@ class DatasetStore:
             raise DatasetError(f"no such dataset version: {ref}")
         return Manifest.from_file(path)
 
-    def names(self) -> list[str]:
+    def names(self, internal: bool = False) -> list[str]:
+        """Dataset and artifact names; `_shard.*` (a sharded stage's per-shard outputs) only
+        with `internal`."""
         return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir()
+            and not p.name.startswith(".")
+            and (internal or not p.name.startswith("_"))
         )
 
     def versions(self, name: str) -> list[Manifest]:
@@ -210,6 +241,11 @@ class DatasetStore:
 
     def read(self, ref: DatasetRef | str, columns: list[str] | None = None) -> pl.DataFrame:
         manifest = self.manifest(ref)
+        if not manifest.is_dataset:
+            raise DatasetError(
+                f"{manifest.ref} is a {manifest.kind} artifact (a folder), not a dataset: "
+                f"{self.version_dir(manifest.name, manifest.version)}"
+            )
         paths = self.files(manifest.ref)
         if not paths:
             return pl.DataFrame(schema=_polars_schema(manifest.schema))
@@ -231,6 +267,70 @@ class DatasetStore:
         version: str | None = None,
     ) -> Manifest:
         """Write a version; a version that already exists is returned as it is (a no-op)."""
+
+        def fill(staging: Path) -> tuple[list[dict[str, Any]], int, list[dict[str, str]]]:
+            frames = [data] if isinstance(data, pl.DataFrame) else data
+            return self._write_shards(staging, frames, schema)
+
+        return self._commit(
+            name, fill, "dataset", stage, code_version, params, parents, stats, version
+        )
+
+    def write_folder(
+        self,
+        name: str,
+        source: Path,
+        *,
+        kind: str,
+        stage: str,
+        code_version: str,
+        params: dict[str, Any],
+        parents: Iterable[DatasetRef | str] = (),
+        stats: dict[str, Any] | None = None,
+        version: str | None = None,
+    ) -> Manifest:
+        """Store a folder (a model checkpoint, plots) as an immutable artifact version. The
+        folder is moved into the staging area (it must be on the same file system), every file
+        is fsynced and checksummed, then the manifest is written and the version renamed into
+        place, exactly as for a dataset."""
+        if kind == "dataset":
+            raise ValueError("write_folder stores artifacts; use write() for datasets")
+        source = Path(source)
+        if not source.is_dir():
+            raise DatasetError(f"artifact folder not found: {source}")
+
+        def fill(staging: Path) -> tuple[list[dict[str, Any]], int, list[dict[str, str]]]:
+            files = []
+            for path in sorted(p for p in source.rglob("*") if p.is_file()):
+                rel = path.relative_to(source)
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                with target.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+                files.append(
+                    {
+                        "path": str(rel),
+                        "bytes": target.stat().st_size,
+                        "sha256": sha256_file(target),
+                    }
+                )
+            return files, 0, []
+
+        return self._commit(name, fill, kind, stage, code_version, params, parents, stats, version)
+
+    def _commit(
+        self,
+        name: str,
+        fill,
+        kind: str,
+        stage: str,
+        code_version: str,
+        params: dict[str, Any],
+        parents: Iterable[DatasetRef | str],
+        stats: dict[str, Any] | None,
+        version: str | None,
+    ) -> Manifest:
         parent_refs = sorted(str(p) for p in parents)
         version = version or version_id(stage, code_version, params, parent_refs)
         if self.exists(name, version):
@@ -241,8 +341,7 @@ class DatasetStore:
         staging = folder / f".staging-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
-            frames = [data] if isinstance(data, pl.DataFrame) else data
-            files, rows, out_schema = self._write_shards(staging, frames, schema)
+            files, rows, out_schema = fill(staging)
             manifest = Manifest(
                 name=name,
                 version=version,
@@ -254,8 +353,9 @@ class DatasetStore:
                 schema=out_schema,
                 files=files,
                 created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
-                flow_run=_current_flow_run(),
+                flow_run=current_flow_run(),
                 stats=stats or {},
+                kind=kind,
             )
             tmp = staging / f".{MANIFEST}.tmp"
             with tmp.open("w", encoding="utf-8") as handle:
@@ -320,6 +420,8 @@ class DatasetStore:
     def _clean_stale(self, folder: Path, version: str) -> None:
         """Remove leftovers of crashed writes: dead writers' staging folders, manifest-less versions."""
         for entry in folder.iterdir():
+            if entry.name.startswith(".work-"):
+                continue  # a computation's resumable work folder: removed when it completes
             if entry.name.startswith(".staging-"):
                 parts = entry.name.split("-")
                 pid = int(parts[2]) if len(parts) >= 4 and parts[2].isdigit() else -1

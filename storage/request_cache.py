@@ -32,9 +32,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from infra.engines.base import ChatResponse
-from infra.settings import home
+from storage.settings import home
+
+# A response as the engines serialise it (`ChatResponse.to_dict()`): completions, token counts,
+# latency, and `error` (None for a success). The cache stores and returns these dicts; the engine
+# layer turns them back into objects, so storage depends on nothing above it.
+Response = dict[str, Any]
 
 _KEY_LEN = 64
 
@@ -103,12 +108,12 @@ class RequestCache:
         elif key not in self._hits:
             self._failures[key] = record.get("response", {}).get("error") or "unknown error"
 
-    def get_many(self, keys: list[str]) -> dict[str, ChatResponse]:
-        """The cached successful responses among `keys` (marked `cached=True`)."""
+    def get_many(self, keys: list[str]) -> dict[str, Response]:
+        """The cached successful responses among `keys`."""
         with self._lock:
             self.refresh()
             found = {key: self._hits[key] for key in set(keys) if key in self._hits}
-        out: dict[str, ChatResponse] = {}
+        out: dict[str, Response] = {}
         handles: dict[Path, object] = {}
         try:
             for key, loc in found.items():
@@ -118,7 +123,10 @@ class RequestCache:
                 fh.seek(loc.offset)
                 try:
                     record = json.loads(fh.read(loc.length))
-                    out[key] = ChatResponse.from_dict(record["response"], cached=True)
+                    response = record["response"]
+                    if not isinstance(response, dict) or "completions" not in response:
+                        raise ValueError("not a response")
+                    out[key] = response
                 except (ValueError, KeyError, TypeError):
                     continue  # unreadable record: treat as a miss, the request is sent again
         finally:
@@ -126,7 +134,7 @@ class RequestCache:
                 fh.close()
         return out
 
-    def get(self, key: str) -> ChatResponse | None:
+    def get(self, key: str) -> Response | None:
         return self.get_many([key]).get(key)
 
     def failures(self) -> dict[str, str]:
@@ -146,7 +154,7 @@ class RequestCache:
     # -- writing ----------------------------------------------------------------------------
 
     def put_many(
-        self, items: list[tuple[str, ChatResponse]], *, stage: str = "", engine: str = ""
+        self, items: list[tuple[str, Response]], *, stage: str = "", engine: str = ""
     ) -> None:
         """Append responses durably (flush + fsync) before returning."""
         if not items:
@@ -158,11 +166,11 @@ class RequestCache:
                 raise ValueError(f"request cache key must be a sha256 hex digest, got {key!r}")
             record = {
                 "key": key,
-                "ok": response.ok,
+                "ok": response.get("error") is None,
                 "stage": stage,
                 "engine": engine,
                 "t": now,
-                "response": response.to_dict(),
+                "response": response,
             }
             lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
         payload = "".join(lines).encode()

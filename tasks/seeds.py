@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra.errors import UserError
-from infra.settings import shared_data_dir
 from storage.datasets import sha256_file
-from tasks.common import StagePlan, result_dict, stage_task
-from tasks.verify import extract_boxed, extract_gsm8k
+from storage.errors import UserError
+from storage.settings import shared_data_dir
+from tasks.solutions.answers import extract_boxed, extract_gsm8k
+from tasks.stage import StageOutput, stage
 
 SEED_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String,
@@ -91,6 +91,8 @@ class SeedError(UserError):
 
 class SeedSource(BaseModel):
     """One source of seed problems."""
+
+    model_config = ConfigDict(extra="forbid")
 
     kind: SourceKind = "sample"
     # A local file (gsm8k, math, file); defaults to the train split in the shared data folder.
@@ -533,12 +535,11 @@ def ingest(
 
 # -- the stage ---------------------------------------------------------------------------------
 
-STAGE = "ingest"
-OUTPUTS = ["seeds", "seeds_rejected"]
-
 
 class IngestParams(BaseModel):
     """Which seeds to load and how strictly."""
+
+    model_config = ConfigDict(extra="forbid")
 
     sources: list[SeedSource] = Field(
         default_factory=lambda: [SeedSource(kind="sample")], min_length=1
@@ -546,41 +547,17 @@ class IngestParams(BaseModel):
     strict: bool = False
     max_row_chars: int = Field(DEFAULT_MAX_ROW_CHARS, gt=0)
 
-
-def ingest_code_version() -> str:
-    from storage.stages import code_version
-
-    return code_version(__file__, SAMPLE_PATH)
-
-
-def ingest_stage_params(params: IngestParams) -> dict[str, Any]:
-    """The parameters that determine the seed version, with each file's content hash."""
-    return {
-        "sources": [s.fingerprint() for s in params.sources],
-        "strict": params.strict,
-        "max_row_chars": params.max_row_chars,
-    }
+    def fingerprint(self) -> dict[str, Any]:
+        """The parameters that determine the seed version, with each file's content hash."""
+        return {
+            "sources": [s.fingerprint() for s in self.sources],
+            "strict": self.strict,
+            "max_row_chars": self.max_row_chars,
+        }
 
 
-def plan_ingest(params: IngestParams) -> StagePlan:
-    params = params if isinstance(params, IngestParams) else IngestParams.model_validate(params)
-    return StagePlan(STAGE, ingest_code_version(), ingest_stage_params(params), [], OUTPUTS)
-
-
-def load_seeds(params: IngestParams, home: Path | None = None):
-    """Ingest into the `seeds` and `seeds_rejected` datasets (a no-op when that version exists)."""
-    from storage.stages import StageOutput, run_stage
-
-    def compute() -> StageOutput:
-        result = ingest(params.sources, strict=params.strict, max_row_chars=params.max_row_chars)
-        return StageOutput({"seeds": result.seeds, "seeds_rejected": result.rejected}, result.stats)
-
-    return run_stage(
-        STAGE, ingest_code_version(), ingest_stage_params(params), [], OUTPUTS, compute, home
-    )
-
-
-@stage_task("ingest_seeds", plan_ingest)
-def ingest_seeds(params: IngestParams) -> dict[str, Any]:
-    """Load seed problems into a `seeds` version; returns refs, whether cached, and counts."""
-    return result_dict(load_seeds(params))
+@stage(name="ingest", outputs=["seeds", "seeds_rejected"])
+def ingest_seeds(params: IngestParams) -> StageOutput:
+    """Load seed problems into a `seeds` version (bad rows into `seeds_rejected`)."""
+    result = ingest(params.sources, strict=params.strict, max_row_chars=params.max_row_chars)
+    return StageOutput({"seeds": result.seeds, "seeds_rejected": result.rejected}, result.stats)

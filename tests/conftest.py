@@ -53,3 +53,13 @@ def prefect_harness():
 def model_home(tmp_path_factory) -> Path:
     """A home shared across the slow tests so the GGUF is converted to an HF folder once."""
     return tmp_path_factory.mktemp("model-home")
+
+
+@pytest.fixture(scope="session")
+def pool():
+    """A math-verify pool for the tests; short inner timeouts keep pathological cases quick
+    (real pairs take well under 0.1 s)."""
+    from tasks.solutions.answers import equivalence_pool
+
+    with equivalence_pool(workers=2, parse_timeout_s=1, verify_timeout_s=1) as p:
+        yield p

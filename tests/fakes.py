@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from infra.engines.base import ChatRequest, ChatResponse, Completion
 
@@ -47,3 +50,38 @@ class ScriptedEngine:
 
 def last_user_message(request: ChatRequest) -> str:
     return next(m["content"] for m in reversed(request.messages) if m["role"] == "user")
+
+
+@dataclass
+class FakeResult:
+    stdout: str
+    stderr_tail: str = ""
+    exit_code: int | None = 0
+    timed_out: bool = False
+    killed_by_limit: str | None = None
+    wall_s: float = 0.01
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+class FakeSandbox:
+    """Runs nothing: `print(<literal>)` prints the literal, `/ 0` fails, `while True` times out."""
+
+    def __init__(self):
+        self.programs: list[str] = []
+
+    def run_many(self, programs: list[str]) -> list[FakeResult]:
+        self.programs.extend(programs)
+        out = []
+        for code in programs:
+            if "/ 0" in code:
+                out.append(FakeResult("", "ZeroDivisionError: division by zero", exit_code=1))
+            elif "while True" in code:
+                out.append(FakeResult("", exit_code=None, timed_out=True, killed_by_limit="wall"))
+            else:
+                printed = re.findall(r"print\((.*)\)", code)
+                out.append(FakeResult("".join(f"{ast.literal_eval(p)}\n" for p in printed)))
+        return out

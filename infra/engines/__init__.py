@@ -24,7 +24,7 @@ from infra.engines.base import (
     SamplingParams,
     schema_error,
 )
-from infra.engines.cached import CachedEngine, reset_stage_stats, stage_stats
+from infra.engines.cached import CachedEngine
 
 
 class EngineConfig(BaseModel):
@@ -55,6 +55,10 @@ class EngineConfig(BaseModel):
     max_retries: int = Field(4, ge=0)
     backoff_s: float = Field(1.0, ge=0)
     revision: str | None = Field(None, description="openai: weights revision for cache keys")
+
+    def fingerprint(self) -> dict[str, object]:
+        """The settings that change outputs (not batch sizes, timeouts, concurrency or keys)."""
+        return self.model_dump(include={"kind", "model", "dtype", "revision", "base_url"})
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
@@ -131,7 +135,5 @@ __all__ = [
     "SamplingParams",
     "build_engine",
     "open_engine",
-    "reset_stage_stats",
     "schema_error",
-    "stage_stats",
 ]

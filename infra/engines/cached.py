@@ -10,8 +10,8 @@ Failed responses are returned to the caller and written to the cache with their 
 are not hits: the next run retries them.
 
 Counts (hits, misses, failures, prompt and completion tokens, engine seconds) are kept per
-instance (`stats`) and summed per stage in a process-wide registry (`stage_stats()`) for the run
-summary.
+instance (`stats`): a stage opens its engine through its context and reports that engine's
+counts, so two stages (or two runs) in one process never mix their numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from infra.engines.base import ChatRequest, ChatResponse, Engine
 
-if TYPE_CHECKING:  # storage.request_cache imports infra.engines.base: no cycle at runtime
+if TYPE_CHECKING:
     from storage.request_cache import RequestCache
 
 
@@ -40,21 +40,6 @@ class StageStats:
     def add(self, other: StageStats) -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
-
-
-_registry: dict[str, StageStats] = {}
-_registry_lock = threading.Lock()
-
-
-def stage_stats() -> dict[str, dict[str, float]]:
-    """Totals per stage for every CachedEngine in this process."""
-    with _registry_lock:
-        return {stage: asdict(stats) for stage, stats in _registry.items()}
-
-
-def reset_stage_stats() -> None:
-    with _registry_lock:
-        _registry.clear()
 
 
 class CachedEngine:
@@ -86,7 +71,10 @@ class CachedEngine:
     def generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
         identity = self.engine.identity
         keys = [request.key(identity) for request in requests]
-        found = self.cache.get_many(keys)
+        found = {
+            key: ChatResponse.from_dict(data, cached=True)
+            for key, data in self.cache.get_many(keys).items()
+        }
         todo: dict[str, ChatRequest] = {}
         for key, request in zip(keys, requests, strict=True):
             if key not in found and key not in todo:
@@ -107,7 +95,10 @@ class CachedEngine:
                     "requests"
                 )
             self.cache.put_many(
-                [(key, response) for (key, _), response in zip(chunk, responses, strict=True)],
+                [
+                    (key, response.to_dict())
+                    for (key, _), response in zip(chunk, responses, strict=True)
+                ],
                 stage=self.stage,
                 engine=identity,
             )
@@ -128,5 +119,3 @@ class CachedEngine:
     def _record(self, delta: StageStats) -> None:
         with self._lock:
             self._stats.add(delta)
-        with _registry_lock:
-            _registry.setdefault(self.stage, StageStats()).add(delta)

@@ -1,3 +1,5 @@
+"""The factory flow: a rerun of unchanged work is a cache hit with no new version."""
+
 from flows.factory import factory
 from flows.params import FactoryParams
 from storage.datasets import DatasetStore
@@ -14,8 +16,9 @@ def test_rerun_is_a_cache_hit_with_no_new_version(prefect_harness, evolforge_hom
         }
     )
     first = factory(params)
-    state = factory(params, return_state=True)
-    second = state.result()
-    assert second["seeds"]["refs"] == first["seeds"]["refs"]
-    assert second["seeds"]["cached"] is True
+    run = factory(params, return_state=True)
+    second = run.result()
+    assert run.is_completed()
+    assert second.seeds == first.seeds
+    assert [step.cached for step in second.steps] == [True] * len(second.steps)
     assert len(DatasetStore(evolforge_home).versions("seeds")) == 1

@@ -5,7 +5,6 @@ few minutes; `make demo` runs the eight-round profile."""
 import polars as pl
 import pytest
 
-import infra.engines as engines
 from flows.factory import factory
 from flows.params import FactoryParams
 from storage.catalog import Catalog
@@ -31,26 +30,14 @@ PARAMS = {
 
 def test_factory_end_to_end_with_the_embedded_model(prefect_harness, evolforge_home):
     params = FactoryParams.model_validate(PARAMS)
-    summary = factory(params)
-    state = summary["state"]
+    state = factory(params)
     store = DatasetStore(evolforge_home)
-    for name in [
-        "seeds",
-        "sft_answers",
-        "instructions",
-        "eliminated",
-        "pool",
-        "funnel",
-        "solutions",
-        "answers",
-    ]:
-        assert name in state or name == "sft_answers", name
-    seeds = store.read(state["seeds"])
-    instructions = store.read(state["instructions"])
-    eliminated = store.read(state["eliminated"])
-    funnel = store.read(state["funnel"])
-    answers = store.read(state["answers"])
-    sft = store.read(summary["sft"]["refs"]["sft_answers"])
+    seeds = store.read(state.seeds)
+    instructions = store.read(state.instructions)
+    eliminated = store.read(state.eliminated)
+    funnel = store.read(state.funnel)
+    answers = store.read(state.answers)
+    sft = store.read(state.sft_answers)
 
     assert seeds.height == 3 and sft.height == 3
     assert sorted(funnel["round"].unique()) == [1, 2]
@@ -73,9 +60,8 @@ def test_factory_end_to_end_with_the_embedded_model(prefect_harness, evolforge_h
     assert rows == [(answers.height,)]
 
     # a rerun sends nothing to the engine and creates no version
-    versions = {name: len(store.versions(name)) for name in store.names()}
-    engines.reset_stage_stats()
+    versions = {name: len(store.versions(name)) for name in store.names(internal=True)}
     again = factory(params)
-    assert again["state"] == state
-    assert all(stats["misses"] == 0 for stats in engines.stage_stats().values())
-    assert {name: len(store.versions(name)) for name in store.names()} == versions
+    assert again.refs() == state.refs()
+    assert all(step.cached for step in again.steps)
+    assert {name: len(store.versions(name)) for name in store.names(internal=True)} == versions

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.engines import EngineConfig, open_engine, reset_stage_stats, stage_stats
+from infra.engines import EngineConfig, open_engine
 from infra.engines.base import ChatRequest, SamplingParams
 from infra.engines.cached import CachedEngine
 from storage.request_cache import RequestCache
@@ -95,16 +95,17 @@ def test_failures_are_returned_recorded_and_retried(tmp_path):
     assert cache.failures() == {}
 
 
-def test_stage_registry_sums_instances(tmp_path):
-    reset_stage_stats()
+def test_each_instance_counts_only_its_own_requests(tmp_path):
+    # Stages report the counters of the engine they opened: two instances over one cache (two
+    # stages, or two runs in one process) never mix their numbers.
     engine = ScriptedEngine(_echo)
     cache = RequestCache(tmp_path)
-    CachedEngine(engine, cache, stage="evolve").generate(_requests(4))
-    CachedEngine(engine, cache, stage="evolve").generate(_requests(6))
-    totals = stage_stats()["evolve"]
-    assert totals["requests"] == 10 and totals["hits"] == 4 and totals["misses"] == 6
-    reset_stage_stats()
-    assert stage_stats() == {}
+    first = CachedEngine(engine, cache, stage="evolve")
+    first.generate(_requests(4))
+    second = CachedEngine(engine, cache, stage="evolve")
+    second.generate(_requests(6))
+    assert (first.stats["requests"], first.stats["hits"], first.stats["misses"]) == (4, 0, 4)
+    assert (second.stats["requests"], second.stats["hits"], second.stats["misses"]) == (6, 4, 2)
 
 
 def test_open_engine_uses_home_cache(evolforge_home, monkeypatch):

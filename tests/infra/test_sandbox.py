@@ -26,7 +26,7 @@ from infra.sandbox import (
     isolation_available,
     run_program,
 )
-from infra.settings import PROJECT_ROOT
+from storage.settings import PROJECT_ROOT
 
 AVAILABLE, REASON = isolation_available()
 needs_bwrap = pytest.mark.skipif(not AVAILABLE, reason=f"sandbox isolation unavailable: {REASON}")

@@ -9,8 +9,8 @@ from tasks.seeds import (
     SeedSource,
     gsm8k_final_answer,
     ingest,
+    ingest_seeds,
     last_boxed,
-    load_seeds,
 )
 
 
@@ -229,17 +229,17 @@ def test_source_validation_messages():
         SeedSource(kind="file", path="x.jsonl", mapping={"question": "q", "bogus": "b"})
 
 
-def test_load_seeds_is_versioned_and_cached(evolforge_home, tmp_path):
+def test_ingest_is_versioned_and_cached(evolforge_home, tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({"question": "What is 1+2?", "answer": "#### 3"}) + "\n")
     params = IngestParams(sources=[SeedSource(kind="file", path=str(path), format="gsm8k")])
-    first = load_seeds(params)
-    second = load_seeds(params)
+    first = ingest_seeds.run(params=params)
+    second = ingest_seeds.run(params=params)
     assert not first.cached and second.cached and first.refs == second.refs
     path.write_text(
         json.dumps({"question": "What is 1+3?", "answer": "#### 4"}) + "\n"
     )  # new content
-    third = load_seeds(params)
+    third = ingest_seeds.run(params=params)
     assert not third.cached and third.refs["seeds"] != first.refs["seeds"]
 
 

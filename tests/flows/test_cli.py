@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from infra.cli import main
+from flows.cli import main
 
 
 def run(capsys, *argv):
@@ -85,7 +85,7 @@ def test_console_script_strict_error(evolforge_home, tmp_path):
         [
             sys.executable,
             "-m",
-            "infra.cli",
+            "flows.cli",
             "ingest",
             "file",
             "--path",

@@ -20,8 +20,8 @@ quote the forbidden words ("#Rewritten Prompt#", "given prompt", ...): with them
 evolutions in a trial run. The rule is stated without them and the eliminator's `copies_prompt`
 still checks for them.
 
-The functions here are plain and deterministic, so that the Prefect round subflow can wrap them
-in thin tasks and tests can call them directly:
+The functions here are plain and deterministic; the `evolve` stage at the end wraps them, and
+tests call them directly:
 
     draws = draw_operations(parent_ids, seed=0, round=1, mix=EvolutionMix())
     requests = build_evolution_requests(parents, draws, sampling, round=1)
@@ -47,9 +47,11 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, SamplingParams
+from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import Template, load_template
 
 Direction = Literal["upward", "downward"]
@@ -139,6 +141,37 @@ class EvolutionMix(BaseModel):
                     raw[op] = weight * ops.get(op, 0.0) / total if total > 0 else 0.0
         norm = sum(raw.values())
         return {op: p / norm for op, p in raw.items()}
+
+
+class EvolutionParams(BaseModel):
+    """How instructions are evolved, round after round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: int = Field(8, ge=0, le=64)
+    mix: EvolutionMix = Field(default_factory=EvolutionMix)
+    evolutions_per_parent: int = Field(1, ge=1, le=8)
+    # Pool cap: when a pool grows past it (evolutions_per_parent > 1), a seeded sample is kept.
+    max_pool: int | None = Field(None, ge=1)
+    seed: int = 0
+    # Sampling of the evolver
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(256, ge=16)
+
+    def fingerprint(self) -> dict:
+        """What changes an evolution: everything but the number of rounds (round r's outputs
+        are the same whether the run stops at r or goes on), so adding rounds reuses the
+        earlier ones."""
+        return self.model_dump(mode="json", exclude={"rounds"})
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+        )
 
 
 def _stable_int(*parts: object, bits: int = 64) -> int:
@@ -442,3 +475,17 @@ def parse_evolution(text: str | None) -> str | None:
     if not re.search(r"[A-Za-z0-9]", text):
         return None
     return text
+
+
+@stage(name="evolve", outputs=["evolutions"], shard=Shard("pool"))
+def evolve_batch(
+    ctx: StageContext, pool: pl.DataFrame, round: int, engine: EngineConfig, params: EvolutionParams
+) -> StageOutput:
+    """Draw an operation per pool instruction and ask the engine for the evolved problem."""
+    draws = draw_operations(
+        pool["id"].to_list(), params.seed, round, params.mix, params.evolutions_per_parent
+    )
+    requests = build_evolution_requests(pool, draws, params.sampling(), round=round)
+    llm = ctx.engine(engine)
+    frame = make_instructions(pool, draws, llm.generate(requests), llm.identity, round=round)
+    return StageOutput({"evolutions": frame}, {"parents": pool.height, "generated": frame.height})

@@ -1,13 +1,15 @@
-"""Serve the factory's two deployments to a Prefect server: nightly and ad hoc.
+"""Serve the factory's deployments to a Prefect server: nightly and ad hoc, and each flow alone.
 
 - `factory/nightly`: a scheduled refresh at 02:00 every day (cron `0 2 * * *`), with at most one
   run at a time (further runs queue); it runs the profile named by `EVOLFORGE_NIGHTLY_CONFIG`
   (default `configs/demo.yaml`).
 - `factory/adhoc`: no schedule; trigger it from the Prefect UI ("Run" → custom run), where the
   `FactoryParams` model renders as a form, or with
-  `prefect deployment run factory/adhoc --param params='{"rounds": 2}'`.
+  `prefect deployment run factory/adhoc --param params='{"evolution": {"rounds": 2}}'`.
+- `data/adhoc` (and one per further flow): each part of the factory on its own, reading the
+  newest datasets of the data home for its inputs.
 
-`python -m infra.serve` registers both with the server at `PREFECT_API_URL` and executes their
+`python -m flows.serve` registers them with the server at `PREFECT_API_URL` and executes their
 runs in this process until interrupted (`make serve` starts a local server and this). For work
 pools and workers instead, see `infra/prefect.yaml`.
 """
@@ -21,7 +23,8 @@ from prefect import serve
 
 from flows.factory import factory
 from flows.params import load_factory_params
-from infra.settings import PROJECT_ROOT
+from flows.registry import FLOWS
+from storage.settings import PROJECT_ROOT
 
 NIGHTLY_CRON = "0 2 * * *"
 
@@ -41,12 +44,15 @@ def build_deployments(nightly_config: str | Path | None = None):
         description="Nightly refresh of the factory's datasets (02:00, one run at a time).",
         tags=["evolforge", "nightly"],
     )
-    adhoc = factory.to_deployment(
-        name="adhoc",
-        description="Run the factory with parameters from the UI form.",
-        tags=["evolforge", "adhoc"],
-    )
-    return nightly, adhoc
+    adhoc = [
+        flow.to_deployment(
+            name="adhoc",
+            description=f"Run the {name} flow with parameters from the UI form.",
+            tags=["evolforge", "adhoc"],
+        )
+        for name, flow in FLOWS.items()
+    ]
+    return nightly, *adhoc
 
 
 def main() -> None:

@@ -11,11 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from infra.engines.base import ChatRequest, ChatResponse, Completion, SamplingParams
-from tasks.elimination import (
+from tasks.evolution.eliminate import (
     CHECKS_SCHEMA,
     ELIMINATED_SCHEMA,
     RULES,
-    EliminationConfig,
+    EliminationParams,
     Verdict,
     copies_prompt,
     eliminate,
@@ -32,7 +32,7 @@ from tasks.elimination import (
     stopword_answer,
     template_copy_markers,
 )
-from tasks.evolution import (
+from tasks.evolution.evolve import (
     EvolutionMix,
     build_evolution_requests,
     draw_operations,
@@ -229,8 +229,8 @@ def test_solvable_judge():
 
 def test_config_validates_bounds():
     with pytest.raises(ValidationError, match="min_words 50 > max_words 10"):
-        EliminationConfig(min_words=50, max_words=10)
-    cfg = EliminationConfig(probe_max_tokens=99, judge_max_tokens=20)
+        EliminationParams(min_words=50, max_words=10)
+    cfg = EliminationParams(probe_max_tokens=99, judge_max_tokens=20)
     assert cfg.probe_sampling().max_tokens == 99 and cfg.judge_sampling().temperature == 0
 
 
@@ -310,7 +310,7 @@ PARENTS = pl.DataFrame({"id": ["p1"], "question": [PARENT]})
 def test_eliminate_applies_every_rule_once_and_reconciles():
     engine = ScriptedEngine(_reply)
     instructions = _instructions(CASES)
-    result = eliminate_with_checks(instructions, PARENTS, engine, EliminationConfig())
+    result = eliminate_with_checks(instructions, PARENTS, engine, EliminationParams())
     kept, eliminated = result.kept, result.eliminated
 
     assert kept.height + eliminated.height == instructions.height
@@ -350,7 +350,7 @@ def test_eliminate_applies_every_rule_once_and_reconciles():
 
 def test_eliminate_with_rules_switched_off_makes_no_engine_calls():
     engine = ScriptedEngine(_reply)
-    cfg = EliminationConfig(
+    cfg = EliminationParams(
         sorry_rule=False, stopword_rule=False, equal_judge=False, solvable_judge=False
     )
     kept, eliminated = eliminate(_instructions(CASES), PARENTS, engine, cfg)
@@ -433,10 +433,8 @@ def test_evolve_then_eliminate_with_scripted_engine():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_one_round_with_the_embedded_model(model_home, monkeypatch):
-    try:
-        from infra.engines import EngineConfig, open_engine
-    except ImportError as exc:
-        pytest.skip(f"infra.engines.open_engine not available yet: {exc}")
+    from infra.engines import EngineConfig, open_engine
+
     monkeypatch.setenv("EVOLFORGE_MODELS", str(model_home / "models"))
     seeds = pl.DataFrame(
         {
@@ -458,15 +456,35 @@ def test_one_round_with_the_embedded_model(model_home, monkeypatch):
     assert set(instructions["finish_reason"]) <= {"stop", "length"}
     assert instructions["raw"].null_count() == 0
 
-    cfg = EliminationConfig(probe_max_tokens=48, judge_max_tokens=32)
+    cfg = EliminationParams(probe_max_tokens=48, judge_max_tokens=32)
     result = eliminate_with_checks(instructions, seeds, engine, cfg)
     assert result.kept.height + result.eliminated.height == 3
     assert set(result.eliminated["rule"]) <= set(RULES)
-    checks = result.checks
-    assert checks.height == 3
-    # The embedded engine constrains judge replies to the JSON schema, so judged rows carry a
-    # parsed verdict rather than a judge-failure note.
-    for row in checks.filter(pl.col("equal_verdict").is_not_null()).to_dicts():
-        assert row["equal_verdict"] in ("Equal", "Not Equal")
-    for row in checks.filter(pl.col("solvable").is_not_null()).to_dicts():
-        assert row["rule"] in (None, "not_solvable")
+    assert result.checks.height == 3
+
+    # The judges on evolutions that pass every cheap rule (written here, so that all three reach
+    # both judges whatever the small model evolved): the embedded engine constrains judge
+    # replies to the JSON schema, so every row carries a parsed verdict, not a failure note.
+    written = instructions.with_columns(
+        pl.Series(
+            "text",
+            [
+                "Sam has 12 marbles, gives away 5 and then finds 3 more. How many does he have?",
+                "What is $3 \\times 4 + 2 \\times 5$?",
+                "A rectangle is 8 cm long and 5 cm wide. What are its area and its perimeter?",
+            ],
+        )
+    )
+    judged = eliminate_with_checks(
+        written,
+        seeds,
+        engine,
+        EliminationParams(sorry_rule=False, stopword_rule=False, judge_max_tokens=32),
+    )
+    checks = judged.checks.to_dicts()
+    assert [row["equal_verdict"] in ("Equal", "Not Equal") for row in checks] == [True] * 3
+    solvable_judged = [
+        row for row in checks if row["rule"] in (None, "not_solvable")
+    ]  # rows the equal judge dropped never reach the solvable judge
+    assert all(isinstance(row["solvable"], bool) for row in solvable_judged)
+    assert all(row["notes"] is None for row in checks), checks

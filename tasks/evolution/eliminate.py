@@ -41,14 +41,16 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import polars as pl
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
-from tasks.evolution import OPERATIONS, parent_texts
+from storage.settings import PROJECT_ROOT
+from tasks.evolution.evolve import OPERATIONS, parent_texts
+from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
 
 RULES = (
@@ -97,7 +99,7 @@ SOLVABLE_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
-STOP_WORDS_PATH = Path(__file__).parent / "data" / "stop_words.txt"
+STOP_WORDS_PATH = PROJECT_ROOT / "tasks" / "data" / "stop_words.txt"
 EVIDENCE_CHARS = 300
 
 
@@ -124,8 +126,10 @@ def _clip(text: str, limit: int = EVIDENCE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class EliminationConfig(BaseModel):
+class EliminationParams(BaseModel):
     """Which rules run and with what bounds; the judges and the probe use the round's engine."""
+
+    model_config = ConfigDict(extra="forbid")
 
     # Length bounds on the evolved problem (words split on whitespace; "Compute $5!$." is 2).
     min_words: int = Field(3, ge=0)
@@ -151,7 +155,7 @@ class EliminationConfig(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check_bounds(self) -> EliminationConfig:
+    def _check_bounds(self) -> EliminationParams:
         if self.min_words > self.max_words:
             raise ValueError(f"min_words {self.min_words} > max_words {self.max_words}")
         if self.min_chars > self.max_chars:
@@ -466,7 +470,7 @@ def _generate(engine: Engine, requests: list[ChatRequest]) -> list[ChatResponse]
     return responses
 
 
-def _text_verdicts(r: dict[str, Any], parent: str, cfg: EliminationConfig) -> Iterator[Verdict]:
+def _text_verdicts(r: dict[str, Any], parent: str, cfg: EliminationParams) -> Iterator[Verdict]:
     """The cheap rules in order, lazily: a later rule may assume the earlier ones passed."""
     yield parse_failed(r["text"], r.get("finish_reason"), r.get("error"))
     yield copies_prompt(r["text"], cfg.extra_copy_phrases)
@@ -492,10 +496,10 @@ def eliminate_with_checks(
     instructions: pl.DataFrame,
     parents: pl.DataFrame,
     engine: Engine,
-    cfg: EliminationConfig | None = None,
+    cfg: EliminationParams | None = None,
 ) -> Elimination:
     """Run every rule over a batch of evolved instructions; see the module docstring."""
-    cfg = cfg or EliminationConfig()
+    cfg = cfg or EliminationParams()
     missing = [c for c in REQUIRED_COLUMNS if c not in instructions.columns]
     if missing:
         raise ValueError(f"instructions frame lacks columns {missing} (has {instructions.columns})")
@@ -617,8 +621,33 @@ def eliminate(
     instructions: pl.DataFrame,
     parents: pl.DataFrame,
     engine: Engine,
-    cfg: EliminationConfig | None = None,
+    cfg: EliminationParams | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(kept, eliminated); `eliminate_with_checks` also returns the probe answers and judgments."""
     result = eliminate_with_checks(instructions, parents, engine, cfg)
     return result.kept, result.eliminated
+
+
+@stage(
+    name="eliminate",
+    outputs=["elimination", "elimination_checks"],
+    shard=Shard("evolutions", lookups={"pool": ("parent_id", "id")}),
+)
+def eliminate_batch(
+    ctx: StageContext,
+    evolutions: pl.DataFrame,
+    pool: pl.DataFrame,
+    engine: EngineConfig,
+    params: EliminationParams,
+) -> StageOutput:
+    """Drop failed evolutions (WizardLM's eliminator + math rules), each with rule and evidence."""
+    result = eliminate_with_checks(evolutions, pool, ctx.engine(engine), params)
+    by_rule = dict(result.eliminated.group_by("rule").len().iter_rows())
+    stats = {
+        "generated": evolutions.height,
+        "eliminated": result.eliminated.height,
+        "by_rule": by_rule,
+    }
+    return StageOutput(
+        {"elimination": result.eliminated, "elimination_checks": result.checks}, stats
+    )

@@ -3,7 +3,7 @@
 
 `round_funnel` counts one round from its frames and checks that the counts reconcile
 (generated = eliminated + duplicate + contaminated + kept). `plot_funnel` draws the stacked
-counts per round (PNG, saved beside the datasets), `funnel_markdown` renders the table for a
+counts per round (a PNG stored as the `funnel_plot` artifact), `funnel_markdown` renders the table for a
 Prefect artifact and the CLI run summary.
 """
 
@@ -14,6 +14,9 @@ from pathlib import Path
 
 import polars as pl
 
+from tasks.stage import Artifact, StageContext, StageOutput, stage
+
+PLOT_FILE = "funnel.png"
 FUNNEL_KEYS = ["round", "direction", "op"]
 OUTCOMES = ["eliminated", "duplicate", "contaminated", "kept"]
 FUNNEL_SCHEMA: dict[str, pl.DataType] = {
@@ -205,3 +208,10 @@ def plot_funnel(funnel: pl.DataFrame, path: Path, title: str = "evolution funnel
 
 def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@stage(name="funnel_plot", outputs=[Artifact("funnel_plot", kind="plot")])
+def draw_funnel_plot(ctx: StageContext, funnel: pl.DataFrame) -> StageOutput:
+    """The funnel per round and the kept evolutions per direction, as a PNG artifact."""
+    plot_funnel(funnel, ctx.output_dir("funnel_plot") / PLOT_FILE)
+    return StageOutput(stats={"rounds": funnel["round"].n_unique() if funnel.height else 0})

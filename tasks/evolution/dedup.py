@@ -16,7 +16,7 @@ some of them, each removal recorded with its rule, the id it collided with and t
 - `contaminated_ngram` / `contaminated_embedding`: the candidate overlaps a benchmark test
   question (GSM8K test and MATH test by default): a large share of the question's word n-grams
   appears in the candidate, or a verbatim passage is shared (`storage/sql/decontam_ngrams.sql`),
-  or, when enabled, the sentence embeddings are close (`tasks/embeddings.py`).
+  or, when enabled, the sentence embeddings are close (`tasks/evolution/embeddings.py`).
 
 "Prior" is the seeds and every earlier round: always kept, never compared with each other.
 "Earlier" among candidates is id order, so the first of a group of duplicates is kept and each
@@ -29,7 +29,7 @@ be compared with all earlier ones; a pairwise Python loop is quadratic, while th
 self-join touches only pairs that share a bucket. `bench/dedup_bench.py` measures it against
 datasketch's `MinHashLSH`.
 
-Plain functions here; the flow wraps them in Prefect tasks.
+Plain functions here; the `dedup` stage at the end wraps them.
 """
 
 from __future__ import annotations
@@ -39,20 +39,23 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from infra.errors import UserError
-from infra.settings import home, shared_data_dir
 from storage.catalog import connect
+from storage.errors import UserError
+from storage.settings import PROJECT_ROOT, home
+from tasks.benchmarks import Benchmark, default_benchmarks, read_benchmark
+from tasks.stage import ParquetFiles, StageOutput, stage
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "storage" / "sql"
+SQL_DIR = PROJECT_ROOT / "storage" / "sql"
 
 RULES = ("exact_duplicate", "near_duplicate", "contaminated_ngram", "contaminated_embedding")
 REMOVED_SCHEMA: dict[str, pl.DataType] = {
@@ -72,14 +75,19 @@ class DedupInputError(UserError):
     """A candidate, prior or benchmark input that cannot be read as (id, text) rows."""
 
 
-@dataclass
-class DedupConfig:
+class DedupParams(BaseModel):
+    """Exact and near duplicates (MinHash LSH in DuckDB) across all rounds and the seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
     # MinHash / LSH: `num_perm` hash functions in `bands` bands of num_perm // bands rows. With
     # 32 bands of 4 a pair at Jaccard 0.7 becomes a candidate with probability 0.9998 (0.5: 0.87).
-    num_perm: int = 128
-    bands: int = 32
-    shingle: int = 3
-    near_threshold: float = 0.7
+    num_perm: int = Field(128, ge=1, description="MinHash permutations")
+    bands: int = Field(32, ge=1, description="LSH bands (num_perm must be a multiple)")
+    shingle: int = Field(3, ge=1, description="words per shingle")
+    near_threshold: float = Field(
+        0.7, gt=0, le=1, description="Jaccard similarity of a near duplicate"
+    )
     seed: int = 0
     # The text of a row is the first of these columns present in its file (seeds: `question`).
     text_columns: tuple[str, ...] = ("text", "question")
@@ -87,49 +95,31 @@ class DedupConfig:
     # DuckDB resources for dedup_and_decontaminate's own connection (None: DuckDB's defaults);
     # it spills to `EVOLFORGE_HOME/tmp/duckdb` beyond the memory limit.
     memory_limit: str | None = None
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
 
-    def __post_init__(self) -> None:
-        if self.num_perm < 1 or self.bands < 1 or self.num_perm % self.bands:
+    @model_validator(mode="after")
+    def _check(self) -> DedupParams:
+        if self.num_perm % self.bands:
             raise ValueError(
                 f"num_perm ({self.num_perm}) must be a positive multiple of bands ({self.bands})"
             )
-        if self.shingle < 1:
-            raise ValueError(f"shingle must be at least 1 word, got {self.shingle}")
-        if not 0.0 < self.near_threshold <= 1.0:
-            raise ValueError(f"near_threshold must be in (0, 1], got {self.near_threshold}")
-        self.text_columns = tuple(self.text_columns)
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Resource settings do not change which rows are duplicates."""
+        return self.model_dump(mode="json", exclude={"memory_limit", "threads"})
 
     @property
     def rows(self) -> int:
         return self.num_perm // self.bands
 
 
-@dataclass
-class BenchmarkSpec:
-    """A benchmark file (jsonl or parquet) whose `text_field` must not leak into training data.
-    Matches are reported as `name:ref`, ref being the row's `id_field` or its 1-based line."""
+class DecontamParams(BaseModel):
+    """Overlap with benchmark test sets (GSM8K test and MATH test by default)."""
 
-    name: str
-    path: Path
-    text_field: str
-    id_field: str | None = None
+    model_config = ConfigDict(extra="forbid")
 
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
-
-
-def default_benchmarks() -> list[BenchmarkSpec]:
-    data = shared_data_dir()
-    return [
-        BenchmarkSpec("gsm8k_test", data / "gsm8k" / "test.jsonl", "question"),
-        BenchmarkSpec("math_test", data / "math" / "test.jsonl", "problem", id_field="id"),
-    ]
-
-
-@dataclass
-class DecontamConfig:
-    benchmarks: list[BenchmarkSpec] = field(default_factory=default_benchmarks)
+    benchmarks: list[Benchmark] = Field(default_factory=default_benchmarks)
     # N-gram overlap. A GSM8K question is ~45 words: with 13-grams (GPT-3) a paraphrase that
     # renames a person, changes a number and a few words shares almost none, so a candidate is
     # flagged when it holds `overlap_threshold` of a benchmark question's word 6-grams.
@@ -139,35 +129,36 @@ class DecontamConfig:
     # ("Convert $135_7$ to base 10" / "Convert $634_7$ ..."), which is the point.
     # `min_shared`, when set, also flags any candidate sharing that many n-grams with one row
     # (8 six-grams: at least a verbatim 13-word passage may be all they have in common).
-    ngram: int = 6
-    overlap_threshold: float = 0.3
-    min_shared: int | None = None
-    max_ngram_df: int = 10
+    ngram: int = Field(6, ge=1, description="words per n-gram")
+    overlap_threshold: float = Field(
+        0.3, gt=0, le=1, description="share of a benchmark row's n-grams that flags a candidate"
+    )
+    min_shared: int | None = Field(None, ge=1, description="shared n-grams that always flag")
+    max_ngram_df: int = Field(
+        10, ge=1, description="n-grams in more benchmark rows than this are boilerplate"
+    )
     # Sentence-embedding cosine similarity (all-MiniLM-L6-v2, offline), off by default: it costs
     # a model load and ~1 ms per text on CPU.
     embeddings: bool = False
-    embedding_threshold: float = 0.9
-    embedding_batch_size: int = 256
+    embedding_threshold: float = Field(0.9, ge=-1, le=1)
+    embedding_batch_size: int = Field(256, ge=1)
     # Benchmark n-gram tables and embeddings are cached here keyed by file content (None:
     # EVOLFORGE_HOME/cache/benchmarks).
     cache_dir: Path | None = None
 
-    def __post_init__(self) -> None:
-        if self.ngram < 1:
-            raise ValueError(f"ngram must be at least 1 word, got {self.ngram}")
-        if not 0.0 < self.overlap_threshold <= 1.0:
-            raise ValueError(f"overlap_threshold must be in (0, 1], got {self.overlap_threshold}")
-        if self.min_shared is not None and self.min_shared < 1:
-            raise ValueError(f"min_shared must be at least 1 (or None), got {self.min_shared}")
-        if self.max_ngram_df < 1:
-            raise ValueError(f"max_ngram_df must be at least 1, got {self.max_ngram_df}")
-        if not -1.0 <= self.embedding_threshold <= 1.0:
-            raise ValueError(
-                f"embedding_threshold must be in [-1, 1], got {self.embedding_threshold}"
-            )
+    @model_validator(mode="after")
+    def _check(self) -> DecontamParams:
         names = [b.name for b in self.benchmarks]
         if len(set(names)) != len(names):
             raise ValueError(f"benchmark names must be unique, got {names}")
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Parameters plus the content hash of each benchmark file (not where caches live)."""
+        data = self.model_dump(
+            mode="json", exclude={"cache_dir", "embedding_batch_size", "benchmarks"}
+        )
+        return {**data, "benchmarks": [b.fingerprint() for b in self.benchmarks]}
 
     def resolved_cache_dir(self) -> Path:
         path = Path(self.cache_dir) if self.cache_dir else home() / "cache" / "benchmarks"
@@ -242,7 +233,7 @@ def _expand(source: Path | str) -> list[Path]:
     return [path]
 
 
-def _pick_text_column(columns: Sequence[str], cfg: DedupConfig, where: str) -> str:
+def _pick_text_column(columns: Sequence[str], cfg: DedupParams, where: str) -> str:
     if cfg.id_column not in columns:
         raise DedupInputError(f"{where}: no '{cfg.id_column}' column (columns: {list(columns)})")
     for name in cfg.text_columns:
@@ -258,7 +249,7 @@ def _quote(name: str) -> str:
 
 
 def _load_docs(
-    con: duckdb.DuckDBPyConnection, sources: Sources | None, cfg: DedupConfig, table: str
+    con: duckdb.DuckDBPyConnection, sources: Sources | None, cfg: DedupParams, table: str
 ) -> None:
     """Create `table(id, text, origin, row)` from parquet files or frames, refusing null ids
     or texts with the file and row that hold them."""
@@ -305,7 +296,7 @@ def _load_docs(
 
 
 def _prepare_docs(
-    con: duckdb.DuckDBPyConnection, candidates: Sources, prior: Sources | None, cfg: DedupConfig
+    con: duckdb.DuckDBPyConnection, candidates: Sources, prior: Sources | None, cfg: DedupParams
 ) -> int:
     """Build dd_docs: prior documents first, then candidates in id order. Returns the number of
     candidates."""
@@ -338,7 +329,7 @@ def _prepare_docs(
     return n_candidates
 
 
-def _perm_seeds(cfg: DedupConfig) -> pa.Table:
+def _perm_seeds(cfg: DedupParams) -> pa.Table:
     """One row, one column per MinHash hash function (`s0000`, ...): the seeds XORed into the
     shingle hashes. Fixed by `cfg.seed`, so a rerun buckets documents the same way."""
     seeds = np.random.default_rng(cfg.seed).integers(0, 2**63, size=cfg.num_perm, dtype=np.uint64)
@@ -360,7 +351,7 @@ def find_duplicates(
     con: duckdb.DuckDBPyConnection,
     candidates: Sources,
     prior: Sources | None,
-    cfg: DedupConfig | None = None,
+    cfg: DedupParams | None = None,
     timings: dict[str, float] | None = None,
 ) -> pl.DataFrame:
     """Candidates that duplicate a prior document or an earlier candidate, exactly or nearly.
@@ -369,7 +360,7 @@ def find_duplicates(
     (`REMOVED_SCHEMA`), exact duplicates first. Leaves `dd_docs` in `con` for later rules.
     Seconds spent per stage (load, exact, near) are added to `timings` when given.
     """
-    cfg = cfg or DedupConfig()
+    cfg = cfg or DedupParams()
     timings = {} if timings is None else timings
     _install_macros(con)
     with _timed(timings, "load"):
@@ -402,44 +393,7 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_benchmark(spec: BenchmarkSpec) -> pa.Table:
-    """A benchmark file as (ref, text) rows; a row without the text field is an error naming the
-    file and line, never skipped (a skipped test question would go unchecked)."""
-    path = spec.path
-    if not path.is_file():
-        raise DedupInputError(f"benchmark {spec.name}: {path}: file not found")
-    refs: list[str] = []
-    texts: list[str] = []
-    if path.suffix == ".parquet":
-        rows = pq.read_table(path).to_pylist()
-        where = "row"
-        numbered = enumerate(rows)
-    else:
-        where = "line"
-        numbered = []
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    numbered.append((line_no, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise DedupInputError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-    for n, row in numbered:
-        text = row.get(spec.text_field) if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise DedupInputError(
-                f"{path} {where} {n}: field '{spec.text_field}' missing or not a string"
-            )
-        ref = row.get(spec.id_field) if spec.id_field else None
-        refs.append(str(ref) if ref is not None else str(n))
-        texts.append(text)
-    return pa.table({"ref": pa.array(refs, pa.string()), "text": pa.array(texts, pa.string())})
-
-
-def _benchmark_ngrams(
-    con: duckdb.DuckDBPyConnection, spec: BenchmarkSpec, cfg: DecontamConfig
-) -> Path:
+def _benchmark_ngrams(con: duckdb.DuckDBPyConnection, spec: Benchmark, cfg: DecontamParams) -> Path:
     """The cached parquet of (bench, ref, ngrams) for one benchmark file, built if missing.
 
     Keyed by the file's content, the text field, n, the normalisation macros' source and the
@@ -471,13 +425,13 @@ def _benchmark_ngrams(
 def find_contamination(
     con: duckdb.DuckDBPyConnection,
     candidates: Sources,
-    cfg: DecontamConfig | None = None,
-    dedup_cfg: DedupConfig | None = None,
+    cfg: DecontamParams | None = None,
+    dedup_cfg: DedupParams | None = None,
 ) -> pl.DataFrame:
     """Candidates that overlap a benchmark test question, by n-grams and (when enabled)
     embeddings. One row per flagged candidate (`REMOVED_SCHEMA`), n-gram evidence first."""
-    cfg = cfg or DecontamConfig()
-    dedup_cfg = dedup_cfg or DedupConfig()
+    cfg = cfg or DecontamParams()
+    dedup_cfg = dedup_cfg or DedupParams()
     _install_macros(con)
     _load_docs(con, candidates, dedup_cfg, "dc_candidates_in")
     con.execute(
@@ -487,7 +441,7 @@ def find_contamination(
     return _find_contamination_loaded(con, cfg)
 
 
-def _find_contamination_loaded(con: duckdb.DuckDBPyConnection, cfg: DecontamConfig) -> pl.DataFrame:
+def _find_contamination_loaded(con: duckdb.DuckDBPyConnection, cfg: DecontamParams) -> pl.DataFrame:
     if not cfg.benchmarks:
         return pl.DataFrame(schema=REMOVED_SCHEMA)
     files = [str(_benchmark_ngrams(con, spec, cfg)) for spec in cfg.benchmarks]
@@ -507,13 +461,21 @@ def _find_contamination_loaded(con: duckdb.DuckDBPyConnection, cfg: DecontamConf
         con, "SELECT id, rule, collided_with, similarity, detail FROM dc_ngram_matches ORDER BY id"
     )
     if cfg.embeddings:
-        from tasks.embeddings import find_embedding_contamination
+        from tasks.evolution.embeddings import MODEL_NAME, find_embedding_contamination
 
         flagged = set(found["id"].to_list())
         rest = con.sql("SELECT id, text FROM dc_candidates ORDER BY id").pl()
         rest = rest.filter(~pl.col("id").is_in(list(flagged)))
         by_embedding = find_embedding_contamination(
-            rest["id"].to_list(), rest["text"].to_list(), cfg
+            rest["id"].to_list(),
+            rest["text"].to_list(),
+            cfg.benchmarks,
+            cfg.embedding_threshold,
+            cfg.resolved_cache_dir(),
+            cfg.embedding_batch_size,
+        ).with_columns(
+            pl.lit("contaminated_embedding").alias("rule"),
+            pl.lit(f"cosine similarity of {MODEL_NAME} embeddings").alias("detail"),
         )
         found = pl.concat([found, by_embedding.select(list(REMOVED_SCHEMA))])
     return found
@@ -523,7 +485,7 @@ def _find_contamination_loaded(con: duckdb.DuckDBPyConnection, cfg: DecontamConf
 # The stage
 
 
-def configure(con: duckdb.DuckDBPyConnection, cfg: DedupConfig) -> None:
+def configure(con: duckdb.DuckDBPyConnection, cfg: DedupParams) -> None:
     """Resource limits for a dedup connection; spilling goes under EVOLFORGE_HOME/tmp."""
     spill = home() / "tmp" / "duckdb"
     spill.mkdir(parents=True, exist_ok=True)
@@ -538,8 +500,8 @@ def configure(con: duckdb.DuckDBPyConnection, cfg: DedupConfig) -> None:
 def dedup_and_decontaminate(
     candidates: Sources,
     prior: Sources | None,
-    dedup_cfg: DedupConfig | None = None,
-    decontam_cfg: DecontamConfig | None = None,
+    dedup_cfg: DedupParams | None = None,
+    decontam_cfg: DecontamParams | None = None,
     con: duckdb.DuckDBPyConnection | None = None,
     timings: dict[str, float] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -551,8 +513,8 @@ def dedup_and_decontaminate(
     Contamination is only checked for candidates that survived dedup. Seconds per stage are
     added to `timings` when given.
     """
-    dedup_cfg = dedup_cfg or DedupConfig()
-    decontam_cfg = decontam_cfg or DecontamConfig()
+    dedup_cfg = dedup_cfg or DedupParams()
+    decontam_cfg = decontam_cfg or DecontamParams()
     timings = {} if timings is None else timings
     own = con is None
     con = con or connect()
@@ -583,7 +545,7 @@ def dedup_and_decontaminate(
 
 
 def _split(
-    con: duckdb.DuckDBPyConnection, candidates: Sources, removed: pl.DataFrame, cfg: DedupConfig
+    con: duckdb.DuckDBPyConnection, candidates: Sources, removed: pl.DataFrame, cfg: DedupParams
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     rows = _candidate_rows(con, candidates, cfg)
     kept = rows.join(removed.select("id"), left_on=cfg.id_column, right_on="id", how="anti")
@@ -592,7 +554,7 @@ def _split(
 
 
 def _candidate_rows(
-    con: duckdb.DuckDBPyConnection, candidates: Sources, cfg: DedupConfig
+    con: duckdb.DuckDBPyConnection, candidates: Sources, cfg: DedupParams
 ) -> pl.DataFrame:
     """The candidates with all their columns, ids as strings (as the rules saw them)."""
     frames = []
@@ -615,3 +577,41 @@ def count_by_rule(removed: pl.DataFrame) -> dict[str, int]:
     for rule, n in removed.group_by("rule").len().iter_rows():
         counts[rule] = n
     return counts
+
+
+# What dedup compares: the instruction columns of an evolution (not its raw completion).
+CANDIDATE_COLUMNS = [
+    "id",
+    "parent_id",
+    "root_id",
+    "round",
+    "direction",
+    "op",
+    "template_version",
+    "model",
+    "text",
+]
+
+
+def survivors(evolutions: pl.DataFrame, eliminated: pl.DataFrame) -> pl.DataFrame:
+    """The evolutions the eliminator kept."""
+    return evolutions.join(eliminated.select("id"), on="id", how="anti")
+
+
+@stage(name="dedup", outputs=["dedup"])
+def dedup_batch(
+    evolutions: pl.DataFrame,
+    elimination: pl.DataFrame,
+    instructions: ParquetFiles,
+    dedup: DedupParams,
+    decontamination: DecontamParams,
+) -> StageOutput:
+    """Remove exact/near duplicates of all earlier instructions and benchmark contamination."""
+    candidates = survivors(evolutions, elimination).select(CANDIDATE_COLUMNS)
+    kept, removed = dedup_and_decontaminate(candidates, list(instructions), dedup, decontamination)
+    stats = {
+        "candidates": candidates.height,
+        "kept": kept.height,
+        "by_rule": count_by_rule(removed),
+    }
+    return StageOutput({"dedup": removed}, stats)

@@ -1,5 +1,5 @@
 """Embedding decontamination: flag candidates whose sentence embedding is close to a benchmark
-test question's (cosine similarity at or above `DecontamConfig.embedding_threshold`).
+test question's (cosine similarity at or above `DecontamParams.embedding_threshold`).
 
 N-gram overlap misses a test question rewritten in other words; an embedding of the meaning does
 not. The model is all-MiniLM-L6-v2 (384 dimensions), shipped inside the PyPI package
@@ -8,7 +8,7 @@ Embeddings are L2-normalised, so cosine similarity is a dot product: candidates 
 with all benchmark rows as a matrix product in chunks, keeping memory at chunk x benchmark rows.
 Benchmark embeddings are cached as .npy beside the n-gram tables, keyed by file content.
 
-Off by default (`DecontamConfig.embeddings`): it costs a model load (~2 s) and ~1-3 ms per text
+Off by default (`DecontamParams.embeddings`): it costs a model load (~2 s) and ~1-3 ms per text
 on CPU, against a few microseconds per text for the n-gram rule.
 """
 
@@ -18,13 +18,15 @@ import functools
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-if TYPE_CHECKING:
-    from tasks.dedup import DecontamConfig
+from storage.datasets import sha256_file
+from tasks.benchmarks import Benchmark, read_benchmark
+
+MATCH_SCHEMA = {"id": pl.String, "collided_with": pl.String, "similarity": pl.Float64}
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 # Candidates per matrix product: 4096 x 6,319 float32 similarities is ~100 MB.
@@ -58,13 +60,15 @@ def embed(texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
     return np.asarray(vectors, dtype=np.float32)
 
 
-def _benchmark_embeddings(spec, cfg: DecontamConfig) -> tuple[list[str], np.ndarray]:
-    from tasks.dedup import _file_digest, read_benchmark
-
+def _benchmark_embeddings(
+    spec: Benchmark, cache_dir: Path, batch_size: int
+) -> tuple[list[str], np.ndarray]:
     key = hashlib.sha256(
-        json.dumps([_file_digest(spec.path), spec.text_field, spec.id_field, MODEL_NAME]).encode()
+        json.dumps(
+            [sha256_file(Path(spec.path)), spec.text_field, spec.id_field, MODEL_NAME]
+        ).encode()
     ).hexdigest()[:16]
-    stem = cfg.resolved_cache_dir() / f"{spec.name}-emb-{key}"
+    stem = cache_dir / f"{spec.name}-emb-{key}"
     table = read_benchmark(spec)
     refs = table.column("ref").to_pylist()
     path = stem.with_suffix(".npy")
@@ -72,7 +76,7 @@ def _benchmark_embeddings(spec, cfg: DecontamConfig) -> tuple[list[str], np.ndar
         vectors = np.load(path)
         if vectors.shape[0] == len(refs):
             return refs, vectors
-    vectors = embed(table.column("text").to_pylist(), cfg.embedding_batch_size)
+    vectors = embed(table.column("text").to_pylist(), batch_size)
     tmp = stem.with_suffix(".tmp.npy")
     np.save(tmp, vectors)
     tmp.replace(path)  # atomic: a reader never sees half a cache file
@@ -80,24 +84,27 @@ def _benchmark_embeddings(spec, cfg: DecontamConfig) -> tuple[list[str], np.ndar
 
 
 def find_embedding_contamination(
-    ids: Sequence[str], texts: Sequence[str], cfg: DecontamConfig
+    ids: Sequence[str],
+    texts: Sequence[str],
+    benchmarks: Sequence[Benchmark],
+    threshold: float,
+    cache_dir: Path,
+    batch_size: int = 256,
 ) -> pl.DataFrame:
     """Candidates whose nearest benchmark row (over all benchmarks) has cosine similarity at or
-    above the threshold: `id, rule, collided_with, similarity, detail` (dedup.REMOVED_SCHEMA)."""
-    from tasks.dedup import REMOVED_SCHEMA
-
+    above `threshold`: `id, collided_with, similarity` (benchmark name:ref, cosine)."""
     if len(ids) != len(texts):
         raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
-    if not ids or not cfg.benchmarks:
-        return pl.DataFrame(schema=REMOVED_SCHEMA)
+    if not ids or not benchmarks:
+        return pl.DataFrame(schema=MATCH_SCHEMA)
     names: list[str] = []
     blocks: list[np.ndarray] = []
-    for spec in cfg.benchmarks:
-        refs, vectors = _benchmark_embeddings(spec, cfg)
+    for spec in benchmarks:
+        refs, vectors = _benchmark_embeddings(spec, cache_dir, batch_size)
         names.extend(f"{spec.name}:{ref}" for ref in refs)
         blocks.append(vectors)
     bench = np.concatenate(blocks)
-    candidates = embed(texts, cfg.embedding_batch_size)
+    candidates = embed(texts, batch_size)
 
     best = np.empty(len(ids), dtype=np.float32)
     where = np.empty(len(ids), dtype=np.int64)
@@ -105,14 +112,12 @@ def find_embedding_contamination(
         sims = candidates[start : start + CHUNK] @ bench.T
         where[start : start + CHUNK] = sims.argmax(axis=1)
         best[start : start + CHUNK] = sims.max(axis=1)
-    hit = np.flatnonzero(best >= cfg.embedding_threshold)
+    hit = np.flatnonzero(best >= threshold)
     return pl.DataFrame(
         {
             "id": [ids[i] for i in hit],
-            "rule": ["contaminated_embedding"] * len(hit),
             "collided_with": [names[where[i]] for i in hit],
             "similarity": best[hit].astype(np.float64),
-            "detail": [f"cosine similarity of {MODEL_NAME} embeddings" for _ in hit],
         },
-        schema=REMOVED_SCHEMA,
+        schema=MATCH_SCHEMA,
     )

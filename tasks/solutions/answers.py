@@ -1,4 +1,4 @@
-"""Final-answer extraction, math equivalence and majority voting, as batch functions.
+"""Final-answer extraction and math equivalence: pure functions and one batch verifier.
 
 Extraction (`extract_answer`) finds the final answer of a solution written in any of the formats
 the factory meets: WizardMath's `The answer is: X`, MATH's last `\\boxed{...}` / `\\fbox{...}`
@@ -19,20 +19,9 @@ It runs in two tiers:
    symbolic/numeric comparison: `\\frac{\\sqrt2}{2}` vs `\\sqrt{2}/2`, intervals, tuples, sets,
    `y = 2x + 1` vs `2x + 1`).
 
-Why a process pool: parsing model-written strings with sympy can hang or explode
-(`10^{10^{10^{10}}}` makes sympy build a gigantic integer in C code that no signal interrupts).
-math-verify's own timeouts use SIGALRM, which only works in a process's main thread, while Prefect
-runs tasks in worker threads. So math-verify runs in a small pool of spawned worker processes,
-in each worker's main thread (its SIGALRM timeouts work there), under an address-space limit.
-The parent streams items to the workers and watches progress: a worker that produces no result
-for `item_deadline_s` is killed and replaced, the item it was stuck on is answered None, and the
-rest of its chunk is re-queued. The parent never uses signals, so the batch functions are safe to
-call from any thread.
-
-Voting (`majority_vote`, `majority_votes`) groups sampled answers by equivalence (each answer is
-compared with the representative, i.e. first member, of the groups formed before it) and returns
-the largest group; ties go to the group that appeared first; None answers never win but count
-in the denominator of the agreement ratio.
+Tier 2 runs in `infra.verifier`'s killable worker processes (sympy can hang in C code that no
+signal interrupts, and math-verify's SIGALRM timeouts need a main thread): `judge_pair` is the
+pure function those workers call.
 
 Run the benchmark: `.venv/bin/python bench/answer_check.py`.
 """
@@ -40,21 +29,13 @@ Run the benchmark: `.venv/bin/python bench/answer_check.py`.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import logging
 import os
 import re
-import subprocess
-import sys
 import threading
-import time
-from collections import deque
-from dataclasses import dataclass, field
 from fractions import Fraction
-from multiprocessing.connection import Connection, wait
-from pathlib import Path
+from typing import Any
 
-log = logging.getLogger(__name__)
+from infra.verifier import VerifierPool
 
 # Answers longer than this are not final answers; judging them would only feed the parser junk.
 MAX_ANSWER_CHARS = 1000
@@ -321,10 +302,10 @@ def quick_equivalence(prediction: str, reference: str) -> bool | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The math-verify worker pool
+# math-verify, for the hard pairs
 # ---------------------------------------------------------------------------------------------
 
-_READY = "ready"
+JUDGE_TARGET = "tasks.solutions.answers:judge_pair"
 
 
 def _prepare_for_parser(value: str) -> str:
@@ -337,7 +318,11 @@ def _prepare_for_parser(value: str) -> str:
     return f"${s}$"
 
 
-def _worker_judge(prediction: str, reference: str, parse_timeout: int, verify_timeout: int):
+def judge_pair(
+    prediction: str, reference: str, parse_timeout: int = 2, verify_timeout: int = 2
+) -> bool | None:
+    """math-verify's verdict on one pair, None when it could not judge (its SIGALRM timeouts
+    need a main thread: call it in a verifier worker, as `check_equivalence` does)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     from math_verify.errors import TimeoutException
 
@@ -373,239 +358,35 @@ def _worker_judge(prediction: str, reference: str, parse_timeout: int, verify_ti
         return None
 
 
-def _worker_entry(
-    read_fd: int, write_fd: int, parse_timeout: int, verify_timeout: int, memory_mb: int
-) -> None:
-    """Worker loop: receive chunks of (index, prediction, reference), send (index, verdict)."""
-    import resource
-    import signal
-
-    inbox = Connection(read_fd, writable=False)
-    conn = Connection(write_fd, readable=False)
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    if memory_mb > 0:
-        limit = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
-    logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
-    _worker_judge("1", "1", parse_timeout, verify_timeout)  # import and warm the parser
-    conn.send(_READY)
-    while True:
-        try:
-            chunk = inbox.recv()
-        except EOFError:
-            return
-        if chunk is None:
-            return
-        for index, prediction, reference in chunk:
-            try:
-                verdict = _worker_judge(prediction, reference, parse_timeout, verify_timeout)
-            except MemoryError:
-                verdict = None
-            conn.send((index, verdict))
-
-
-_WORKER_CODE = (
-    "import sys; from tasks.verify import _worker_entry; "
-    "_worker_entry(*(int(a) for a in sys.argv[1:]))"
-)
-
-
-@dataclass
-class _Worker:
-    process: subprocess.Popen
-    conn: Connection  # results from the worker
-    outbox: Connection  # chunks to the worker
-    started: float
-    ready: bool = False
-    inflight: deque[int] = field(default_factory=deque)
-    last_progress: float = 0.0
-
-
-class VerifierPool:
-    """Worker processes running math-verify, with a per-item wall-clock deadline.
-
-    `parse_timeout_s` and `verify_timeout_s` are math-verify's own (SIGALRM) limits inside a
-    worker; `item_deadline_s` is the parent's hard limit on a worker making no progress, after
-    which the worker is killed and replaced. `startup_deadline_s` covers spawning a worker and
-    importing sympy on a busy machine.
-    """
-
-    def __init__(
-        self,
-        workers: int = 2,
-        parse_timeout_s: int = 2,
-        verify_timeout_s: int = 2,
-        item_deadline_s: float = 8.0,
-        startup_deadline_s: float = 90.0,
-        memory_mb: int = 4096,
-        chunk_size: int = 16,
-    ):
-        if workers < 1:
-            raise ValueError(f"VerifierPool workers must be >= 1, got {workers}")
-        self.workers = workers
-        self.parse_timeout_s = max(1, int(parse_timeout_s))
-        self.verify_timeout_s = max(1, int(verify_timeout_s))
-        self.item_deadline_s = item_deadline_s
-        self.startup_deadline_s = startup_deadline_s
-        self.memory_mb = memory_mb
-        self.chunk_size = chunk_size
-        self.killed = 0  # workers killed for missing a deadline, over the pool's life
-        self._pool: list[_Worker] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def _spawn(self) -> _Worker:
-        # A fresh interpreter (not multiprocessing's spawn, which re-runs the caller's __main__
-        # script) talking over two inherited pipes with multiprocessing's Connection framing.
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        try:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    _WORKER_CODE,
-                    str(to_child_r),
-                    str(from_child_w),
-                    str(self.parse_timeout_s),
-                    str(self.verify_timeout_s),
-                    str(self.memory_mb),
-                ],
-                pass_fds=(to_child_r, from_child_w),
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        finally:
-            os.close(to_child_r)
-            os.close(from_child_w)
-        now = time.monotonic()
-        return _Worker(
-            process=process,
-            conn=Connection(from_child_r, writable=False),
-            outbox=Connection(to_child_w, readable=False),
-            started=now,
-            last_progress=now,
-        )
-
-    def _kill(self, worker: _Worker) -> None:
-        worker.process.kill()
-        worker.process.wait(timeout=5)
-        worker.conn.close()
-        worker.outbox.close()
-
-    def judge(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
-        """math-verify verdicts for (prediction, reference) pairs, None where it could not judge."""
-        if not pairs:
-            return []
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("VerifierPool is closed")
-            while len(self._pool) < self.workers:
-                self._pool.append(self._spawn())
-            return self._judge(pairs)
-
-    def _judge(self, pairs: list[tuple[str, str]]) -> list[bool | None]:
-        results: list[bool | None] = [None] * len(pairs)
-        done = [False] * len(pairs)
-        pending = deque(range(len(pairs)))
-        remaining = len(pairs)
-        startup_failures = 0
-        while remaining:
-            for worker in self._pool:
-                if not worker.inflight and pending:
-                    chunk = [pending.popleft() for _ in range(min(self.chunk_size, len(pending)))]
-                    worker.inflight.extend(chunk)
-                    # A dead worker fails the send; it is noticed and replaced below.
-                    with contextlib.suppress(OSError):
-                        worker.outbox.send([(i, *pairs[i]) for i in chunk])
-                    worker.last_progress = max(worker.last_progress, time.monotonic())
-            busy = [w for w in self._pool if w.inflight]
-            readable = wait([w.conn for w in busy], timeout=0.5)
-            now = time.monotonic()
-            for position, worker in enumerate(list(self._pool)):
-                died = False
-                if worker.conn in readable:
-                    try:
-                        while worker.conn.poll():
-                            msg = worker.conn.recv()
-                            worker.last_progress = time.monotonic()
-                            if msg == _READY:
-                                worker.ready = True
-                                continue
-                            index, verdict = msg
-                            if worker.inflight and worker.inflight[0] == index:
-                                worker.inflight.popleft()
-                            if not done[index]:
-                                results[index], done[index] = verdict, True
-                                remaining -= 1
-                    except (EOFError, OSError):
-                        died = True
-                deadline = self.item_deadline_s if worker.ready else self.startup_deadline_s
-                stuck = bool(worker.inflight) and now - worker.last_progress > deadline
-                if not (died or stuck or worker.process.poll() is not None):
-                    continue
-                if not worker.ready:
-                    startup_failures += 1
-                    if startup_failures > 3:
-                        raise RuntimeError(
-                            "math-verify workers fail to start (exit code "
-                            f"{worker.process.returncode}); is math-verify installed?"
-                        )
-                self._kill(worker)
-                if stuck:
-                    self.killed += 1
-                if worker.inflight and worker.ready:
-                    # The item the worker was stuck on cannot be judged; the rest go back.
-                    culprit = worker.inflight.popleft()
-                    if not done[culprit]:
-                        done[culprit] = True
-                        remaining -= 1
-                        log.warning("math-verify item %d hit the %.0fs deadline", culprit, deadline)
-                pending.extendleft(reversed([i for i in worker.inflight if not done[i]]))
-                self._pool[position] = self._spawn()
-        return results
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for worker in self._pool:
-                with contextlib.suppress(OSError):
-                    worker.outbox.send(None)
-            for worker in self._pool:
-                try:
-                    worker.process.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    worker.process.kill()
-                    worker.process.wait(timeout=2)
-                worker.conn.close()
-                worker.outbox.close()
-            self._pool.clear()
-
-    def __enter__(self) -> VerifierPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 _default_pool: VerifierPool | None = None
 _default_lock = threading.Lock()
 
 
 def default_pool() -> VerifierPool:
-    """The process-wide pool (`EVOLFORGE_VERIFY_WORKERS` workers, default 2), started lazily."""
+    """The process-wide math-verify pool (`EVOLFORGE_VERIFY_WORKERS` workers, default 2),
+    started lazily."""
     global _default_pool
     with _default_lock:
         if _default_pool is None or _default_pool._closed:
             workers = int(os.environ.get("EVOLFORGE_VERIFY_WORKERS", "2"))
-            _default_pool = VerifierPool(workers=workers)
+            _default_pool = equivalence_pool(workers=workers)
             atexit.register(_default_pool.close)
         return _default_pool
+
+
+def equivalence_pool(
+    workers: int = 2, parse_timeout_s: int = 2, verify_timeout_s: int = 2, **pool_options: Any
+) -> VerifierPool:
+    """A verifier pool running `judge_pair` with math-verify's parse and verify timeouts."""
+    return VerifierPool(
+        JUDGE_TARGET,
+        {
+            "parse_timeout": max(1, int(parse_timeout_s)),
+            "verify_timeout": max(1, int(verify_timeout_s)),
+        },
+        workers=workers,
+        **pool_options,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,110 +441,3 @@ def check_completions(
 
 def is_equivalent(prediction: str | None, reference: str | None) -> bool | None:
     return check_equivalence([prediction], [reference])[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Majority voting
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Vote:
-    """The majority answer of a set of samples.
-
-    `answer` is the first member of the winning group (None when no sample had an answer);
-    `agreement` = winning group size / number of samples (Nones included); `group_sizes` are in
-    order of first appearance; `groups[i]` are the sample indices of group i; `winner` indexes
-    the winning group (None when there is none).
-    """
-
-    answer: str | None
-    agreement: float
-    group_sizes: tuple[int, ...]
-    groups: tuple[tuple[int, ...], ...]
-    winner: int | None
-    n_samples: int
-
-    def group_of(self, sample: int) -> int | None:
-        for g, members in enumerate(self.groups):
-            if sample in members:
-                return g
-        return None
-
-    def agrees(self, sample: int) -> bool | None:
-        """Whether a sample is in the winning group (None when there is no winner)."""
-        if self.winner is None:
-            return None
-        return sample in self.groups[self.winner]
-
-
-def majority_votes(
-    answer_lists: list[list[str | None]], pool: VerifierPool | None = None
-) -> list[Vote]:
-    """`majority_vote` for many sample sets, with all equivalence checks in one batch.
-
-    Within each set, answers are first grouped by normalised string; the distinct forms are then
-    compared pairwise (earlier form as reference) and clustered greedily against the
-    representatives of the groups formed so far.
-    """
-    forms_per_set: list[list[str]] = []
-    form_members: list[dict[str, list[int]]] = []
-    form_text: list[dict[str, str]] = []
-    pairs: list[tuple[str, str]] = []
-    pair_index: dict[tuple[int, int, int], int] = {}
-    for s, answers in enumerate(answer_lists):
-        members: dict[str, list[int]] = {}
-        text: dict[str, str] = {}
-        for i, answer in enumerate(answers):
-            if answer is None or not answer.strip():
-                continue
-            key = normalize_answer(answer) or answer.strip()
-            members.setdefault(key, []).append(i)
-            text.setdefault(key, answer)
-        forms = list(members)
-        for j in range(len(forms)):
-            for i in range(j):
-                pair_index[(s, i, j)] = len(pairs)
-                pairs.append((text[forms[j]], text[forms[i]]))
-        forms_per_set.append(forms)
-        form_members.append(members)
-        form_text.append(text)
-    verdicts = check_equivalence([p for p, _ in pairs], [r for _, r in pairs], pool)
-
-    votes = []
-    for s, answers in enumerate(answer_lists):
-        forms = forms_per_set[s]
-        reps: list[int] = []  # form index of each group's representative
-        groups: list[list[int]] = []
-        for j, form in enumerate(forms):
-            for g, rep in enumerate(reps):
-                if verdicts[pair_index[(s, rep, j)]] is True:
-                    groups[g].extend(form_members[s][form])
-                    break
-            else:
-                reps.append(j)
-                groups.append(list(form_members[s][form]))
-        groups = [sorted(g) for g in groups]
-        n = len(answers)
-        if not groups:
-            votes.append(Vote(None, 0.0, (), (), None, n))
-            continue
-        # Larger group first, then the group whose first member came earliest.
-        winner = min(range(len(groups)), key=lambda g: (-len(groups[g]), groups[g][0]))
-        answer = answers[groups[winner][0]]
-        votes.append(
-            Vote(
-                answer=answer,
-                agreement=len(groups[winner]) / n,
-                group_sizes=tuple(len(g) for g in groups),
-                groups=tuple(tuple(g) for g in groups),
-                winner=winner,
-                n_samples=n,
-            )
-        )
-    return votes
-
-
-def majority_vote(answers: list[str | None], pool: VerifierPool | None = None) -> Vote:
-    """The majority answer of sampled final answers, grouped by math equivalence."""
-    return majority_votes([answers], pool)[0]

@@ -11,11 +11,12 @@ import polars as pl
 import pytest
 
 from storage.catalog import connect
-from tasks.dedup import (
-    BenchmarkSpec,
-    DecontamConfig,
-    DedupConfig,
+from tasks.benchmarks import BenchmarkError
+from tasks.evolution.dedup import (
+    Benchmark,
+    DecontamParams,
     DedupInputError,
+    DedupParams,
     count_by_rule,
     dedup_and_decontaminate,
     find_contamination,
@@ -73,7 +74,7 @@ def by_id(removed: pl.DataFrame) -> dict[str, dict]:
 
 
 @pytest.fixture
-def small_bench(tmp_path) -> list[BenchmarkSpec]:
+def small_bench(tmp_path) -> list[Benchmark]:
     path = tmp_path / "bench.jsonl"
     path.write_text(
         "\n".join(
@@ -82,7 +83,7 @@ def small_bench(tmp_path) -> list[BenchmarkSpec]:
         )
         + "\n"
     )
-    return [BenchmarkSpec("toy", path, "question")]
+    return [Benchmark(name="toy", path=path, text_field="question")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def test_exact_duplicates_after_normalisation_are_found():
             **{f"d{i}": text for i, text in enumerate(DIFFERENT)},
         }
     )
-    removed = by_id(find_duplicates(connect(), candidates, None, DedupConfig()))
+    removed = by_id(find_duplicates(connect(), candidates, None, DedupParams()))
     assert set(removed) == {"c2", "c3", "c5"}
     assert removed["c2"]["collided_with"] == "c1"
     assert removed["c3"]["collided_with"] == "c1"
@@ -138,7 +139,7 @@ def test_near_duplicate_found_with_collided_id_and_different_problems_kept():
     candidates = frame(
         {"a": TRAIN, "b": TRAIN_ONE_WORD, **dict(zip("cdef", DIFFERENT, strict=True))}
     )
-    removed = find_duplicates(connect(), candidates, None, DedupConfig())
+    removed = find_duplicates(connect(), candidates, None, DedupParams())
     assert removed["id"].to_list() == ["b"]
     row = removed.row(0, named=True)
     assert row["rule"] == "near_duplicate"
@@ -149,7 +150,7 @@ def test_near_duplicate_found_with_collided_id_and_different_problems_kept():
 
 def test_later_id_is_the_one_removed():
     candidates = frame({"z-late": TRAIN, "a-early": TRAIN_ONE_WORD})
-    removed = find_duplicates(connect(), candidates, None, DedupConfig())
+    removed = find_duplicates(connect(), candidates, None, DedupParams())
     assert removed["id"].to_list() == ["z-late"]
     assert removed["collided_with"].to_list() == ["a-early"]
 
@@ -173,7 +174,7 @@ def test_duplicates_against_prior_rounds_and_seeds(tmp_path):
             }
         ),
     )
-    removed = by_id(find_duplicates(connect(), candidates, [seeds, round1], DedupConfig()))
+    removed = by_id(find_duplicates(connect(), candidates, [seeds, round1], DedupParams()))
     assert set(removed) == {"r2-1", "r2-2", "r2-3"}
     assert (removed["r2-1"]["rule"], removed["r2-1"]["collided_with"]) == (
         "exact_duplicate",
@@ -196,8 +197,8 @@ def test_banding_is_what_finds_candidates():
     """With one band of 128 rows a pair at Jaccard ~0.8 becomes an LSH candidate with
     probability 0.8^128: the verified pair of the default banding is then never compared."""
     candidates = frame({"a": TRAIN, "b": TRAIN_ONE_WORD})
-    assert find_duplicates(connect(), candidates, None, DedupConfig()).height == 1
-    one_band = DedupConfig(num_perm=128, bands=1)
+    assert find_duplicates(connect(), candidates, None, DedupParams()).height == 1
+    one_band = DedupParams(num_perm=128, bands=1)
     assert find_duplicates(connect(), candidates, None, one_band).height == 0
 
 
@@ -214,7 +215,7 @@ def test_near_duplicates_match_brute_force_jaccard():
             for _ in range(rng.randint(1, 2)):
                 words[rng.randrange(len(words))] = rng.choice(vocab)
             texts[f"doc{i:03d}b"] = " ".join(words)
-    cfg = DedupConfig(near_threshold=0.6)
+    cfg = DedupParams(near_threshold=0.6)
     removed = by_id(find_duplicates(connect(), frame(texts), None, cfg))
 
     def shingles(text: str) -> set[str]:
@@ -244,7 +245,7 @@ def test_near_duplicates_match_brute_force_jaccard():
 
 def test_paraphrased_gsm8k_test_question_is_contaminated(shared_data):
     candidates = frame({"para": JANET_PARAPHRASE, "unrelated": DUCKS_UNRELATED, "train": TRAIN})
-    found = by_id(find_contamination(connect(), candidates, DecontamConfig()))
+    found = by_id(find_contamination(connect(), candidates, DecontamParams()))
     assert set(found) == {"para"}
     assert found["para"]["rule"] == "contaminated_ngram"
     assert found["para"]["collided_with"] == "gsm8k_test:1"
@@ -255,12 +256,12 @@ def test_math_test_problem_with_other_numbers_is_contaminated(shared_data):
     first = json.loads((shared_data / "math" / "test.jsonl").open().readline())
     changed = re.sub(r"x\^2\+x-6", "x^2+2x-8", first["problem"])
     assert changed != first["problem"]
-    found = find_contamination(connect(), frame({"m": changed}), DecontamConfig())
+    found = find_contamination(connect(), frame({"m": changed}), DecontamParams())
     assert found["collided_with"].to_list() == [f"math_test:{first['id']}"]
 
 
 def test_benchmark_cache_is_built_once(small_bench, tmp_path):
-    cfg = DecontamConfig(benchmarks=small_bench, cache_dir=tmp_path / "cache")
+    cfg = DecontamParams(benchmarks=small_bench, cache_dir=tmp_path / "cache")
     find_contamination(connect(), frame({"x": JANET}), cfg)
     (cached,) = list((tmp_path / "cache").glob("toy-ngrams-*.parquet"))
     stamp = cached.stat().st_mtime_ns
@@ -292,7 +293,7 @@ def test_counts_reconcile_and_first_reason_wins(tmp_path, small_bench):
         frame(rows).with_columns(pl.lit(2).alias("round"), pl.lit("upward").alias("direction")),
     )
     kept, removed = dedup_and_decontaminate(
-        candidates, [seeds], DedupConfig(), DecontamConfig(benchmarks=small_bench)
+        candidates, [seeds], DedupParams(), DecontamParams(benchmarks=small_bench)
     )
     assert kept.height + removed.height == len(rows)
     assert set(kept["id"]) | set(removed["id"]) == set(rows)
@@ -319,7 +320,7 @@ def test_counts_reconcile_and_first_reason_wins(tmp_path, small_bench):
 def test_nothing_to_remove_keeps_everything(small_bench):
     candidates = frame(dict(zip("abcd", DIFFERENT, strict=True)))
     kept, removed = dedup_and_decontaminate(
-        candidates, None, decontam_cfg=DecontamConfig(benchmarks=small_bench)
+        candidates, None, decontam_cfg=DecontamParams(benchmarks=small_bench)
     )
     assert kept.height == 4 and removed.is_empty()
 
@@ -354,16 +355,18 @@ def test_candidate_also_in_prior_is_refused():
 def test_benchmark_row_without_text_field_names_the_line(tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_text(json.dumps({"question": "q"}) + "\n" + json.dumps({"problem": "p"}) + "\n")
-    cfg = DecontamConfig(benchmarks=[BenchmarkSpec("b", path, "question")], cache_dir=tmp_path)
-    with pytest.raises(DedupInputError, match=r"b\.jsonl line 2: field 'question' missing"):
+    cfg = DecontamParams(
+        benchmarks=[Benchmark(name="b", path=path, text_field="question")], cache_dir=tmp_path
+    )
+    with pytest.raises(BenchmarkError, match=r"b\.jsonl line 2: field 'question' missing"):
         find_contamination(connect(), frame({"x": "y"}), cfg)
 
 
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="multiple of bands"):
-        DedupConfig(num_perm=100, bands=32)
+        DedupParams(num_perm=100, bands=32)
     with pytest.raises(ValueError, match="near_threshold"):
-        DedupConfig(near_threshold=0)
+        DedupParams(near_threshold=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,10 +385,10 @@ def test_embedding_catches_a_rewording_that_ngrams_miss(shared_data, tmp_path):
         "market?"
     )
     candidates = frame({"reworded": reworded, "unrelated": DUCKS_UNRELATED})
-    specs = [BenchmarkSpec("gsm8k_test", bench, "question")]
-    ngram_only = DecontamConfig(benchmarks=specs, cache_dir=tmp_path / "cache")
+    specs = [Benchmark(name="gsm8k_test", path=bench, text_field="question")]
+    ngram_only = DecontamParams(benchmarks=specs, cache_dir=tmp_path / "cache")
     assert find_contamination(connect(), candidates, ngram_only).is_empty()
-    with_embeddings = DecontamConfig(
+    with_embeddings = DecontamParams(
         benchmarks=specs, cache_dir=tmp_path / "cache", embeddings=True
     )
     found = find_contamination(connect(), candidates, with_embeddings)

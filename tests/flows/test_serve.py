@@ -39,13 +39,15 @@ from prefect.deployments import run_deployment
 from prefect.client.orchestration import get_client
 
 with get_client(sync_client=True) as client:
-    deployments = {d.name: d for d in client.read_deployments()}
-    nightly = deployments["nightly"]
+    deployments = {
+        f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()
+    }
+    nightly = deployments["factory/nightly"]
     print(json.dumps({
         "names": sorted(deployments),
         "nightly_cron": [s.schedule.cron for s in nightly.schedules],
         "nightly_limit": nightly.global_concurrency_limit.limit if nightly.global_concurrency_limit else None,
-        "adhoc_schedules": len(deployments["adhoc"].schedules),
+        "adhoc_schedules": len(deployments["factory/adhoc"].schedules),
     }))
 params = {"seeds": {"sources": [{"kind": "sample"}]}, "sft": {"enabled": False}, "solutions": {"enabled": False}, "evolution": {"rounds": 0}}
 run = run_deployment("factory/adhoc", parameters={"params": params}, timeout=240)
@@ -84,7 +86,7 @@ def test_deployments_register_and_adhoc_runs(tmp_path, evolforge_home):
     try:
         wait_healthy(api, server)
         runner = subprocess.Popen(
-            [sys.executable, "-m", "infra.serve"],
+            [sys.executable, "-m", "flows.serve"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -105,7 +107,7 @@ def test_deployments_register_and_adhoc_runs(tmp_path, evolforge_home):
         assert trigger.returncode == 0, trigger.stderr[-2000:]
         lines = [json.loads(line) for line in trigger.stdout.splitlines() if line.startswith("{")]
         info, run = lines[0], lines[1]
-        assert info["names"] == ["adhoc", "nightly"]
+        assert info["names"] == ["data/adhoc", "factory/adhoc", "factory/nightly"]
         assert info["nightly_cron"] == ["0 2 * * *"]
         assert info["nightly_limit"] == 1
         assert info["adhoc_schedules"] == 0

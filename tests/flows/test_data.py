@@ -15,7 +15,7 @@ from flows.params import FactoryParams
 from infra.engines.base import ChatRequest
 from storage.catalog import Catalog
 from storage.datasets import DatasetStore
-from tasks.evolution import OPERATIONS
+from tasks.evolution.evolve import OPERATIONS
 from tasks.templates import load_template
 from tests.fakes import ScriptedEngine, last_user_message
 
@@ -78,13 +78,12 @@ def small_params(**overrides) -> FactoryParams:
 
 
 def test_factory_rounds_with_scripted_engine(prefect_harness, evolforge_home, scripted):
-    summary = factory(small_params())
+    state = factory(small_params())
     store = DatasetStore(evolforge_home)
-    state = summary["state"]
-    instructions = store.read(state["instructions"])
-    eliminated = store.read(state["eliminated"])
-    funnel = store.read(state["funnel"])
-    seeds = store.read(state["seeds"])
+    instructions = store.read(state.instructions)
+    eliminated = store.read(state.eliminated)
+    funnel = store.read(state.funnel)
+    seeds = store.read(state.seeds)
 
     # every kept instruction traces back through parent_id to a seed
     parents = dict(zip(instructions["id"], instructions["parent_id"], strict=True))
@@ -104,12 +103,12 @@ def test_factory_rounds_with_scripted_engine(prefect_harness, evolforge_home, sc
     for r in funnel.iter_rows(named=True):
         assert r["generated"] == r["eliminated"] + r["duplicate"] + r["contaminated"] + r["kept"]
     assert funnel.filter(pl.col("round") == 1)["generated"].sum() == seeds.height
-    pool = store.read(state["pool"])
+    pool = store.read(state.pool)
     assert pool.height == seeds.height  # one evolution per parent: the pool keeps its size
     assert instructions.height == seeds.height + funnel["kept"].sum()
 
     # answers for every instruction, with agreement and difficulty; seeds checked against references
-    answers = store.read(state["answers"])
+    answers = store.read(state.answers)
     assert set(answers["instruction_id"]) == set(instructions["id"])
     assert answers.filter(pl.col("agreement") < 1).height == 0
     seed_answers = answers.filter(pl.col("round") == 0)
@@ -118,13 +117,17 @@ def test_factory_rounds_with_scripted_engine(prefect_harness, evolforge_home, sc
     # the catalog's views show the newest versions
     _, rows = Catalog(evolforge_home).query("SELECT count(*) FROM instructions")
     assert rows == [(instructions.height,)]
-    assert summary["report"]["plot"].endswith(".png")
+    plot = store.version_dir("funnel_plot", state.funnel_plot.version) / "funnel.png"
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    _, rows = Catalog(evolforge_home).query("SELECT kind, path FROM artifacts")
+    assert rows == [("plot", str(plot.parent))]
 
     # a rerun is all cache hits: no new versions, no engine requests
     calls = len(scripted.calls)
     versions = {name: len(store.versions(name)) for name in store.names()}
     again = factory(small_params())
-    assert again["state"] == state
+    assert again.refs() == state.refs()
+    assert all(step.cached for step in again.steps)
     assert len(scripted.calls) == calls
     assert {name: len(store.versions(name)) for name in store.names()} == versions
 

@@ -25,3 +25,10 @@ def shared_data_dir() -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return (PROJECT_ROOT.parent / "shared" / "data").resolve()
+
+
+def shard_workers() -> int:
+    """Shards of a stage run at once in a flow (`EVOLFORGE_SHARD_WORKERS`, default 1): on one
+    machine the engine is the bottleneck and runs one batch at a time; a Ray task runner (or
+    several GPU engines) is where more pays."""
+    return max(1, int(os.environ.get("EVOLFORGE_SHARD_WORKERS", "1")))

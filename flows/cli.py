@@ -3,7 +3,8 @@
     evolforge ingest gsm8k math                      # GSM8K + MATH train from ../shared/data
     evolforge ingest file --path my.jsonl --map question=q,answer=a
     evolforge ingest hf --name openai/gsm8k --config main --format gsm8k
-    evolforge run --config configs/demo.yaml --set rounds=2
+    evolforge run --config configs/demo.yaml --set evolution.rounds=2
+    evolforge run --flow data --config configs/demo.yaml
     evolforge sql "SELECT source, count(*) FROM seeds GROUP BY ALL"
     evolforge datasets ls | show seeds | export seeds --to out.jsonl
 
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.errors import UserError
+from storage.errors import UserError
 
 EXIT_ERROR = 2
 
@@ -33,7 +34,7 @@ class CliError(UserError):
 
 def _prepare_env() -> None:
     """Keep Prefect's local state and results inside EVOLFORGE_HOME unless the user chose otherwise."""
-    from infra.settings import home
+    from storage.settings import home
 
     data_home = home()
     os.environ.setdefault("PREFECT_HOME", str(data_home / "prefect"))
@@ -115,7 +116,7 @@ def _parse_mapping(text: str | None) -> dict[str, str]:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from tasks.seeds import IngestParams, SeedSource, load_seeds
+    from tasks.seeds import IngestParams, SeedSource, ingest_seeds
 
     if len(args.source) > 1 and (args.path or args.name):
         raise CliError(
@@ -141,7 +142,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CliError(f"invalid ingest options: {first['msg']}") from exc
-    result = load_seeds(params)
+    result = ingest_seeds.run(params=params)
     stats = result.stats
     seeds, rejected = result["seeds"], result["seeds_rejected"]
     state = "already ingested (no new version)" if result.cached else "ingested"
@@ -160,8 +161,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _previous_sources():
-    from infra.settings import home
     from storage.datasets import DatasetError, DatasetStore
+    from storage.settings import home
     from tasks.seeds import SeedSource
 
     try:
@@ -169,7 +170,7 @@ def _previous_sources():
     except DatasetError:
         return []
     sources = []
-    for data in manifest.params.get("sources", []):
+    for data in manifest.params.get("params", {}).get("sources", []):
         data = {k: v for k, v in data.items() if k != "sha256"}
         sources.append(SeedSource(**data))
     return sources
@@ -178,8 +179,8 @@ def _previous_sources():
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from infra.settings import home
     from storage.catalog import Catalog
+    from storage.settings import home
 
     try:
         columns, rows = Catalog(home()).query(args.query)
@@ -190,8 +191,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from infra.settings import home
     from storage.datasets import DatasetStore
+    from storage.settings import home
 
     store = DatasetStore(home())
     if args.action == "ls":
@@ -266,20 +267,20 @@ def _export(store, manifest, args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.params import load_factory_params
+    from flows.params import FLOW_PARAMS, load_params
 
-    params = load_factory_params(args.config, args.set or [])
-    from flows.factory import factory
+    params = load_params(args.config, args.set or [], FLOW_PARAMS[args.flow])
+    from flows.registry import FLOWS
     from tasks.report import render_summary
 
-    summary = factory(params)
-    print(render_summary(summary))
+    state = FLOWS[args.flow](params=params)
+    print(render_summary(state))
     return 0
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
-    from infra.settings import home
     from storage.catalog import Catalog
+    from storage.settings import home
 
     count = Catalog(home()).rebuild()
     print(f"catalog rebuilt from {count} manifest(s): {home() / 'catalog.duckdb'}")
@@ -315,7 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--max-row-chars", type=int, default=20_000)
     ingest.set_defaults(func=cmd_ingest)
 
-    run = sub.add_parser("run", help="run the factory flow")
+    run = sub.add_parser("run", help="run the factory flow (or one of its flows)")
+    run.add_argument(
+        "--flow",
+        default="factory",
+        choices=["factory", "data"],
+        help="which flow: the whole factory (default) or one part of it",
+    )
     run.add_argument("--config", help="run profile (YAML), e.g. configs/demo.yaml")
     run.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a parameter (dotted keys)"

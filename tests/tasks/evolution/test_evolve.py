@@ -3,6 +3,7 @@ instruction building."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 
@@ -11,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from infra.engines.base import ChatResponse, Completion, SamplingParams
-from tasks.evolution import (
+from tasks.evolution.evolve import (
     DOWNWARD_OPS,
     INSTRUCTION_SCHEMA,
     OPERATIONS,
@@ -23,7 +24,7 @@ from tasks.evolution import (
     make_instructions,
     parse_evolution,
 )
-from tasks.templates import load_template
+from tasks.templates import PROMPTS_DIR, load_template
 
 PROBLEM = r"If $\frac{x}{2} + 3 = 7$, what is the value of $x$?"
 FORBIDDEN = ("#The Given Prompt#", "#Rewritten Prompt#", "given prompt", "rewritten prompt")
@@ -46,7 +47,9 @@ def test_evolution_template_renders_with_problem_verbatim(op):
     # The forbidden words are not in the prompt: quoting them made a small model copy them.
     for phrase in FORBIDDEN:
         assert phrase.lower() not in tpl.text.lower()
-    assert len(tpl.version) == 12 and int(tpl.version, 16) >= 0
+    # The version is the content hash of the file: an edited prompt is a new version.
+    path = PROMPTS_DIR / f"{OPERATIONS[op].template}.txt"
+    assert tpl.version == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def test_upward_templates_bound_growth_and_downward_ask_for_easier():

@@ -1,0 +1,99 @@
+"""The data flow: seeds → SFT answers → evolution rounds → solutions → difficulty.
+
+The body reads like a recipe: it calls stages with keywords and passes typed state (dataset
+versions) along; stages read and write the data, report tasks publish artifacts.
+
+Run it on its own with `evolforge run --flow data --config configs/demo.yaml`; the factory flow
+runs it first.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.params import DataParams
+from flows.state import DataState
+from storage.settings import shard_workers
+from tasks.evolution.combine import combine_round, start_pool
+from tasks.evolution.dedup import dedup_batch
+from tasks.evolution.eliminate import eliminate_batch
+from tasks.evolution.evolve import evolve_batch
+from tasks.evolution.funnel import draw_funnel_plot
+from tasks.report import publish_data_report, publish_round_funnel
+from tasks.seeds import ingest_seeds
+from tasks.solutions.difficulty import report_difficulty
+from tasks.solutions.sft import write_sft_answers
+from tasks.solutions.solve import solve_batch
+
+# Shards of a stage are task runs on this runner; `EVOLFORGE_SHARD_WORKERS` sets how many run at
+# once, and `data.with_options(task_runner=RayTaskRunner(...))` places them on a Ray cluster.
+RUNNER = ThreadPoolTaskRunner(max_workers=shard_workers())
+
+
+@flow(name="evolve_round", flow_run_name="round-{round}", log_prints=True, task_runner=RUNNER)
+def evolve_round(round: int, state: DataState, params: DataParams) -> DataState:
+    """One round of Math Evol-Instruct: evolve → eliminate → dedup → combine."""
+    evolved = evolve_batch(
+        pool=state.pool, round=round, engine=params.engine, params=params.evolution
+    )
+    eliminated = eliminate_batch(
+        evolutions=evolved["evolutions"],
+        pool=state.pool,
+        engine=params.engine,
+        params=params.elimination,
+    )
+    deduped = dedup_batch(
+        evolutions=evolved["evolutions"],
+        elimination=eliminated["elimination"],
+        instructions=state.instructions,
+        dedup=params.dedup,
+        decontamination=params.decontamination,
+    )
+    combined = combine_round(
+        round=round,
+        evolutions=evolved["evolutions"],
+        elimination=eliminated["elimination"],
+        dedup=deduped["dedup"],
+        instructions=state.instructions,
+        pool=state.pool,
+        eliminated=state.eliminated,
+        funnel=state.funnel,
+        params=params.evolution,
+    )
+    publish_round_funnel(round=round, stats=combined.stats)
+    for result in (evolved, eliminated, deduped, combined):
+        state = state.updated(result, round=round)
+    return state
+
+
+@flow(name="data", log_prints=True, validate_parameters=True, task_runner=RUNNER)
+def data(params: DataParams = DataParams()) -> DataState:
+    """Seeds → SFT answers → evolution rounds → CoT/PoT solutions → difficulty check."""
+    seeds = ingest_seeds(params=params.seeds)
+    state = DataState(seeds=seeds["seeds"]).updated(seeds)
+    if params.sft.enabled:
+        state = state.updated(
+            write_sft_answers(seeds=state.seeds, engine=params.engine, params=params.sft)
+        )
+    state = state.updated(start_pool(seeds=state.seeds), round=0)
+    for round in range(1, params.evolution.rounds + 1):
+        state = evolve_round(round=round, state=state, params=params)
+    if params.solutions.enabled:
+        state = state.updated(
+            solve_batch(
+                instructions=state.instructions,
+                seeds=state.seeds,
+                engine=params.engine,
+                params=params.solutions,
+            )
+        )
+    state = state.updated(report_difficulty(instructions=state.instructions, answers=state.answers))
+    if state.funnel is not None:
+        state = state.updated(draw_funnel_plot(funnel=state.funnel))
+    publish_data_report(state=state)
+    return state
+
+
+if __name__ == "__main__":
+    data()

@@ -1,0 +1,307 @@
+"""Hybrid CoT/PoT solutions (MAmmoTH) and the self-consistency vote (the `solve` stage).
+
+`write_solutions` draws `k_cot` chain-of-thought samples and `k_pot` program-of-thought programs
+(template `pot`, "Let's write a program.") per instruction. Programs run only through the
+sandbox (`run_many`). Hybrid decoding: a PoT slot whose program is missing, fails, or prints
+nothing usable falls back to a fresh CoT sample; that row has `kind = "pot_fallback_cot"` and
+still records the failed program and why it failed. Every sample slot gets exactly one row:
+rows = instructions x (k_cot + k_pot). The stage then votes (`tasks.solutions.voting`): the
+majority answer of each instruction, its agreement and difficulty, checked against the seed's
+reference where there is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.engines import EngineConfig
+from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
+from tasks.frames import require_columns
+from tasks.solutions.answers import extract_answer, extract_program_answer
+from tasks.solutions.programs import ProgramRunner, extract_program, program_failure
+from tasks.solutions.voting import vote_answers
+from tasks.stage import Shard, StageContext, StageOutput, stage
+from tasks.templates import Template, load_template
+
+
+class SandboxParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpu_s: float = Field(5, gt=0)
+    wall_s: float = Field(10, gt=0)
+    memory_mb: int = Field(512, ge=64)
+    workers: int = Field(2, ge=1)
+    # Run programs without bubblewrap isolation (rlimits and timeouts only). Never in production.
+    allow_unsafe: bool = False
+
+
+class SolutionParams(BaseModel):
+    """Chain-of-thought and program-of-thought solutions, and the self-consistency vote."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    k_cot: int = Field(2, ge=0, le=64)
+    k_pot: int = Field(2, ge=0, le=64)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    cot_max_tokens: int = Field(384, ge=16)
+    pot_max_tokens: int = Field(384, ge=16)
+    # MAmmoTH hybrid decoding: a PoT slot whose program fails falls back to a CoT sample.
+    fallback: bool = True
+    # Below this majority agreement an instruction is marked unverified (kept out of training).
+    agreement_threshold: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+    sandbox: SandboxParams = Field(default_factory=SandboxParams)
+
+
+COT_TEMPLATE = "cot_fewshot"
+
+
+POT_TEMPLATE = "pot"
+
+
+FALLBACK_SEED_OFFSET = 100_003
+
+
+DEFAULT_COT_SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=512, seed=0)
+
+
+DEFAULT_POT_SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=384, seed=0)
+
+
+SOLUTION_SCHEMA: dict[str, Any] = {
+    "instruction_id": pl.String,
+    "kind": pl.String,  # cot | pot | pot_fallback_cot
+    "sample": pl.Int64,
+    "text": pl.String,
+    "program": pl.String,
+    "program_stdout": pl.String,
+    "program_error": pl.String,
+    "extracted_answer": pl.String,
+    "finish_reason": pl.String,
+    "model": pl.String,
+    "template_version": pl.String,
+}
+
+
+def chat_requests(
+    template: Template, questions: Sequence[str], sampling: SamplingParams
+) -> list[ChatRequest]:
+    return [
+        ChatRequest(
+            messages=tuple(template.messages(instruction=q)),
+            sampling=sampling,
+            template_version=template.version,
+        )
+        for q in questions
+    ]
+
+
+def _completion_fields(response: ChatResponse, k: int) -> list[tuple[str | None, str]]:
+    """(text, finish_reason) for k sample slots; a failed or short response fills with errors."""
+    out: list[tuple[str | None, str]] = [(c.text, c.finish_reason) for c in response.completions]
+    out = out[:k]
+    return out + [(None, "error")] * (k - len(out))
+
+
+def write_solutions(
+    instructions: pl.DataFrame,
+    engine: Engine,
+    sandbox: ProgramRunner,
+    k_cot: int = 4,
+    k_pot: int = 4,
+    cot_sampling: SamplingParams = DEFAULT_COT_SAMPLING,
+    pot_sampling: SamplingParams = DEFAULT_POT_SAMPLING,
+    fallback: bool = True,
+) -> pl.DataFrame:
+    """k_cot CoT samples and k_pot PoT programs per instruction, one row per sample slot.
+
+    Columns: `SOLUTION_SCHEMA`. PoT rows carry the program, its stdout and, when it gave no
+    answer, `program_error`. With `fallback`, a failed PoT slot is re-answered by a CoT sample
+    (`kind = "pot_fallback_cot"`, `text` is the CoT, the failed program stays for audit).
+    """
+    require_columns(instructions, ["id", "text"], "write_solutions instructions")
+    if k_cot < 0 or k_pot < 0 or k_cot + k_pot < 1:
+        raise ValueError(f"need k_cot, k_pot >= 0 and k_cot + k_pot >= 1, got {k_cot}, {k_pot}")
+    cot_t, pot_t = load_template(COT_TEMPLATE), load_template(POT_TEMPLATE)
+    ids = instructions["id"].to_list()
+    questions = instructions["text"].to_list()
+    model = engine.identity
+    rows: list[dict[str, Any]] = []
+
+    # CoT and PoT requests go to the engine as one batch: batched decoding is what makes
+    # the engines fast, and the two kinds are independent.
+    cot_requests = chat_requests(cot_t, questions, replace(cot_sampling, n=k_cot)) if k_cot else []
+    pot_requests = chat_requests(pot_t, questions, replace(pot_sampling, n=k_pot)) if k_pot else []
+    all_responses = engine.generate(cot_requests + pot_requests)
+    cot_responses, pot_responses = (
+        all_responses[: len(cot_requests)],
+        all_responses[len(cot_requests) :],
+    )
+
+    if k_cot:
+        for iid, response in zip(ids, cot_responses, strict=True):
+            for s, (text, finish) in enumerate(_completion_fields(response, k_cot)):
+                rows.append(
+                    {
+                        "instruction_id": iid,
+                        "kind": "cot",
+                        "sample": s,
+                        "text": text,
+                        "program": None,
+                        "program_stdout": None,
+                        "program_error": None,
+                        "extracted_answer": extract_answer(text),
+                        "finish_reason": finish,
+                        "model": model,
+                        "template_version": cot_t.version,
+                    }
+                )
+
+    if k_pot:
+        pot_rows: list[dict[str, Any]] = []
+        for iid, response in zip(ids, pot_responses, strict=True):
+            for s, (text, finish) in enumerate(_completion_fields(response, k_pot)):
+                program = extract_program(text)
+                pot_rows.append(
+                    {
+                        "instruction_id": iid,
+                        "kind": "pot",
+                        "sample": k_cot + s,
+                        "text": text,
+                        "program": program,
+                        "program_stdout": None,
+                        "program_error": (
+                            "engine error"
+                            if text is None
+                            else None
+                            if program
+                            else "no program in completion"
+                        ),
+                        "extracted_answer": None,
+                        "finish_reason": finish,
+                        "model": model,
+                        "template_version": pot_t.version,
+                    }
+                )
+        to_run = [r for r in pot_rows if r["program"]]
+        results = sandbox.run_many([r["program"] for r in to_run]) if to_run else []
+        if len(results) != len(to_run):
+            raise RuntimeError(
+                f"sandbox returned {len(results)} results for {len(to_run)} programs"
+            )
+        for row, result in zip(to_run, results, strict=True):
+            row["program_stdout"] = result.stdout
+            row["program_error"] = program_failure(result)
+            if row["program_error"] is None:
+                row["extracted_answer"] = extract_program_answer(result.stdout)
+        if fallback:
+            _fallback_to_cot(
+                pot_rows, engine, cot_t, cot_sampling, dict(zip(ids, questions, strict=True))
+            )
+        rows.extend(pot_rows)
+
+    order = {iid: i for i, iid in enumerate(ids)}
+    rows.sort(key=lambda r: (order[r["instruction_id"]], r["sample"]))
+    return pl.DataFrame(rows, schema=SOLUTION_SCHEMA)
+
+
+def _fallback_to_cot(
+    pot_rows: list[dict[str, Any]],
+    engine: Engine,
+    cot_t: Template,
+    sampling: SamplingParams,
+    questions: dict[str, str],
+) -> None:
+    """Replace each failed PoT slot's answer by a fresh CoT sample (one request per instruction)."""
+    failed: dict[str, list[dict[str, Any]]] = {}
+    for row in pot_rows:
+        if row["program_error"] is not None:
+            failed.setdefault(row["instruction_id"], []).append(row)
+    if not failed:
+        return
+    iids = list(failed)
+    requests = [
+        ChatRequest(
+            messages=tuple(cot_t.messages(instruction=questions[iid])),
+            sampling=replace(
+                sampling, n=len(failed[iid]), seed=sampling.seed + FALLBACK_SEED_OFFSET
+            ),
+            template_version=cot_t.version,
+        )
+        for iid in iids
+    ]
+    for iid, response in zip(iids, engine.generate(requests), strict=True):
+        slots = failed[iid]
+        for row, (text, finish) in zip(
+            slots, _completion_fields(response, len(slots)), strict=True
+        ):
+            row.update(
+                kind="pot_fallback_cot",
+                text=text,
+                extracted_answer=extract_answer(text),
+                finish_reason=finish,
+                template_version=cot_t.version,
+            )
+
+
+@stage(
+    name="solve",
+    outputs=["solutions", "answers"],
+    shard=Shard("instructions", split_on="round", lookups={"seeds": ("id", "id")}),
+)
+def solve_batch(
+    ctx: StageContext,
+    instructions: pl.DataFrame,
+    seeds: pl.DataFrame,
+    engine: EngineConfig,
+    params: SolutionParams,
+) -> StageOutput:
+    """k CoT + k PoT solutions per instruction (programs in the sandbox), majority vote.
+
+    Instructions of every round are solved; a shard solved before (same rows) is a cache hit,
+    so each round costs only its new instructions. Seeds carry their reference answer."""
+    from infra.sandbox import Sandbox, SandboxLimits
+
+    references = dict(zip(seeds["id"], seeds["answer"], strict=True))
+    limits = SandboxLimits(
+        cpu_s=params.sandbox.cpu_s,
+        wall_s=params.sandbox.wall_s,
+        memory_mb=params.sandbox.memory_mb,
+    )
+    cot = SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_tokens=params.cot_max_tokens,
+        seed=params.seed,
+    )
+    pot = replace(cot, max_tokens=params.pot_max_tokens)
+    with Sandbox(
+        limits, workers=params.sandbox.workers, allow_unsafe=params.sandbox.allow_unsafe
+    ) as sandbox:
+        samples = write_solutions(
+            instructions,
+            ctx.engine(engine),
+            sandbox,
+            params.k_cot,
+            params.k_pot,
+            cot,
+            pot,
+            fallback=params.fallback,
+        )
+    answers, solutions = vote_answers(samples, references or None, params.agreement_threshold)
+    rounds = instructions.select(pl.col("id").alias("instruction_id"), pl.col("round"))
+    answers = answers.join(rounds, on="instruction_id", how="left")
+    stats = {
+        "instructions": instructions.height,
+        "samples": solutions.height,
+        "verified": int(answers["verified"].sum()),
+        "reference_match": int(answers["reference_match"].fill_null(False).sum()),
+    }
+    return StageOutput({"solutions": solutions, "answers": answers}, stats)

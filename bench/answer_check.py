@@ -23,15 +23,14 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
-from tasks.verify import (
-    VerifierPool,
+from storage.settings import shared_data_dir
+from tasks.solutions.answers import (
     check_equivalence,
+    equivalence_pool,
     extract_answer,
     normalize_answer,
     quick_equivalence,
 )
-
-from storage.settings import shared_data_dir
 
 FRAC = re.compile(r"^(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
 INT = re.compile(r"^-?\d+$")
@@ -118,7 +117,7 @@ def main() -> None:
         labels.append(label)
         kinds.append(kind)
 
-    with VerifierPool(workers=args.workers) as pool:
+    with equivalence_pool(workers=args.workers) as pool:
         pool.judge([("1", "2")])  # start the workers outside the timed region
         start = time.perf_counter()
         extracted = [extract_answer(p) for p in preds]

@@ -182,7 +182,12 @@ def planted_metrics(removed: pl.DataFrame, truth: dict, rule: str, kind: str) ->
 
 
 def run_ours(folder: Path, memory_limit: str, threads: int) -> dict:
-    from tasks.dedup import DecontamConfig, DedupConfig, count_by_rule, dedup_and_decontaminate
+    from tasks.evolution.dedup import (
+        DecontamParams,
+        DedupParams,
+        count_by_rule,
+        dedup_and_decontaminate,
+    )
 
     truth = json.loads((folder / "truth.json").read_text())
     timings: dict[str, float] = {}
@@ -190,8 +195,8 @@ def run_ours(folder: Path, memory_limit: str, threads: int) -> dict:
     kept, removed = dedup_and_decontaminate(
         folder / "candidates.parquet",
         [folder / "prior.parquet"],
-        DedupConfig(memory_limit=memory_limit, threads=threads),
-        DecontamConfig(),
+        DedupParams(memory_limit=memory_limit, threads=threads),
+        DecontamParams(),
         timings=timings,
     )
     wall = time.perf_counter() - start
@@ -215,7 +220,7 @@ def run_ours(folder: Path, memory_limit: str, threads: int) -> dict:
 def jaccard_of_planted(folder: Path, truth: dict) -> dict:
     """How many planted near pairs are at or above the 0.7 threshold in exact shingle Jaccard:
     the ones any MinHash method is meant to find."""
-    from tasks.dedup import normalize_texts
+    from tasks.evolution.dedup import normalize_texts
 
     df = pl.read_parquet(folder / "candidates.parquet").select("id", "text")
     text = dict(zip(df["id"], df["text"], strict=False))
@@ -238,11 +243,11 @@ def jaccard_of_planted(folder: Path, truth: dict) -> dict:
 def run_datasketch(folder: Path, limit: int | None) -> dict:
     """The near stage with datasketch, on exactly the documents our near stage compares."""
     from datasketch import MinHash, MinHashLSH
-    from tasks.dedup import DedupConfig, run_sql
 
     from storage.catalog import connect
+    from tasks.evolution.dedup import DedupParams, run_sql
 
-    cfg = DedupConfig()
+    cfg = DedupParams()
     con = connect()
     run_sql(con, "text_macros")
     # Our exact stage's survivors, in our doc order (prior first, then candidates by id).

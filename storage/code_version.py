@@ -64,10 +64,12 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, ...], frozenset[str]]:
+def _parse(
+    path: str, size: int, mtime_ns: int, root: Path
+) -> tuple[tuple[str, ...], frozenset[str]]:
     """(imported module names, string constants) of one source file."""
     tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
-    package = _package_of(Path(path))
+    package = _package_of(Path(path), root)
     imports: list[str] = []
     strings: set[str] = set()
     for node in ast.walk(tree):
@@ -89,11 +91,9 @@ def _parse(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, ...], frozen
     return tuple(imports), frozenset(strings)
 
 
-def _package_of(path: Path) -> str:
-    rel = path.resolve().relative_to(PROJECT_ROOT).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        return ".".join(parts[:-1])
+def _package_of(path: Path, root: Path) -> str:
+    """The package a module's relative imports resolve against."""
+    parts = list(path.resolve().relative_to(root.resolve()).with_suffix("").parts)
     return ".".join(parts[:-1])
 
 
@@ -123,7 +123,7 @@ def module_closure(module: str, root: Path = PROJECT_ROOT) -> list[str]:
         if path is None:
             continue
         seen.add(name)
-        imports, _ = _parse(*_file_key(path))
+        imports, _ = _parse(*_file_key(path), root)
         for imported in imports:
             # importing a.b.c also runs the __init__ of a and a.b
             parts = imported.split(".")
@@ -140,7 +140,7 @@ def resources(modules: Iterable[str], root: Path = PROJECT_ROOT) -> list[Path]:
     for module in modules:
         path = module_path(module, root)
         if path is not None:
-            names |= _parse(*_file_key(path))[1]
+            names |= _parse(*_file_key(path), root)[1]
     found: set[Path] = set()
     for folder, suffix in RESOURCE_DIRS:
         directory = root / folder

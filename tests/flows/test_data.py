@@ -16,6 +16,7 @@ from infra.engines.base import ChatRequest
 from storage.catalog import Catalog
 from storage.datasets import DatasetStore
 from tasks.evolution.evolve import OPERATIONS
+from tasks.report import DATA_QUERIES, data_report_markdown, render_summary
 from tasks.templates import load_template
 from tests.fakes import ScriptedEngine, last_user_message
 
@@ -121,6 +122,15 @@ def test_factory_rounds_with_scripted_engine(prefect_harness, evolforge_home, sc
     assert plot.read_bytes().startswith(b"\x89PNG")
     _, rows = Catalog(evolforge_home).query("SELECT kind, path FROM artifacts")
     assert rows == [("plot", str(plot.parent))]
+
+    # every query the summary prints runs as printed, and returns rows
+    summary = render_summary(state)
+    for query in DATA_QUERIES:
+        assert f'evolforge sql "{query}"' in summary
+        _, found = Catalog(evolforge_home).query(query)
+        assert found, query
+    report = data_report_markdown(state)
+    assert "data:image/png;base64," in report and "| evolve | 8 | computed" in report
 
     # a rerun is all cache hits: no new versions, no engine requests
     calls = len(scripted.calls)

@@ -1,0 +1,41 @@
+"""Run profiles and `--set` overrides: unknown keys are errors, list items are addressable."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.params import ConfigError, DataParams, FactoryParams, load_params
+from storage.settings import PROJECT_ROOT
+
+
+def test_unknown_keys_name_the_nearest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'seeds\.bogus'"):
+        load_params(None, ["seeds.bogus=1"])
+    with pytest.raises(ConfigError, match=r"'evolution\.roundz'; did you mean 'evolution\.rounds'"):
+        load_params(None, ["evolution.roundz=2"])
+    with pytest.raises(ConfigError, match=r"did you mean 'solutions\.sandbox\.wall_s'"):
+        load_params(None, ["solutions.sandbox.wal_s=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'enginee'; did you mean 'engine'"):
+        load_params(None, ["enginee.kind=vllm"])
+
+
+def test_list_items_are_addressable_by_index():
+    params = load_params(None, ["seeds.sources.0.limit=6"])
+    assert isinstance(params, FactoryParams)
+    assert params.seeds.sources[0].kind == "sample" and params.seeds.sources[0].limit == 6
+    two = load_params(None, ["seeds.sources.1.kind=gsm8k", "seeds.sources.1.limit=3"])
+    assert [(s.kind, s.limit) for s in two.seeds.sources] == [("sample", None), ("gsm8k", 3)]
+    with pytest.raises(ConfigError, match="index 5 past the end"):
+        load_params(None, ["seeds.sources.5.limit=1"])
+    with pytest.raises(ConfigError, match="is a list: use an index"):
+        load_params(None, ["seeds.sources.first.limit=1"])
+
+
+def test_profiles_load_for_the_factory_and_for_each_flow():
+    demo = PROJECT_ROOT / "configs" / "demo.yaml"
+    full = load_params(demo, [])
+    data = load_params(demo, ["evolution.rounds=2"], DataParams)
+    assert type(data) is DataParams and data.evolution.rounds == 2
+    assert data.engine == full.engine
+    paper = load_params(PROJECT_ROOT / "configs" / "paper.yaml", [])
+    assert paper.engine.kind == "vllm"

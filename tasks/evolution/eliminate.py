@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
 from storage.settings import PROJECT_ROOT
-from tasks.evolution.evolve import OPERATIONS, parent_texts
+from tasks.evolution.evolve import INSTRUCTION_SCHEMA, OPERATIONS, parent_texts
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
 
@@ -64,14 +64,10 @@ RULES = (
     "not_solvable",
 )
 
+# What the eliminator needs of an evolution, and what it records of a removed one.
+REQUIRED_COLUMNS = ("id", "parent_id", "root_id", "round", "direction", "op", "text")
 ELIMINATED_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,
-    "parent_id": pl.String,
-    "root_id": pl.String,
-    "round": pl.Int64,
-    "direction": pl.String,
-    "op": pl.String,
-    "text": pl.String,
+    **{c: INSTRUCTION_SCHEMA[c] for c in REQUIRED_COLUMNS},
     "rule": pl.String,
     "evidence": pl.String,
 }
@@ -488,8 +484,6 @@ def _parsed(parse: Callable[[str], Any], response: ChatResponse) -> Any:
     except JudgeError:
         return None
 
-
-REQUIRED_COLUMNS = ("id", "parent_id", "root_id", "round", "direction", "op", "text")
 
 
 def eliminate_with_checks(

@@ -76,6 +76,7 @@ DEFAULT_POT_SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=38
 
 
 SOLUTION_SCHEMA: dict[str, Any] = {
+    "id": pl.String,  # <instruction_id>:<sample>, the solution's id in rewards and step labels
     "instruction_id": pl.String,
     "kind": pl.String,  # cot | pot | pot_fallback_cot
     "sample": pl.Int64,
@@ -88,6 +89,10 @@ SOLUTION_SCHEMA: dict[str, Any] = {
     "model": pl.String,
     "template_version": pl.String,
 }
+
+
+def solution_id(instruction_id: str, sample: int) -> str:
+    return f"{instruction_id}:{sample}"
 
 
 def chat_requests(
@@ -150,6 +155,7 @@ def write_solutions(
             for s, (text, finish) in enumerate(_completion_fields(response, k_cot)):
                 rows.append(
                     {
+                        "id": solution_id(iid, s),
                         "instruction_id": iid,
                         "kind": "cot",
                         "sample": s,
@@ -171,6 +177,7 @@ def write_solutions(
                 program = extract_program(text)
                 pot_rows.append(
                     {
+                        "id": solution_id(iid, k_cot + s),
                         "instruction_id": iid,
                         "kind": "pot",
                         "sample": k_cot + s,

@@ -83,6 +83,7 @@ def test_write_solutions_hybrid_fallback():
     sandbox = FakeSandbox()
     out = write_solutions(INSTRUCTIONS, engine, sandbox, k_cot=3, k_pot=3)
     assert out.schema == pl.Schema(SOLUTION_SCHEMA)
+    assert out["id"].n_unique() == out.height and out["id"][0] == f"{out['instruction_id'][0]}:0"
     # Every sample slot has a row: 3 instructions x (3 + 3).
     assert out.height == 18
     per = out.group_by("instruction_id").len().sort("instruction_id")

@@ -136,8 +136,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             )
             for kind in args.source
         ]
-        if args.add:
-            sources = _previous_sources() + sources
+        previous = _previous_seeds()
+        if args.add and previous is not None:
+            known = [s.fingerprint() for s in previous[1]]
+            sources = previous[1] + [s for s in sources if s.fingerprint() not in known]
         params = IngestParams(sources=sources, strict=args.strict, max_row_chars=args.max_row_chars)
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -147,6 +149,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     seeds, rejected = result["seeds"], result["seeds_rejected"]
     state = "already ingested (no new version)" if result.cached else "ingested"
     print(f"{state}: {seeds}  rejected: {rejected}")
+    if not args.add and previous is not None and previous[0].version != seeds.version:
+        old = previous[0]
+        names = ", ".join(_describe(s) for s in previous[1]) or "unknown sources"
+        print(
+            f"replaced the previous seeds {old.name}@{old.version} ({names}; {old.rows} rows), "
+            f"which stay on disk as that version; to add to them instead: "
+            f"evolforge ingest {' '.join(args.source)} --add"
+        )
     print(
         f"read {stats['read']} = accepted {stats['accepted']} + rejected {stats['rejected']}"
         f" (of which {stats['duplicate_questions_collapsed']} duplicate questions collapsed)"
@@ -160,20 +170,26 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _previous_sources():
-    from storage.datasets import DatasetError, DatasetStore
+def _previous_seeds():
+    """(manifest, sources) of the newest seeds version, or None when there are no seeds yet."""
+    from storage.datasets import DatasetStore
     from storage.settings import home
     from tasks.seeds import SeedSource
 
-    try:
-        manifest = DatasetStore(home()).latest("seeds")
-    except DatasetError:
-        return []
+    store = DatasetStore(home())
+    if not store.versions("seeds"):
+        return None
+    manifest = store.latest("seeds")
     sources = []
     for data in manifest.params.get("params", {}).get("sources", []):
         data = {k: v for k, v in data.items() if k != "sha256"}
         sources.append(SeedSource(**data))
-    return sources
+    return manifest, sources
+
+
+def _describe(source) -> str:
+    label = source.source_label()
+    return f"{label} {source.path}" if source.kind == "file" and source.path else label
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

@@ -109,7 +109,8 @@ class Catalog:
         self.store = DatasetStore(self.home)
 
     def register(self, manifest: Manifest, wait_s: float = 60.0) -> bool:
-        """Record a version and point its dataset's view at the newest version.
+        """Record a version and point its dataset's view at the current version
+        (`DatasetStore.latest`: what the last run produced or found cached).
 
         The manifests on disk are the source of truth; if readers keep the catalog open for
         longer than `wait_s`, the update is skipped with a warning (`evolforge catalog rebuild`
@@ -153,11 +154,7 @@ class Catalog:
         con.execute(_ARTIFACT_VIEWS)
         if not manifest.is_dataset:
             return
-        newest = con.execute(
-            "SELECT version FROM versions WHERE name = ? ORDER BY created_at DESC, version DESC LIMIT 1",
-            [manifest.name],
-        ).fetchone()[0]
-        self._create_view(con, self.store.manifest(f"{manifest.name}@{newest}"))
+        self._create_view(con, self.store.latest(manifest.name))
 
     def _create_view(self, con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
         files = [str(p) for p in self.store.files(manifest.ref)]

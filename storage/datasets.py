@@ -36,6 +36,7 @@ from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 from storage.errors import UserError
 
 MANIFEST = "_manifest.json"
+CURRENT = "CURRENT"
 ROWS_PER_SHARD = 250_000
 
 
@@ -216,12 +217,29 @@ class DatasetStore:
         return sorted(found, key=lambda m: (m.created_at, m.version))
 
     def latest(self, name: str) -> Manifest:
+        """The current version: the one the last run produced or found cached (`CURRENT`), else
+        the newest by creation time."""
+        current = self.root / name / CURRENT
+        if current.is_file():
+            version = current.read_text(encoding="utf-8").strip()
+            if self.exists(name, version):
+                return self.manifest(DatasetRef(name, version))
         versions = self.versions(name)
         if not versions:
             raise DatasetError(
                 f"no dataset named {name!r} (known: {', '.join(self.names()) or 'none'})"
             )
         return versions[-1]
+
+    def set_current(self, ref: DatasetRef) -> None:
+        """Make `ref` the version `latest()` and the catalog view return (atomically). A run that
+        finds a version cached makes it current again, just as one that writes it."""
+        if not self.exists(ref.name, ref.version):
+            raise DatasetError(f"no such dataset version: {ref}")
+        folder = self.root / ref.name
+        tmp = folder / f".{CURRENT}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(ref.version + "\n", encoding="utf-8")
+        os.replace(tmp, folder / CURRENT)
 
     def resolve(self, spec: str) -> Manifest:
         """`NAME` (newest version) or `NAME@VERSION` (a version id or a unique prefix of one)."""

@@ -364,6 +364,7 @@ class Stage:
         if all(store.exists(o, version) for o in self.outputs):
             manifests = [store.manifest(DatasetRef(o, version)) for o in self.outputs]
             for manifest in manifests:
+                store.set_current(manifest.ref)  # this run's result is the current one again
                 catalog.register(manifest)  # idempotent; restores a lost catalog entry
             return StageResult(
                 self.name, version, {m.name: m.ref for m in manifests}, True, manifests[0].stats
@@ -397,6 +398,7 @@ class Stage:
                 shutil.rmtree(store.root / name / f".work-{version}", ignore_errors=True)
             else:
                 manifest = store.write(name, frames[name], **common)
+            store.set_current(manifest.ref)
             catalog.register(manifest)
             refs[name] = manifest.ref
         return StageResult(self.name, version, refs, False, stats)

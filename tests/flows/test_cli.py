@@ -51,7 +51,28 @@ def test_ingest_add_merges_sources(capsys, evolforge_home, tmp_path):
     path.write_text(json.dumps({"question": "What is 9 - 4?", "answer": "#### 5"}) + "\n")
     run(capsys, "ingest", "sample")
     code, out, _ = run(capsys, "ingest", "file", "--path", str(path), "--format", "gsm8k", "--add")
-    assert code == 0 and "accepted 31" in out
+    assert code == 0 and "accepted 31" in out and "replaced" not in out
+
+
+def test_replacing_seeds_says_what_was_replaced_and_add_matches_one_ingest(
+    capsys, evolforge_home, shared_data
+):
+    _, first, _ = run(capsys, "ingest", "gsm8k")
+    code, out, _ = run(capsys, "ingest", "math")
+    assert code == 0
+    replaced = next(line for line in out.splitlines() if line.startswith("replaced"))
+    gsm8k_version = first.split("seeds@")[1].split()[0]
+    assert f"seeds@{gsm8k_version} (gsm8k; 7473 rows)" in replaced
+    assert replaced.endswith("to add to them instead: evolforge ingest math --add")
+    # gsm8k then math --add is the same version as one ingest of both
+    run(capsys, "ingest", "gsm8k")
+    _, added, _ = run(capsys, "ingest", "math", "--add")
+    _, both, _ = run(capsys, "ingest", "gsm8k", "math")
+    version = added.split("seeds@")[1].split()[0]
+    assert "already ingested (no new version)" in both and f"seeds@{version}" in both
+    # adding a source that is already there does not list it twice
+    _, again, _ = run(capsys, "ingest", "math", "--add")
+    assert f"seeds@{version}" in again and "no new version" in again
 
 
 @pytest.mark.parametrize(

@@ -108,3 +108,15 @@ def test_sharding(evolforge_home, monkeypatch):
     m = store.write("t", [frame(6), frame(3)], stage="s", code_version="c", params={})
     assert [f["rows"] for f in m.files] == [4, 2, 3]
     assert sum(b.height for b in store.iter_batches(m.ref, 2)) == 9
+
+
+def test_current_version_follows_the_last_run_not_creation_time(tmp_path):
+    store = DatasetStore(tmp_path)
+    old = store.write("seeds", pl.DataFrame({"x": [1]}), stage="s", code_version="c", params={"v": 1})
+    new = store.write("seeds", pl.DataFrame({"x": [2]}), stage="s", code_version="c", params={"v": 2})
+    assert store.latest("seeds").version == new.version  # newest by creation without a pointer
+    store.set_current(old.ref)  # a rerun found the old version cached: it is current again
+    assert store.latest("seeds").version == old.version
+    assert [m.version for m in store.versions("seeds")] == [old.version, new.version]
+    with pytest.raises(DatasetError, match="no such dataset version"):
+        store.set_current(DatasetRef("seeds", "0000"))

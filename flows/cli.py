@@ -26,6 +26,7 @@ from typing import Any
 from storage.errors import UserError
 
 EXIT_ERROR = 2
+EPHEMERAL_STARTUP_TIMEOUT_S = 180
 
 
 class CliError(UserError):
@@ -45,6 +46,11 @@ def _prepare_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # No telemetry from the ephemeral server: there is no network to send it to.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral API server creates and migrates its SQLite database on a fresh data home's
+    # first run: about 26 s on a busy 2-core machine, past Prefect's default wait of 20 s.
+    os.environ.setdefault(
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S)
+    )
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -182,7 +188,7 @@ def _previous_seeds():
     manifest = store.latest("seeds")
     sources = []
     for data in manifest.params.get("params", {}).get("sources", []):
-        data = {k: v for k, v in data.items() if k != "sha256"}
+        data = {k: v for k, v in data.items() if k not in ("sha256", "files")}
         sources.append(SeedSource(**data))
     return manifest, sources
 

@@ -14,7 +14,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import DataParams
 from flows.state import DataState
-from storage.settings import shard_workers
+from storage.locks import run_lock
+from storage.settings import home, shard_workers
 from tasks.evolution.combine import combine_round, start_pool
 from tasks.evolution.dedup import dedup_batch
 from tasks.evolution.eliminate import eliminate_batch
@@ -70,29 +71,32 @@ def evolve_round(round: int, state: DataState, params: DataParams) -> DataState:
 @flow(name="data", log_prints=True, validate_parameters=True, task_runner=RUNNER)
 def data(params: DataParams = DataParams()) -> DataState:
     """Seeds → SFT answers → evolution rounds → CoT/PoT solutions → difficulty check."""
-    seeds = ingest_seeds(params=params.seeds)
-    state = DataState(seeds=seeds["seeds"]).updated(seeds)
-    if params.sft.enabled:
-        state = state.updated(
-            write_sft_answers(seeds=state.seeds, engine=params.engine, params=params.sft)
-        )
-    state = state.updated(start_pool(seeds=state.seeds), round=0)
-    for round in range(1, params.evolution.rounds + 1):
-        state = evolve_round(round=round, state=state, params=params)
-    if params.solutions.enabled:
-        state = state.updated(
-            solve_batch(
-                instructions=state.instructions,
-                seeds=state.seeds,
-                engine=params.engine,
-                params=params.solutions,
+    with run_lock(home(), "data"):
+        seeds = ingest_seeds(params=params.seeds)
+        state = DataState(seeds=seeds["seeds"]).updated(seeds)
+        if params.sft.enabled:
+            state = state.updated(
+                write_sft_answers(seeds=state.seeds, engine=params.engine, params=params.sft)
             )
+        state = state.updated(start_pool(seeds=state.seeds), round=0)
+        for round in range(1, params.evolution.rounds + 1):
+            state = evolve_round(round=round, state=state, params=params)
+        if params.solutions.enabled:
+            state = state.updated(
+                solve_batch(
+                    instructions=state.instructions,
+                    seeds=state.seeds,
+                    engine=params.engine,
+                    params=params.solutions,
+                )
+            )
+        state = state.updated(
+            report_difficulty(instructions=state.instructions, answers=state.answers)
         )
-    state = state.updated(report_difficulty(instructions=state.instructions, answers=state.answers))
-    if state.funnel is not None:
-        state = state.updated(draw_funnel_plot(funnel=state.funnel))
-    publish_data_report(state=state)
-    return state
+        if state.funnel is not None:
+            state = state.updated(draw_funnel_plot(funnel=state.funnel))
+        publish_data_report(state=state)
+        return state
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import duckdb
 from filelock import FileLock
 
 from storage.datasets import DatasetStore, Manifest
+from storage.faults import crash_point
 
 CATALOG_FILE = "catalog.duckdb"
 logger = logging.getLogger(__name__)
@@ -101,6 +104,26 @@ def _open_retrying(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBP
             delay = min(delay * 2, 0.2)
 
 
+def catalog_wait_s() -> float:
+    """How long one catalog update waits for readers to let go (`EVOLFORGE_CATALOG_WAIT_S`)."""
+    return float(os.environ.get("EVOLFORGE_CATALOG_WAIT_S", "60"))
+
+
+# Manifests whose registration a busy catalog made this process skip, per catalog file; they are
+# registered with the next update that gets through (or by `evolforge catalog rebuild`).
+_pending: dict[Path, dict[tuple[str, str], Manifest]] = {}
+_pending_lock = threading.Lock()
+# After one update gave up waiting, later ones in this process wait only this long, so a reader
+# that holds the catalog for a whole run delays the run by `catalog_wait_s()` once, not per update.
+BUSY_RETRY_WAIT_S = 1.0
+
+
+def pending(home: Path) -> list[Manifest]:
+    """Versions this process wrote but could not yet record in the catalog."""
+    with _pending_lock:
+        return list(_pending.get(Path(home) / CATALOG_FILE, {}).values())
+
+
 class Catalog:
     def __init__(self, home: Path):
         self.home = Path(home)
@@ -108,23 +131,42 @@ class Catalog:
         self.lock = FileLock(str(self.home / "catalog.lock"), timeout=120)
         self.store = DatasetStore(self.home)
 
-    def register(self, manifest: Manifest, wait_s: float = 60.0) -> bool:
+    def register(self, manifest: Manifest, wait_s: float | None = None) -> bool:
         """Record a version and point its dataset's view at the current version
         (`DatasetStore.latest`: what the last run produced or found cached).
 
-        The manifests on disk are the source of truth; if readers keep the catalog open for
-        longer than `wait_s`, the update is skipped with a warning (`evolforge catalog rebuild`
-        or the next update of the dataset catches up) rather than failing the pipeline.
+        The manifests on disk are the source of truth. A reader holding the catalog open (DuckDB
+        locks the file per process) makes an update wait up to `catalog_wait_s()`; past that the
+        update is skipped with a warning and kept pending, later updates in this process wait
+        only `BUSY_RETRY_WAIT_S`, and the first one that gets through records every pending
+        version too. `evolforge catalog rebuild` catches up from the manifests at any time.
         """
+        with _pending_lock:
+            waiting = _pending.setdefault(self.path, {})
+            todo = [*waiting.values(), manifest]
+            busy_before = bool(waiting)
+        if wait_s is None:
+            wait_s = BUSY_RETRY_WAIT_S if busy_before else catalog_wait_s()
         try:
             with self.lock:
                 con = _open_retrying(self.path, read_only=False, wait_s=wait_s)
                 with con:
-                    self._register(con, manifest)
+                    for item in todo:
+                        self._register(con, item)
+            with _pending_lock:
+                for item in todo:
+                    waiting.pop((item.name, item.version), None)
             return True
         except CatalogBusyError as exc:
+            with _pending_lock:
+                waiting[(manifest.name, manifest.version)] = manifest
             logger.warning(
-                "catalog not updated for %s@%s: %s", manifest.name, manifest.version, exc
+                "catalog not updated for %s@%s (%d version(s) pending; "
+                "`evolforge catalog rebuild` catches up): %s",
+                manifest.name,
+                manifest.version,
+                len(waiting),
+                exc,
             )
             return False
 
@@ -151,6 +193,7 @@ class Catalog:
                 manifest.kind,
             ],
         )
+        crash_point("catalog_update", manifest.name)
         con.execute(_ARTIFACT_VIEWS)
         if not manifest.is_dataset:
             return

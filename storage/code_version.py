@@ -37,6 +37,8 @@ EXCLUDED_MODULES = frozenset(
         "storage.catalog",
         "storage.settings",
         "storage.errors",
+        "storage.faults",
+        "storage.locks",
     }
 )
 EXCLUDED_PACKAGES = ("flows",)

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 from storage.errors import UserError
+from storage.faults import crash_point
 
 MANIFEST = "_manifest.json"
 CURRENT = "CURRENT"
@@ -360,6 +361,7 @@ class DatasetStore:
         staging.mkdir()
         try:
             files, rows, out_schema = fill(staging)
+            crash_point("dataset_write", name)
             manifest = Manifest(
                 name=name,
                 version=version,

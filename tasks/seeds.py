@@ -95,7 +95,8 @@ class SeedSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: SourceKind = "sample"
-    # A local file (gsm8k, math, file); defaults to the train split in the shared data folder.
+    # A local file or a folder of seed files (gsm8k, math, file; `$VARS` expand); gsm8k and math
+    # default to the train split in the shared data folder.
     path: str | None = None
     # Hub data set (kind=hf): name, optional config, split.
     name: str | None = None
@@ -133,7 +134,7 @@ class SeedSource(BaseModel):
 
     def resolved_path(self) -> Path | None:
         if self.path:
-            return Path(self.path).expanduser().resolve()
+            return Path(os.path.expandvars(self.path)).expanduser().resolve()
         if self.kind == "gsm8k":
             return shared_data_dir() / "gsm8k" / "train.jsonl"
         if self.kind == "math":
@@ -159,10 +160,11 @@ class SeedSource(BaseModel):
         data = self.model_dump()
         path = self.resolved_path()
         if path is not None:
-            if not path.is_file():
-                raise SeedError(f"{path}: no such file")
             data["path"] = str(path)
-            data["sha256"] = sha256_file(path)
+            if path.is_dir():  # a folder: every seed file in it, by name and content
+                data["files"] = {f.name: sha256_file(f) for f in source_files(path)}
+            else:
+                data["sha256"] = sha256_file(source_files(path)[0])
         return data
 
 
@@ -329,19 +331,30 @@ READERS = {
 }
 
 
-def read_rows(source: SeedSource, max_row_chars: int) -> tuple[str, Iterator[RawRow]]:
-    if source.kind == "hf":
-        return f"hf:{source.name}/{source.split}", read_hf(source, max_row_chars)
-    path = source.resolved_path()
-    assert path is not None
+def source_files(path: Path) -> list[Path]:
+    """The file itself, or a folder's seed files (jsonl, json, csv, parquet) in name order."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in READERS)
     if not path.is_file():
         raise SeedError(f"{path}: no such file")
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise SeedError(
-            f"{path}: unsupported file type {path.suffix!r} (use jsonl, json, csv or parquet)"
-        )
-    return str(path), reader(path, max_row_chars)
+    return [path]
+
+
+def read_rows(source: SeedSource, max_row_chars: int) -> list[tuple[str, Iterator[RawRow]]]:
+    """(file, rows) for each file of a source; a folder source gives one entry per file."""
+    if source.kind == "hf":
+        return [(f"hf:{source.name}/{source.split}", read_hf(source, max_row_chars))]
+    path = source.resolved_path()
+    assert path is not None
+    out = []
+    for file in source_files(path):
+        reader = READERS.get(file.suffix.lower())
+        if reader is None:
+            raise SeedError(
+                f"{file}: unsupported file type {file.suffix!r} (use jsonl, json, csv or parquet)"
+            )
+        out.append((str(file), reader(file, max_row_chars)))
+    return out
 
 
 # -- normalising ---------------------------------------------------------------------------------
@@ -466,53 +479,55 @@ def ingest(
     for source in sources:
         label = source.source_label()
         per_source.setdefault(label, {"read": 0, "accepted": 0, "rejected": 0})
-        file, rows = read_rows(source, max_row_chars)
-        empty = True
-        for taken, row in enumerate(rows):
-            if source.limit is not None and taken >= source.limit:
-                break
-            empty = False
-            read += 1
-            per_source[label]["read"] += 1
-            if row.error is not None:
-                reject(label, file, row.line, *row.error, row.raw)
-                continue
-            record, error = normalise_row(row, source)
-            if error is not None:
-                reject(label, file, row.line, *error, _preview(row.raw))
-                continue
-            assert record is not None
-            where = f"{file}:{row.line}"
-            if record["id"] in seen_ids:
-                reject(
-                    label,
-                    file,
-                    row.line,
-                    "duplicate_id",
-                    f"id {record['id']!r} already used at {seen_ids[record['id']]}",
-                    _preview(row.raw),
-                )
-                continue
-            key = normalise_question(record["question"])
-            if key in seen_questions:
-                reject(
-                    label,
-                    file,
-                    row.line,
-                    "duplicate_question",
-                    f"same question as {seen_questions[key]}",
-                    _preview(row.raw),
-                )
-                continue
-            seen_ids[record["id"]] = where
-            seen_questions[key] = record["id"]
-            seeds.append(record)
-            per_source[label]["accepted"] += 1
-        if empty:
-            # An empty file is one unreadable record, so that it shows in the rejected table.
-            read += 1
-            per_source[label]["read"] += 1
-            reject(label, file, 0, "empty_file", "the file has no rows", "")
+        taken = 0  # rows read from this source (its `limit` counts across a folder's files)
+        for file, rows in read_rows(source, max_row_chars):
+            empty = True
+            for row in rows:
+                if source.limit is not None and taken >= source.limit:
+                    break
+                taken += 1
+                empty = False
+                read += 1
+                per_source[label]["read"] += 1
+                if row.error is not None:
+                    reject(label, file, row.line, *row.error, row.raw)
+                    continue
+                record, error = normalise_row(row, source)
+                if error is not None:
+                    reject(label, file, row.line, *error, _preview(row.raw))
+                    continue
+                assert record is not None
+                where = f"{file}:{row.line}"
+                if record["id"] in seen_ids:
+                    reject(
+                        label,
+                        file,
+                        row.line,
+                        "duplicate_id",
+                        f"id {record['id']!r} already used at {seen_ids[record['id']]}",
+                        _preview(row.raw),
+                    )
+                    continue
+                key = normalise_question(record["question"])
+                if key in seen_questions:
+                    reject(
+                        label,
+                        file,
+                        row.line,
+                        "duplicate_question",
+                        f"same question as {seen_questions[key]}",
+                        _preview(row.raw),
+                    )
+                    continue
+                seen_ids[record["id"]] = where
+                seen_questions[key] = record["id"]
+                seeds.append(record)
+                per_source[label]["accepted"] += 1
+            if empty and not (source.limit is not None and taken >= source.limit):
+                # An empty file is one unreadable record, so that it shows in the rejected table.
+                read += 1
+                per_source[label]["read"] += 1
+                reject(label, file, 0, "empty_file", "the file has no rows", "")
     result = IngestResult(
         seeds=pl.DataFrame(seeds, schema=SEED_SCHEMA),
         rejected=pl.DataFrame(rejected, schema=REJECTED_SCHEMA),

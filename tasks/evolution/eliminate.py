@@ -485,7 +485,6 @@ def _parsed(parse: Callable[[str], Any], response: ChatResponse) -> Any:
         return None
 
 
-
 def eliminate_with_checks(
     instructions: pl.DataFrame,
     parents: pl.DataFrame,

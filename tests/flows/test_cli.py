@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -122,3 +123,27 @@ def test_console_script_strict_error(evolforge_home, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"evolforge: error: {bad}:2: malformed_json: Expecting property name enclosed in double quotes at column 2"
     ]
+
+
+@pytest.mark.slow
+def test_first_run_on_a_fresh_home_starts_prefect(tmp_path):
+    """A fresh data home (no Prefect database yet) on a busy machine: the ephemeral server's
+    first start must not hit Prefect's default 20 s start-up limit."""
+    from flows import cli
+
+    home = tmp_path / "fresh-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["EVOLFORGE_HOME"] = str(home)
+    code = (
+        "import os, sys; from flows.cli import _prepare_env; _prepare_env(); "
+        "print(os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert int(out.stdout.strip()) == cli.EPHEMERAL_STARTUP_TIMEOUT_S >= 120
+    run = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--set", "evolution.rounds=0",
+         "--set", "sft.enabled=false", "--set", "solutions.enabled=false"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (home / "prefect").is_dir() and "seeds: seeds@" in run.stdout

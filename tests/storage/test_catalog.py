@@ -81,3 +81,52 @@ def test_no_extension_downloads():
         "autoinstall_known_extensions": "false",
         "autoload_known_extensions": "false",
     }
+
+
+def test_a_reader_holding_the_catalog_delays_updates_once_and_nothing_is_lost(
+    evolforge_home, monkeypatch
+):
+    import time
+
+    from storage import catalog as catalog_module
+
+    write(evolforge_home, "things", 1, {"v": 0})  # the catalog file exists
+    monkeypatch.setenv("EVOLFORGE_CATALOG_WAIT_S", "1.5")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, duckdb; "
+            f"c = duckdb.connect({str(evolforge_home / 'catalog.duckdb')!r}, read_only=True); "
+            "print('open', flush=True); sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        store = DatasetStore(evolforge_home)
+        catalog = Catalog(evolforge_home)
+        timings = []
+        for i in (1, 2, 3):
+            m = store.write(
+                "things",
+                pl.DataFrame({"id": ["x"] * (i + 1)}),
+                stage="s",
+                code_version="c",
+                params={"v": i},
+            )
+            start = time.monotonic()
+            assert catalog.register(m) is False
+            timings.append(time.monotonic() - start)
+        assert timings[0] >= 1.5 and max(timings[1:]) < 1.5  # waited in full once
+        assert len(catalog_module.pending(evolforge_home)) == 3
+    finally:
+        holder.communicate("\n", timeout=10)
+    later = write(evolforge_home, "other", 1, {"v": 9})  # the next update records the backlog
+    assert catalog_module.pending(evolforge_home) == []
+    _, rows = Catalog(evolforge_home).query("SELECT count(*) FROM versions WHERE name = 'things'")
+    assert rows == [(4,)]
+    assert Catalog(evolforge_home).query("SELECT count(*) FROM things")[1] == [(4,)]
+    assert later.name == "other"

@@ -112,8 +112,12 @@ def test_sharding(evolforge_home, monkeypatch):
 
 def test_current_version_follows_the_last_run_not_creation_time(tmp_path):
     store = DatasetStore(tmp_path)
-    old = store.write("seeds", pl.DataFrame({"x": [1]}), stage="s", code_version="c", params={"v": 1})
-    new = store.write("seeds", pl.DataFrame({"x": [2]}), stage="s", code_version="c", params={"v": 2})
+    old = store.write(
+        "seeds", pl.DataFrame({"x": [1]}), stage="s", code_version="c", params={"v": 1}
+    )
+    new = store.write(
+        "seeds", pl.DataFrame({"x": [2]}), stage="s", code_version="c", params={"v": 2}
+    )
     assert store.latest("seeds").version == new.version  # newest by creation without a pointer
     store.set_current(old.ref)  # a rerun found the old version cached: it is current again
     assert store.latest("seeds").version == old.version

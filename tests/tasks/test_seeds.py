@@ -249,3 +249,26 @@ def test_limit_reads_only_the_first_rows():
     assert (
         result.seeds.filter(pl.col("level").is_null()).height == 3
     )  # the sample interleaves kinds
+
+
+def test_a_folder_source_reads_every_seed_file_and_follows_new_ones(tmp_path, monkeypatch):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.jsonl").write_text(
+        json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n", encoding="utf-8"
+    )
+    (inbox / "notes.txt").write_text("not seeds", encoding="utf-8")
+    monkeypatch.setenv("INBOX", str(inbox))
+    source = SeedSource(kind="file", path="$INBOX", format="seed")
+    first = ingest([source])
+    assert first.stats["accepted"] == 1 and first.rejected.height == 0
+    before = source.fingerprint()
+    (inbox / "b.csv").write_text("question,answer\nWhat is 2 + 3?,5\n", encoding="utf-8")
+    second = ingest([source])
+    assert second.seeds["question"].to_list() == ["What is 1 + 1?", "What is 2 + 3?"]
+    assert source.fingerprint() != before and set(source.fingerprint()["files"]) == {
+        "a.jsonl",
+        "b.csv",
+    }
+    limited = ingest([SeedSource(kind="file", path=str(inbox), format="seed", limit=1)])
+    assert limited.stats["read"] == 1  # the limit counts across the folder's files

@@ -38,6 +38,8 @@ def _prepare_env() -> None:
     from storage.settings import home
 
     data_home = home()
+    # Run profiles may name `${EVOLFORGE_HOME}` (the nightly profile's inbox of seed files).
+    os.environ.setdefault("EVOLFORGE_HOME", str(data_home))
     os.environ.setdefault("PREFECT_HOME", str(data_home / "prefect"))
     os.environ.setdefault(
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(data_home / "prefect" / "results")

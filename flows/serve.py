@@ -2,7 +2,8 @@
 
 - `factory/nightly`: a scheduled refresh at 02:00 every day (cron `0 2 * * *`), with at most one
   run at a time (further runs queue); it runs the profile named by `EVOLFORGE_NIGHTLY_CONFIG`
-  (default `configs/demo.yaml`).
+  (default `configs/nightly.yaml`: the demo's settings over the built-in sample plus every seed
+  file dropped into `$EVOLFORGE_HOME/inbox`, re-read each night).
 - `factory/adhoc`: no schedule; trigger it from the Prefect UI ("Run" → custom run), where the
   `FactoryParams` model renders as a form, or with
   `prefect deployment run factory/adhoc --param params='{"evolution": {"rounds": 2}}'`.
@@ -24,7 +25,7 @@ from prefect import serve
 from flows.factory import factory
 from flows.params import load_factory_params
 from flows.registry import FLOWS
-from storage.settings import PROJECT_ROOT
+from storage.settings import PROJECT_ROOT, home
 
 NIGHTLY_CRON = "0 2 * * *"
 
@@ -33,8 +34,10 @@ def build_deployments(nightly_config: str | Path | None = None):
     config = (
         nightly_config
         or os.environ.get("EVOLFORGE_NIGHTLY_CONFIG")
-        or PROJECT_ROOT / "configs" / "demo.yaml"
+        or PROJECT_ROOT / "configs" / "nightly.yaml"
     )
+    os.environ.setdefault("EVOLFORGE_HOME", str(home()))
+    (home() / "inbox").mkdir(exist_ok=True)  # the nightly profile's folder of new seed files
     nightly_params = load_factory_params(config, [])
     nightly = factory.to_deployment(
         name="nightly",

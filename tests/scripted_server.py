@@ -21,8 +21,11 @@ def reply_for(messages: list[dict]) -> str:
     user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     digest = int(hashlib.sha256(user.encode()).hexdigest()[:8], 16)
     if "rewrite math problems" in system or "write math problems" in system:
+        # The parent's own words plus a new condition: evolutions of different parents differ
+        # as much as their parents do, so dedup treats them as a real evolver's would be.
+        words = [w for w in user.split() if w.isalpha()][-24:]
         a, b = 10 + digest % 89, 2 + digest % 7
-        return f"A farmer has {a} apples and buys {b} bags of {digest % 13 + 2} apples. How many apples does the farmer have now?"
+        return f"{' '.join(words)}. Then {a} more arrive in {b} groups. How many are there now?"
     if "compare math problems" in system:
         return json.dumps({"verdict": "Not Equal"})
     if "check math problems" in system:

@@ -82,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ScriptedServer() as server:
         home = Path(tmp) / "home"
         write_inbox(home / "inbox", rows[: args.seeds], "night-1.jsonl")
-        first, t1 = run(home, server, args.rounds)
+        _, t1 = run(home, server, args.rounds)
         sent_first = server.count
         write_inbox(home / "inbox", rows[args.seeds : args.seeds + extra], "night-2.jsonl")
         second, t2 = run(home, server, args.rounds)

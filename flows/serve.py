@@ -25,6 +25,7 @@ from prefect import serve
 from flows.factory import factory
 from flows.params import load_factory_params
 from flows.registry import FLOWS
+from flows.ui import for_the_ui
 from storage.settings import PROJECT_ROOT, home
 
 NIGHTLY_CRON = "0 2 * * *"
@@ -55,7 +56,7 @@ def build_deployments(nightly_config: str | Path | None = None):
         )
         for name, flow in FLOWS.items()
     ]
-    return nightly, *adhoc
+    return tuple(for_the_ui(d) for d in (nightly, *adhoc))
 
 
 def main() -> None:

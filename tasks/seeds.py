@@ -94,21 +94,32 @@ class SeedSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: SourceKind = "sample"
-    # A local file or a folder of seed files (gsm8k, math, file; `$VARS` expand); gsm8k and math
-    # default to the train split in the shared data folder.
-    path: str | None = None
-    # Hub data set (kind=hf): name, optional config, split.
-    name: str | None = None
-    config: str | None = None
-    split: str = "train"
-    # Record layout for file/hf: a preset (gsm8k, math, seed) and/or explicit field mapping.
-    format: Literal["gsm8k", "math", "seed"] | None = None
-    mapping: dict[str, str] = Field(default_factory=dict)
-    # Label stored in the `source` column; defaults to the kind (or the hub name).
-    label: str | None = None
-    # Read only the first `limit` rows of the source (a quick run on part of a large set).
-    limit: int | None = Field(None, ge=1)
+    kind: SourceKind = Field(
+        "sample",
+        description="gsm8k / math (train sets, from ../shared/data unless a path is given), "
+        "file (a local file or folder), hf (a hub data set), sample (the built-in seeds)",
+    )
+    path: str | None = Field(
+        None,
+        description="a local file or a folder of seed files (jsonl, json, csv, parquet); "
+        "$VARS expand, e.g. ${EVOLFORGE_HOME}/inbox",
+    )
+    name: str | None = Field(None, description="hub data set name (kind hf)")
+    config: str | None = Field(None, description="hub data set config (kind hf)")
+    split: str = Field("train", description="hub data set split (kind hf)")
+    format: Literal["gsm8k", "math", "seed"] | None = Field(
+        None, description="record layout of a file or hub source (or give a mapping)"
+    )
+    mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description='seed field → column, e.g. {"question": "q", "answer": "a"}',
+    )
+    label: str | None = Field(
+        None, description="value of the `source` column (default: the kind, or the hub name)"
+    )
+    limit: int | None = Field(
+        None, ge=1, description="read only the first rows of the source (a quick run)"
+    )
 
     @field_validator("mapping")
     @classmethod
@@ -557,10 +568,16 @@ class IngestParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[SeedSource] = Field(
-        default_factory=lambda: [SeedSource(kind="sample")], min_length=1
+        default_factory=lambda: [SeedSource(kind="sample")],
+        min_length=1,
+        description="where seed problems come from, read in order",
     )
-    strict: bool = False
-    max_row_chars: int = Field(DEFAULT_MAX_ROW_CHARS, gt=0)
+    strict: bool = Field(
+        False, description="stop at the first bad row instead of rejecting it to seeds_rejected"
+    )
+    max_row_chars: int = Field(
+        DEFAULT_MAX_ROW_CHARS, gt=0, description="longer rows are rejected as too long"
+    )
 
     def fingerprint(self) -> dict[str, Any]:
         """The parameters that determine the seed version, with each file's content hash."""

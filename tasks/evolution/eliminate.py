@@ -128,27 +128,32 @@ class EliminationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Length bounds on the evolved problem (words split on whitespace; "Compute $5!$." is 2).
-    min_words: int = Field(3, ge=0)
-    max_words: int = Field(300, ge=1)
-    min_chars: int = Field(10, ge=0)
-    max_chars: int = Field(3000, ge=1)
-    # Phrases that betray a copied evolving prompt, on top of those derived from the templates.
-    extra_copy_phrases: list[str] = Field(default_factory=list)
+    min_words: int = Field(3, ge=0, description="fewer words: length_out_of_bounds")
+    max_words: int = Field(300, ge=1, description="more words: length_out_of_bounds")
+    min_chars: int = Field(10, ge=0, description="fewer characters: length_out_of_bounds")
+    max_chars: int = Field(3000, ge=1, description="more characters: length_out_of_bounds")
+    extra_copy_phrases: list[str] = Field(
+        default_factory=list,
+        description="phrases that betray a copied evolving prompt, besides the templates' own",
+    )
     # Answer probe rules (WizardLM): an apology under `sorry_max_words`, or only stop words.
-    sorry_rule: bool = True
-    sorry_max_words: int = Field(80, ge=1)
-    stopword_rule: bool = True
-    probe_max_tokens: int = Field(192, ge=1)
-    probe_temperature: float = Field(0.0, ge=0)
+    sorry_rule: bool = Field(True, description="drop when the probe answer is a short apology")
+    sorry_max_words: int = Field(80, ge=1, description="an apology this short counts")
+    stopword_rule: bool = Field(
+        True, description="drop when the probe answer is only punctuation and stop words"
+    )
+    probe_max_tokens: int = Field(192, ge=1, description="token limit of the probe answer")
+    probe_temperature: float = Field(0.0, ge=0, description="probe sampling temperature")
     # No information gain without a judge: an evolution whose words match its parent's this
     # closely (difflib ratio over lower-cased words, 1.0 = identical) is dropped before any
     # engine call. It also covers engines whose equal judge cannot be trusted.
-    max_parent_similarity: float = Field(0.95, ge=0, le=1)
-    # LLM judges
-    equal_judge: bool = True
-    solvable_judge: bool = True
-    judge_max_tokens: int = Field(64, ge=8)
-    seed: int = 0
+    max_parent_similarity: float = Field(
+        0.95, ge=0, le=1, description="word similarity to the parent that means no new information"
+    )
+    equal_judge: bool = Field(True, description="LLM judge: is the evolution equal to its parent?")
+    solvable_judge: bool = Field(True, description="LLM judge: is the evolution solvable?")
+    judge_max_tokens: int = Field(64, ge=8, description="token limit of a judge's JSON reply")
+    seed: int = Field(0, description="sampling seed of the probe and the judges")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> EliminationParams:

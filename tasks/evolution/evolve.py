@@ -148,16 +148,23 @@ class EvolutionParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rounds: int = Field(8, ge=0, le=64)
-    mix: EvolutionMix = Field(default_factory=EvolutionMix)
-    evolutions_per_parent: int = Field(1, ge=1, le=8)
-    # Pool cap: when a pool grows past it (evolutions_per_parent > 1), a seeded sample is kept.
-    max_pool: int | None = Field(None, ge=1)
-    seed: int = 0
-    # Sampling of the evolver
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(256, ge=16)
+    rounds: int = Field(8, ge=0, le=64, description="evolution rounds (WizardMath: 8)")
+    mix: EvolutionMix = Field(
+        default_factory=EvolutionMix, description="how often each operation is drawn"
+    )
+    evolutions_per_parent: int = Field(
+        1, ge=1, le=8, description="evolutions of each pool instruction per round"
+    )
+    max_pool: int | None = Field(
+        None,
+        ge=1,
+        description="pool cap: past it a seeded sample is kept (with several evolutions "
+        "per parent)",
+    )
+    seed: int = Field(0, description="seed of the operation draws and of the evolver's sampling")
+    temperature: float = Field(0.7, ge=0, description="evolver sampling temperature")
+    top_p: float = Field(0.95, gt=0, le=1, description="evolver nucleus sampling")
+    max_tokens: int = Field(256, ge=16, description="token limit of an evolved problem")
 
     def fingerprint(self) -> dict:
         """What changes an evolution: everything but the number of rounds (round r's outputs

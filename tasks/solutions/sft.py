@@ -31,11 +31,17 @@ class SftParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
-    samples_per_seed: int = Field(2, ge=1, le=64)
-    temperature: float = Field(0.7, ge=0)
-    max_tokens: int = Field(384, ge=16)
-    seed: int = 0
+    enabled: bool = Field(True, description="re-solve the seeds")
+    samples_per_seed: int = Field(
+        2, ge=1, le=64, description="tries per seed until one matches the reference"
+    )
+    temperature: float = Field(0.7, ge=0, description="sampling temperature")
+    max_tokens: int = Field(384, ge=16, description="token limit of a solution")
+    seed: int = Field(0, description="sampling seed")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """`enabled` decides whether the stage runs, not what it writes."""
+        return self.model_dump(mode="json", exclude={"enabled"})
 
 
 SFT_SCHEMA: dict[str, Any] = {

@@ -30,14 +30,23 @@ from tasks.templates import Template, load_template
 
 
 class SandboxParams(BaseModel):
+    """Limits of the program sandbox."""
+
     model_config = ConfigDict(extra="forbid")
 
-    cpu_s: float = Field(5, gt=0)
-    wall_s: float = Field(10, gt=0)
-    memory_mb: int = Field(512, ge=64)
-    workers: int = Field(2, ge=1)
-    # Run programs without bubblewrap isolation (rlimits and timeouts only). Never in production.
-    allow_unsafe: bool = False
+    cpu_s: float = Field(5, gt=0, description="CPU seconds a program may use")
+    wall_s: float = Field(10, gt=0, description="wall-clock seconds before it is killed")
+    memory_mb: int = Field(512, ge=64, description="memory a program may use")
+    workers: int = Field(2, ge=1, description="programs run at once")
+    allow_unsafe: bool = Field(
+        False,
+        description="run programs without isolation (rlimits and timeouts only); never in "
+        "production",
+    )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """How many programs run at once does not change what they print."""
+        return self.model_dump(mode="json", exclude={"workers"})
 
 
 class SolutionParams(BaseModel):
@@ -45,19 +54,31 @@ class SolutionParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
-    k_cot: int = Field(2, ge=0, le=64)
-    k_pot: int = Field(2, ge=0, le=64)
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    cot_max_tokens: int = Field(384, ge=16)
-    pot_max_tokens: int = Field(384, ge=16)
-    # MAmmoTH hybrid decoding: a PoT slot whose program fails falls back to a CoT sample.
-    fallback: bool = True
-    # Below this majority agreement an instruction is marked unverified (kept out of training).
-    agreement_threshold: float = Field(0.5, ge=0, le=1)
-    seed: int = 0
-    sandbox: SandboxParams = Field(default_factory=SandboxParams)
+    enabled: bool = Field(True, description="write and verify solutions")
+    k_cot: int = Field(2, ge=0, le=64, description="chain-of-thought samples per instruction")
+    k_pot: int = Field(2, ge=0, le=64, description="program-of-thought samples per instruction")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling")
+    cot_max_tokens: int = Field(384, ge=16, description="token limit of a CoT solution")
+    pot_max_tokens: int = Field(384, ge=16, description="token limit of a program")
+    fallback: bool = Field(
+        True,
+        description="MAmmoTH's hybrid decoding: a failed program's slot gets a CoT sample",
+    )
+    agreement_threshold: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="majority agreement below which an instruction is unverified (kept out "
+        "of training sets)",
+    )
+    seed: int = Field(0, description="sampling seed")
+    sandbox: SandboxParams = Field(default_factory=SandboxParams, description="program limits")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """`enabled` decides whether the stage runs, not what it writes."""
+        data = self.model_dump(mode="json", exclude={"enabled", "sandbox"})
+        return {**data, "sandbox": self.sandbox.fingerprint()}
 
 
 COT_TEMPLATE = "cot_fewshot"

@@ -366,6 +366,9 @@ class Stage:
             for manifest in manifests:
                 store.set_current(manifest.ref)  # this run's result is the current one again
                 catalog.register(manifest)  # idempotent; restores a lost catalog entry
+            _log(
+                f"{self.name}: cache hit, " + ", ".join(f"{m.ref} ({_rows(m)})" for m in manifests)
+            )
             return StageResult(
                 self.name, version, {m.name: m.ref for m in manifests}, True, manifests[0].stats
             )
@@ -382,6 +385,7 @@ class Stage:
         if missing:
             raise StageError(f"stage {self.name} did not produce output(s): {', '.join(missing)}")
         refs: dict[str, DatasetRef] = {}
+        written: list[str] = []
         common = {
             "stage": self.name,
             "code_version": self.code_version,
@@ -401,6 +405,8 @@ class Stage:
             store.set_current(manifest.ref)
             catalog.register(manifest)
             refs[name] = manifest.ref
+            written.append(f"{manifest.ref} ({_rows(manifest)})")
+        _log(f"{self.name}: computed {', '.join(written)}{_work(stats)}")
         return StageResult(self.name, version, refs, False, stats)
 
     def _load(self, values: dict[str, Any], store: DatasetStore) -> dict[str, Any]:
@@ -632,25 +638,59 @@ def _add_stats(total: dict[str, Any], stats: dict[str, Any]) -> None:
             total[key] = round(total.get(key, 0) + value, 6)
 
 
+def _rows(manifest: Manifest) -> str:
+    return f"{manifest.rows} rows" if manifest.is_dataset else f"{len(manifest.files)} files"
+
+
+def _work(stats: dict[str, Any]) -> str:
+    """What a computed stage cost: shards new vs reused, engine requests and tokens."""
+    parts = []
+    shards = stats.get("shards")
+    if shards:
+        parts.append(f"shards {shards.get('new', 0)} new / {shards.get('reused', 0)} reused")
+    engine = stats.get("engine")
+    if engine and engine.get("requests"):
+        parts.append(
+            f"engine {int(engine['requests'])} requests: {int(engine.get('hits', 0))} cached, "
+            f"{int(engine.get('misses', 0))} sent, {int(engine.get('completion_tokens', 0))} "
+            f"tokens out, {engine.get('engine_seconds', 0):.1f} s"
+        )
+    return "; " + "; ".join(parts) if parts else ""
+
+
+def _log(message: str) -> None:
+    """To the task run's log (the Prefect UI shows it) or, outside a run, this module's."""
+    try:
+        from prefect.context import TaskRunContext
+        from prefect.logging import get_run_logger
+
+        if TaskRunContext.get() is not None:
+            get_run_logger().info(message)
+            return
+    except ImportError:
+        pass
+    log.info(message)
+
+
+_shard_progress: dict[tuple[str, str], Any] = {}
+
+
 def _flow_progress(name: str, done: int, total: int) -> None:
+    """A Prefect progress artifact per sharded stage and flow run: shards done of total."""
     try:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-        key = f"_progress_{name}"
-        ids = _flow_progress.__dict__.setdefault("ids", {})
-        from prefect.context import FlowRunContext
-
-        run = FlowRunContext.get()
-        run_key = (str(run.flow_run.id) if run and run.flow_run else "", key)
+        run = current_flow_run() or ""
         percent = 100.0 * done / total
         text = f"{name}: {done} of {total} shards"
-        if run_key not in ids:
-            ids[run_key] = create_progress_artifact(
+        artifact = _shard_progress.get((run, name))
+        if artifact is None:
+            _shard_progress[(run, name)] = create_progress_artifact(
                 percent, key=_artifact_key(f"{name}-shards"), description=text
             )
         else:
-            update_progress_artifact(ids[run_key], percent, description=text)
-    except Exception as exc:  # cosmetic
+            update_progress_artifact(artifact, percent, description=text)
+    except Exception as exc:  # progress is cosmetic; a failure to report must not fail a stage
         log.debug("progress artifact not updated: %s", exc)
 
 

@@ -1,16 +1,28 @@
-"""A real local Prefect server (SQLite): the deployments register and the ad hoc one runs."""
+"""The factory as an operator meets it in the Prefect UI: a real local server (SQLite) with its
+UI, the deployments registered by `flows.serve`, an ad hoc run through the API, a failing run,
+and headless Chromium looking at the deployments page, the run form, the finished run and its
+report. The assertions read the rendered pages (Chromium's DOM after the UI's scripts ran).
+
+Set `EVOLFORGE_SCREENSHOTS=docs/screenshots` to keep the screenshots (the README shows them).
+"""
+
+from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def free_port() -> int:
@@ -19,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -31,6 +43,17 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
         except OSError:
             time.sleep(0.5)
     raise TimeoutError("prefect server did not become healthy")
+
+
+def api(url: str, path: str, body: dict | None = None):
+    request = urllib.request.Request(
+        url + path,
+        data=json.dumps(body or {}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 TRIGGER = """
@@ -45,46 +68,68 @@ with get_client(sync_client=True) as client:
     nightly = deployments["factory/nightly"]
     print(json.dumps({
         "names": sorted(deployments),
+        "ids": {name: str(d.id) for name, d in deployments.items()},
         "nightly_cron": [s.schedule.cron for s in nightly.schedules],
         "nightly_limit": nightly.global_concurrency_limit.limit if nightly.global_concurrency_limit else None,
         "adhoc_schedules": len(deployments["factory/adhoc"].schedules),
     }))
-params = {"seeds": {"sources": [{"kind": "sample"}]}, "sft": {"enabled": False}, "solutions": {"enabled": False}, "evolution": {"rounds": 0}}
-run = run_deployment("factory/adhoc", parameters={"params": params}, timeout=240)
-print(json.dumps({"state": run.state.type.value, "name": run.state.name}))
+good = {"seeds": {"sources": [{"kind": "sample", "limit": 4}]}, "sft": {"enabled": False},
+        "solutions": {"enabled": False}, "evolution": {"rounds": 1, "max_tokens": 48},
+        "elimination": {"equal_judge": False, "solvable_judge": False, "probe_max_tokens": 16}}
+run = run_deployment("factory/adhoc", parameters={"params": good}, timeout=900)
+print(json.dumps({"id": str(run.id), "state": run.state.type.value, "name": run.state.name}))
+bad = {"seeds": {"sources": [{"kind": "file", "path": "/no/such/seeds.jsonl", "format": "gsm8k"}]}}
+run = run_deployment("data/adhoc", parameters={"params": bad}, timeout=600)
+print(json.dumps({"id": str(run.id), "state": run.state.type.value, "message": run.state.message}))
 """
 
 
-def test_deployments_register_and_adhoc_runs(tmp_path, evolforge_home):
+def browse(url: str, out: Path | None, height: int = 1100, expect: str = "") -> str:
+    """The page's DOM after its scripts ran (again, up to three times, until it holds `expect`:
+    the UI loads data after it renders); a screenshot too when `out` is given."""
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = ""
+    for budget in (25000, 45000, 90000):
+        args = [*base, f"--virtual-time-budget={budget}", f"--window-size=1400,{height}"]
+        dom = subprocess.run(
+            [*args, "--dump-dom", url], capture_output=True, text=True, timeout=300
+        ).stdout
+        if expect in dom:
+            break
+    if out is not None:
+        subprocess.run(
+            [*args, f"--screenshot={out}", url], capture_output=True, timeout=300, check=True
+        )
+        assert out.read_bytes().startswith(b"\x89PNG")
+    return dom
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (make installs it)")
+def test_deployments_ui_adhoc_run_and_a_failed_run(tmp_path, evolforge_home, model_home):
+    shots = Path(os.environ.get("EVOLFORGE_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
+    url = f"http://127.0.0.1:{port}"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
         "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": api,
+        "PREFECT_API_URL": f"{url}/api",
+        "PREFECT_UI_API_URL": f"{url}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
         "EVOLFORGE_HOME": str(evolforge_home),
+        "EVOLFORGE_MODELS": str(model_home / "models"),
     }
     bin_dir = os.path.dirname(sys.executable)
     server = subprocess.Popen(
-        [
-            os.path.join(bin_dir, "prefect"),
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        [os.path.join(bin_dir, "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )
+    )  # fmt: skip
     runner = None
     try:
-        wait_healthy(api, server)
+        wait_healthy(f"{url}/api", server)
         runner = subprocess.Popen(
             [sys.executable, "-m", "flows.serve"],
             env=env,
@@ -92,27 +137,63 @@ def test_deployments_register_and_adhoc_runs(tmp_path, evolforge_home):
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             trigger = subprocess.run(
-                [sys.executable, "-c", TRIGGER],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
+                [sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=1800
             )
             if trigger.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(2)  # the deployments are not registered yet
-        assert trigger.returncode == 0, trigger.stderr[-2000:]
-        lines = [json.loads(line) for line in trigger.stdout.splitlines() if line.startswith("{")]
-        info, run = lines[0], lines[1]
+        assert trigger.returncode == 0, trigger.stderr[-3000:]
+        info, good, bad = [json.loads(x) for x in trigger.stdout.splitlines() if x.startswith("{")]
         assert info["names"] == ["data/adhoc", "factory/adhoc", "factory/nightly"]
         assert info["nightly_cron"] == ["0 2 * * *"]
-        assert info["nightly_limit"] == 1
-        assert info["adhoc_schedules"] == 0
-        assert run == {"state": "COMPLETED", "name": "Completed"}
-        assert (evolforge_home / "datasets" / "seeds").is_dir()
+        assert info["nightly_limit"] == 1 and info["adhoc_schedules"] == 0
+        assert (good["state"], good["name"]) == ("COMPLETED", "Completed")
+        # A failed run says why in one line, as its state message.
+        assert bad["state"] == "FAILED"
+        assert "/no/such/seeds.jsonl: no such file" in bad["message"]
+        assert "\n" not in bad["message"].strip()
+
+        page = browse(f"{url}/deployments", shots / "deployments.png", 700, "nightly")
+        for text in ("nightly", "adhoc", "factory", "data", "At 02:00 AM every day"):
+            assert text in page, text
+
+        form = browse(
+            f"{url}/deployments/deployment/{info['ids']['factory/adhoc']}/run",
+            shots / "run-form.png",
+            1600,
+            "LLM engine",
+        )
+        for title in ("Seeds", "LLM engine", "Evolution", "Elimination", "Solutions"):
+            assert f">{title}" in form, title
+        assert "Seed problems: sources" in form and "evolution rounds (WizardMath: 8)" in form
+        assert "Property is type None" not in form
+
+        runs = api(f"{url}/api", "/flow_runs/filter", {"limit": 50})
+        data_run = next(
+            r for r in runs if r.get("parent_task_run_id") and r["state"]["type"] == "COMPLETED"
+            and api(f"{url}/api", "/flows/filter", {"flows": {"id": {"any_": [r["flow_id"]]}}})[0]["name"] == "data"
+        )  # fmt: skip
+        run_page = browse(
+            f"{url}/runs/flow-run/{data_run['id']}", shots / "finished-run.png", 1100, "Completed"
+        )
+        assert data_run["name"] in run_page and "Completed" in run_page
+        artifacts = browse(f"{url}/artifacts", None, 1100, "/artifacts/key/data-report")
+        for key in ("data-report", "funnel-round-1"):
+            assert f"/artifacts/key/{key}" in artifacts, key
+        (report_artifact,) = api(
+            f"{url}/api", "/artifacts/filter", {"artifacts": {"key": {"any_": ["data-report"]}}}
+        )
+        report = browse(
+            f"{url}/artifacts/artifact/{report_artifact['id']}",
+            shots / "report.png",
+            1600,
+            "evolforge data run",
+        )
+        assert "evolforge data run" in report and "Evolution funnel" in report
+        assert "<img" in report  # the funnel plot, embedded
     finally:
         for proc in (runner, server):
             if proc is not None and proc.poll() is None:

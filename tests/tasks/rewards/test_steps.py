@@ -156,3 +156,41 @@ def test_real_reference_solutions_rejoin(shared_data):
                 assert len(steps) >= len([x for x in text.splitlines() if x.strip()])
             several += len(steps) > 1
         assert several > 0.5 * len(lines), name
+
+
+def test_messy_outputs_of_the_demo_model():
+    """Verbatim SmolLM2-135M solutions from a demo run."""
+    repeated_answer = (
+        "Step 1: The bakery sells 4 muffins and has 2 cookies.\n"
+        "Step 2: The bakery sells 4 muffins and has 2 cookies.\n"
+        "Step 3: The bakery sells 4 cookies and has 2 muffins.\n"
+        "The answer is: 4 + 2 = 6.\nThe answer is: 6"
+    )
+    assert len(check(repeated_answer)) == 5  # each answer line is a step of its own
+    continuation = (
+        "Step 1: The total distance traveled is 2.5 + 1.5 = 4.0 miles.\n"
+        "Step 2: To convert it to miles, we multiply by 1.5.\n"
+        "So, 4.0 miles is equal to 0.25 miles.\nThe answer is: 0.25"
+    )
+    assert check(continuation)[1] == (
+        "Step 2: To convert it to miles, we multiply by 1.5.\nSo, 4.0 miles is equal to 0.25 miles."
+    )
+    latex = "Step 1: The equation is $x - 7 = 11$, so $x = 17.$\nStep 2: The answer is $x = 17$.\nThe answer is: $x = 17$"
+    assert check(latex) == [
+        "Step 1: The equation is $x - 7 = 11$, so $x = 17.$",
+        "Step 2: The answer is $x = 17$.",
+        "The answer is: $x = 17$",
+    ]
+
+
+def test_pot_completion_with_prose_around_the_program():
+    text = (
+        "Here is a program that solves it:\n\n```python\ndef cost(n):\n    return 3 * n\n\n"
+        "print(cost(4) + 5 * 2)\n```\n\nIt prints 22. The answer is 22."
+    )
+    assert check(text) == [
+        "Here is a program that solves it:",
+        "```python\ndef cost(n):\n    return 3 * n\n\nprint(cost(4) + 5 * 2)\n```",
+        "It prints 22.",
+        "The answer is 22.",
+    ]

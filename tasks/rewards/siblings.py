@@ -161,9 +161,9 @@ def sibling_evolutions(
     for e, (engine, k_e) in enumerate(zip(evolvers, counts, strict=True)):
         if k_e == 0:
             continue
+        # Every round's requests of this evolver go to the engine as one batch.
+        batches = []
         for rnd, parent_ids in sorted(parents_of.items()):
-            if not parent_ids:
-                continue
             parents = by_id.filter(pl.col("id").is_in(parent_ids))
             missing = sorted(set(parent_ids) - set(parents["id"]))
             if missing:
@@ -172,8 +172,15 @@ def sibling_evolutions(
                 sorted(parent_ids), stable_int("siblings", params.seed, e), rnd, params.mix, k_e
             )
             requests = build_evolution_requests(parents, draws, params.sampling(e), round=rnd)
-            responses = engine.generate(requests)
-            made = make_instructions(parents, draws, responses, engine.identity, round=rnd)
+            batches.append((rnd, parents, draws, requests))
+        if not batches:
+            continue
+        responses = engine.generate([r for *_, requests in batches for r in requests])
+        offset = 0
+        for rnd, parents, draws, requests in batches:
+            part = responses[offset : offset + len(requests)]
+            offset += len(requests)
+            made = make_instructions(parents, draws, part, engine.identity, round=rnd)
             frames.append(
                 made.select(
                     (pl.lit(f"s{e}-") + pl.col("id")).alias("id"),

@@ -163,7 +163,7 @@ def monte_carlo_labels(
 @stage(
     name="rollout_steps",
     outputs=["step_rollouts"],
-    shard=Shard("segmented_solutions", key="solution_id", split_on="round"),
+    shard=Shard("segmented_solutions", key="solution_id"),
 )
 def rollout_steps(
     ctx: StageContext,

@@ -2,7 +2,8 @@
 `segment_solutions` stage).
 
 One row per selected solution (`SEGMENTED_SCHEMA`), so that the labelling stages can be sharded
-by solution and a solution's steps never straddle two shards:
+by solution and a solution's steps never straddle two shards. Rows are sorted by (round,
+solution id): a new round's solutions land in new shards and the earlier shards stay cached.
 
 - CoT solutions (`cot`, and `pot_fallback_cot`, whose text is a CoT) get `steps` from
   `tasks.rewards.steps.segment_steps`. Monte Carlo rollouts dominate the cost of labelling, so

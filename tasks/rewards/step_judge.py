@@ -157,7 +157,7 @@ def judge_solution_steps(
 @stage(
     name="judge_steps",
     outputs=["step_judgments"],
-    shard=Shard("segmented_solutions", key="solution_id", split_on="round"),
+    shard=Shard("segmented_solutions", key="solution_id"),
 )
 def judge_steps(
     ctx: StageContext,

@@ -7,19 +7,34 @@ Run it: `evolforge run --config configs/demo.yaml`, from the Prefect UI (deploym
 from __future__ import annotations
 
 from prefect import flow
+from pydantic import BaseModel
 
 from flows.data import data
-from flows.params import DataParams, FactoryParams
+from flows.params import FactoryParams
+from flows.rewards import RewardState, rewards
 from flows.state import DataState
 from storage.locks import run_lock
 from storage.settings import home
+from tasks.report import publish_factory_report
+
+
+class FactoryState(BaseModel):
+    """Each flow's state, in the order the factory ran them."""
+
+    data: DataState
+    rewards: RewardState | None = None
 
 
 @flow(name="factory", log_prints=True, validate_parameters=True)
-def factory(params: FactoryParams = FactoryParams()) -> DataState:
-    """Build math instruction data from seed problems (WizardMath RLEIF + MAmmoTH rationales)."""
+def factory(params: FactoryParams = FactoryParams()) -> FactoryState:
+    """Build math instruction data from seed problems (WizardMath RLEIF + MAmmoTH rationales),
+    label its rewards, then train and evaluate on it."""
     with run_lock(home(), "factory"):
-        return data(params=params.for_flow(DataParams))
+        data_state = data(params=params.data_params())
+        reward_state = rewards(params=params.rewards, data=data_state)
+        state = FactoryState(data=data_state, rewards=reward_state)
+        publish_factory_report(state=state)
+        return state
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ the key and the nearest valid one.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flows.rewards import RewardParams
 from infra.engines import EngineConfig
 from storage.errors import UserError
 from tasks.evolution.dedup import DecontamParams, DedupParams
@@ -78,12 +80,28 @@ class DataParams(BaseModel):
 class FactoryParams(DataParams):
     """Everything a factory run needs; defaults run the built-in sample on the embedded engine."""
 
+    rewards: RewardParams = Field(
+        default_factory=RewardParams,
+        title="Rewards",
+        description="IRM rankings of sibling evolutions, PRM step labels and r = rI · rA.",
+    )
+
     def for_flow(self, model: type[BaseModel]) -> BaseModel:
         """The part of these parameters that `model` (a flow's own parameter model) reads."""
         return model.model_validate(self.model_dump(include=set(model.model_fields)))
 
+    def data_params(self) -> DataParams:
+        params = self.for_flow(DataParams)
+        assert isinstance(params, DataParams)
+        return params
 
-FLOW_PARAMS: dict[str, type[BaseModel]] = {"factory": FactoryParams, "data": DataParams}
+
+# Each flow's parameters, taken from the factory's: a whole run profile serves every flow.
+FLOW_PARAMS: dict[str, Callable[[FactoryParams], BaseModel]] = {
+    "factory": lambda full: full,
+    "data": FactoryParams.data_params,
+    "rewards": lambda full: full.rewards,
+}
 
 
 class ConfigError(UserError):
@@ -167,7 +185,7 @@ def validation_message(exc: ValidationError, model: type[BaseModel], where: str)
 
 
 def load_params(
-    config: str | Path | None, overrides: list[str], model: type[BaseModel] = FactoryParams
+    config: str | Path | None, overrides: list[str], flow: str = "factory"
 ) -> BaseModel:
     """A flow's parameters from a run profile and `--set` overrides."""
     data: dict[str, Any] = {}
@@ -194,10 +212,10 @@ def load_params(
         raise ConfigError(
             validation_message(exc, FactoryParams, str(config or "parameters"))
         ) from exc
-    return full if model is FactoryParams else full.for_flow(model)
+    return FLOW_PARAMS[flow](full)
 
 
 def load_factory_params(config: str | Path | None, overrides: list[str]) -> FactoryParams:
-    params = load_params(config, overrides, FactoryParams)
+    params = load_params(config, overrides, "factory")
     assert isinstance(params, FactoryParams)
     return params

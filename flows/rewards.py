@@ -21,7 +21,8 @@ from flows.state import DataState, FlowState
 from infra.engines import EngineConfig
 from storage.datasets import Ref
 from storage.errors import UserError
-from storage.settings import shard_workers
+from storage.locks import run_lock
+from storage.settings import home, shard_workers
 from tasks.rewards.consensus import label_steps
 from tasks.rewards.monte_carlo import MonteCarloParams, rollout_steps
 from tasks.rewards.rankings import RankingParams, rank_siblings
@@ -114,7 +115,12 @@ def rewards(params: RewardParams = RewardParams(), data: DataState | None = None
     state = RewardState()
     if not params.enabled:
         return state
-    data = _check_inputs(data if data is not None else DataState.newest())
+    with run_lock(home(), "rewards"):
+        return _label(params, _check_inputs(data if data is not None else DataState.newest()))
+
+
+def _label(params: RewardParams, data: DataState) -> RewardState:
+    state = RewardState()
     state = state.updated(
         evolve_siblings(
             instructions=data.instructions, evolvers=params.evolvers, params=params.siblings

@@ -186,3 +186,34 @@ def render_summary(state: Any) -> str:
     lines += [f'         evolforge sql "{q}"' for q in DATA_QUERIES[1:]]
     lines.append("         evolforge datasets ls")
     return "\n".join(lines)
+
+
+def factory_summary(state: Any) -> str:
+    """The text printed after a factory run: each flow's summary in order."""
+    from tasks.rewards.report import rewards_summary
+
+    parts = [render_summary(state.data)]
+    if state.rewards is not None and state.rewards.steps:
+        parts.append(rewards_summary(state.rewards))
+    return "\n".join(parts)
+
+
+def factory_report_markdown(state: Any) -> str:
+    lines = [data_report_markdown(state.data)]
+    for name in ("rewards",):
+        sub = getattr(state, name, None)
+        if sub is not None and sub.steps:
+            lines += ["", f"## {name}", ""] + [f"- `{k}`: `{v}`" for k, v in sub.refs().items()]
+    return "\n".join(lines)
+
+
+@task(name="publish_factory_report")
+def publish_factory_report(state: Any) -> None:
+    """The whole run on the factory's own flow run: the data report and every flow's outputs."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        key="factory-report",
+        markdown=factory_report_markdown(state),
+        description="Funnel, difficulty, and the dataset and model versions of every flow",
+    )

@@ -73,13 +73,14 @@ def small_params(**overrides) -> FactoryParams:
         "sft": {"samples_per_seed": 1},
         "evolution": {"rounds": 8},
         "solutions": {"k_cot": 1, "k_pot": 1, "sandbox": {"workers": 1}},
+        "rewards": {"enabled": False},
     }
     data.update(overrides)
     return FactoryParams.model_validate(data)
 
 
 def test_factory_rounds_with_scripted_engine(prefect_harness, evolforge_home, scripted):
-    state = factory(small_params())
+    state = factory(small_params()).data
     store = DatasetStore(evolforge_home)
     instructions = store.read(state.instructions)
     eliminated = store.read(state.eliminated)
@@ -135,7 +136,7 @@ def test_factory_rounds_with_scripted_engine(prefect_harness, evolforge_home, sc
     # a rerun is all cache hits: no new versions, no engine requests
     calls = len(scripted.calls)
     versions = {name: len(store.versions(name)) for name in store.names()}
-    again = factory(small_params())
+    again = factory(small_params()).data
     assert again.refs() == state.refs()
     assert all(step.cached for step in again.steps)
     assert len(scripted.calls) == calls

@@ -13,11 +13,12 @@ def test_rerun_is_a_cache_hit_with_no_new_version(prefect_harness, evolforge_hom
             "sft": {"enabled": False},
             "solutions": {"enabled": False},
             "evolution": {"rounds": 0},
+            "rewards": {"enabled": False},
         }
     )
-    first = factory(params)
+    first = factory(params).data
     run = factory(params, return_state=True)
-    second = run.result()
+    second = run.result().data
     assert run.is_completed()
     assert second.seeds == first.seeds
     assert [step.cached for step in second.steps] == [True] * len(second.steps)

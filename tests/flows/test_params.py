@@ -34,7 +34,7 @@ def test_list_items_are_addressable_by_index():
 def test_profiles_load_for_the_factory_and_for_each_flow():
     demo = PROJECT_ROOT / "configs" / "demo.yaml"
     full = load_params(demo, [])
-    data = load_params(demo, ["evolution.rounds=2"], DataParams)
+    data = load_params(demo, ["evolution.rounds=2"], "data")
     assert type(data) is DataParams and data.evolution.rounds == 2
     assert data.engine == full.engine
     paper = load_params(PROJECT_ROOT / "configs" / "paper.yaml", [])

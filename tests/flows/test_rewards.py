@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 import infra.engines as engines
-from flows.factory import factory
+from flows.data import data as data_flow
 from flows.rewards import RewardParams, RewardState, rewards
 from infra.engines.base import ChatRequest
 from storage.catalog import Catalog
@@ -59,7 +59,7 @@ def params(**overrides) -> RewardParams:
 
 
 def test_rewards_flow_on_the_data_flow(prefect_harness, evolforge_home, scripted):
-    data = factory(small_params(evolution={"rounds": 2}))
+    data = data_flow(params=small_params(evolution={"rounds": 2}).data_params())
     state = rewards(params(), data=data)
     assert isinstance(state, RewardState)
     store = DatasetStore(evolforge_home)
@@ -153,6 +153,8 @@ def test_disabled_flow_does_nothing(prefect_harness, evolforge_home, scripted):
 def test_missing_solutions_is_a_user_error(prefect_harness, evolforge_home, scripted):
     from storage.errors import UserError
 
-    data = factory(small_params(evolution={"rounds": 1}, solutions={"enabled": False}))
+    data = data_flow(
+        params=small_params(evolution={"rounds": 1}, solutions={"enabled": False}).data_params()
+    )
     with pytest.raises(UserError, match="needs solutions, answers"):
         rewards(params(), data=data)

@@ -74,6 +74,7 @@ with get_client(sync_client=True) as client:
         "adhoc_schedules": len(deployments["factory/adhoc"].schedules),
     }))
 good = {"seeds": {"sources": [{"kind": "sample", "limit": 4}]}, "sft": {"enabled": False},
+        "rewards": {"enabled": False},
         "solutions": {"enabled": False}, "evolution": {"rounds": 1, "max_tokens": 48},
         "elimination": {"equal_judge": False, "solvable_judge": False, "probe_max_tokens": 16}}
 run = run_deployment("factory/adhoc", parameters={"params": good}, timeout=900)
@@ -140,14 +141,23 @@ def test_deployments_ui_adhoc_run_and_a_failed_run(tmp_path, evolforge_home, mod
         deadline = time.monotonic() + 180
         while True:
             trigger = subprocess.run(
-                [sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=1800
+                [sys.executable, "-c", TRIGGER],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1800,
             )
             if trigger.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(2)  # the deployments are not registered yet
         assert trigger.returncode == 0, trigger.stderr[-3000:]
         info, good, bad = [json.loads(x) for x in trigger.stdout.splitlines() if x.startswith("{")]
-        assert info["names"] == ["data/adhoc", "factory/adhoc", "factory/nightly"]
+        assert info["names"] == [
+            "data/adhoc",
+            "factory/adhoc",
+            "factory/nightly",
+            "rewards/adhoc",
+        ]
         assert info["nightly_cron"] == ["0 2 * * *"]
         assert info["nightly_limit"] == 1 and info["adhoc_schedules"] == 0
         assert (good["state"], good["name"]) == ("COMPLETED", "Completed")

@@ -10,8 +10,8 @@ machinery turns that folder into an immutable version only when the body returns
 leaves no version, and its rerun (same version id) picks the checkpoints up.
 
 **Device and precision.** `precision="auto"` is fp32 on CPU (`use_cpu`, bf16 off) and bf16 on a
-GPU that supports it; `device="cpu"` forces the CPU. Weights are loaded in fp32 either way and
-bf16 runs as autocast, as transformers' Trainer does it.
+GPU that supports it; `device="cpu"` forces the CPU. On the CPU weights are fp32 (bf16, when
+forced, is autocast); a GPU training in bf16 loads them in bf16 (`weights_dtype`).
 
 **Progress.** `StageProgress` (a TrainerCallback) turns the trainer's steps into the stage's
 Prefect progress artifact; the CLI shows transformers' own tqdm bar.
@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.training.scoring import load_model, load_tokenizer
 
@@ -78,12 +78,24 @@ class TrainerParams(BaseModel):
     device: Literal["auto", "cpu"] = "auto"
     gradient_checkpointing: bool = False
     lora: LoraParams | None = Field(None, description="train LoRA adapters (needs peft)")
+    train_top_layers: int | None = Field(
+        None,
+        ge=1,
+        description="train only the top N transformer layers (+ final norm and a new head); "
+        "None trains every weight. A CPU knob: the backward pass stops at layer N",
+    )
     eval_rows: int = Field(64, ge=0, description="held-out rows scored for the final metrics")
     logging_steps: int = Field(1, ge=1)
     seed: int = 0
     # Crash safety (not part of the version).
     checkpoint_steps: int = Field(50, ge=1, description="save a resumable checkpoint this often")
     keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_train_less(self) -> TrainerParams:
+        if self.lora is not None and self.train_top_layers is not None:
+            raise ValueError("set lora or train_top_layers, not both")
+        return self
 
     def fingerprint(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"checkpoint_steps", "keep_checkpoints"})
@@ -122,6 +134,19 @@ def device_settings(params: TrainerParams) -> dict[str, Any]:
     else:
         bf16 = cuda and torch.cuda.is_bf16_supported()
     return {"use_cpu": not cuda, "bf16": bf16, "fp16": False}
+
+
+def weights_dtype(params: TrainerParams) -> str:
+    """fp32 weights on the CPU (bf16, if forced there, is autocast); bf16 weights on a GPU that
+    trains in bf16 (a 7B model's fp32 weights and AdamW states do not fit one GPU)."""
+    import torch
+
+    settings = device_settings(params)
+    return (
+        "bfloat16"
+        if settings["bf16"] and not settings["use_cpu"] and torch.cuda.is_available()
+        else "float32"
+    )
 
 
 def training_args(config_cls: type, params: TrainerParams, output_dir: Path, **extra: Any) -> Any:
@@ -169,6 +194,46 @@ def peft_config(params: TrainerParams, task_type: str) -> Any:
         target_modules=list(params.lora.target_modules),
         task_type=task_type,
     )
+
+
+_default_threads: int | None = None
+
+
+def pick_threads() -> int:
+    """torch's threads for a training stage, decided as the embedded engine decides them: one
+    when the CPUs are oversubscribed (every small op of a decode step would otherwise wait for
+    the descheduled second thread), torch's default otherwise."""
+    global _default_threads
+    import torch
+
+    from infra.engines.embedded import auto_threads
+
+    if _default_threads is None:
+        _default_threads = torch.get_num_threads()
+    torch.set_num_threads(auto_threads() or _default_threads)
+    return torch.get_num_threads()
+
+
+def freeze_below(model: Any, params: TrainerParams) -> dict[str, int]:
+    """With `train_top_layers`, freeze everything but the top N decoder layers, the final norm
+    and a classification head (`score`); the counts of trainable and all parameters."""
+    if params.train_top_layers is not None:
+        base = model.base_model
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise ValueError(
+                f"train_top_layers: {type(model).__name__} has no decoder layer list to freeze"
+            )
+        for parameter in model.parameters():
+            parameter.requires_grad = False
+        keep = [*layers[-params.train_top_layers :], getattr(base, "norm", None)]
+        keep.append(getattr(model, "score", None))
+        for module in keep:
+            if module is not None:
+                for parameter in module.parameters():
+                    parameter.requires_grad = True
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "params": sum(p.numel() for p in model.parameters())}
 
 
 # -- crash-safe training --------------------------------------------------------------------------
@@ -227,8 +292,9 @@ def stage_progress(ctx: Any) -> Any:
     return StageProgress()
 
 
-def save_checkpoint(trainer: Any, tokenizer: Any, folder: Path) -> None:
-    """The trained model (LoRA adapters merged) + tokenizer + log history into `folder`."""
+def save_checkpoint(trainer: Any, tokenizer: Any, folder: Path) -> Any:
+    """The trained model (LoRA adapters merged) + tokenizer + log history into `folder`; the
+    saved model is returned for the final metrics."""
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -237,6 +303,7 @@ def save_checkpoint(trainer: Any, tokenizer: Any, folder: Path) -> None:
     (folder / TRAINING_LOG).write_text(
         json.dumps(trainer.state.log_history, indent=1, default=str), encoding="utf-8"
     )
+    return model
 
 
 def read_training_log(folder: Path) -> list[dict[str, Any]]:

@@ -77,8 +77,13 @@ def train_irm(
     base = base_model.resolved()
     tokenizer = common.load_tokenizer(base.path)
     model = common.load_model(
-        AutoModelForSequenceClassification, base.path, tokenizer, num_labels=1
+        AutoModelForSequenceClassification,
+        base.path,
+        tokenizer,
+        dtype=common.weights_dtype(params),
+        num_labels=1,
     )
+    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
     checkpoints = ctx.work_dir("irm_model") / common.CHECKPOINTS
     args = common.training_args(
         RewardConfig, params, checkpoints, max_length=params.max_length, disable_dropout=True
@@ -92,8 +97,8 @@ def train_irm(
         callbacks=[common.stage_progress(ctx)],
     )
     run = common.train_resumable(trainer, checkpoints)
-    common.save_checkpoint(trainer, tokenizer, ctx.output_dir("irm_model"))
-    scorer = IrmScorer(trainer.model, tokenizer, params.max_length, params.batch_size)
+    saved = common.save_checkpoint(trainer, tokenizer, ctx.output_dir("irm_model"))
+    scorer = IrmScorer(saved, tokenizer, params.max_length, params.batch_size)
     test = training_pairs(irm_set, params, "test").head(params.eval_rows)
     history = trainer.state.log_history
     metrics = {
@@ -108,6 +113,7 @@ def train_irm(
         stats={
             **metrics,
             "train_rows": train.height,
+            **sizes,
             "base_model": base.identity,
             "versions": common.library_versions(),
             "load": "AutoModelForSequenceClassification.from_pretrained(path)",

@@ -147,8 +147,6 @@ def train_prm(
     """A token-classification PRM on the labelled steps; held-out step accuracy and F1."""
     from transformers import AutoModelForTokenClassification, Trainer, TrainingArguments
 
-    if params.lora is not None:
-        raise ValueError("training.prm.lora: LoRA is not offered for the PRM (its head is new)")
     train = common.split_rows(prm_steps, "train")
     if train.height == 0:
         raise ValueError("prm_steps has no rows in its train split: nothing to train the PRM on")
@@ -158,10 +156,17 @@ def train_prm(
         AutoModelForTokenClassification,
         base.path,
         tokenizer,
+        dtype=common.weights_dtype(params),
         num_labels=2,
         id2label=ID2LABEL,
         label2id={v: k for k, v in ID2LABEL.items()},
     )
+    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
+    lora = common.peft_config(params, "TOKEN_CLS")
+    if lora is not None:  # peft trains the new head ("score") in full next to the adapters
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora)
     checkpoints = ctx.work_dir("prm_model") / common.CHECKPOINTS
     args = common.training_args(TrainingArguments, params, checkpoints, remove_unused_columns=False)
     trainer = Trainer(
@@ -174,8 +179,8 @@ def train_prm(
     )
     run = common.train_resumable(trainer, checkpoints)
     out = ctx.output_dir("prm_model")
-    common.save_checkpoint(trainer, tokenizer, out)
-    scorer = PrmScorer(trainer.model, tokenizer, params.max_length, params.batch_size)
+    saved = common.save_checkpoint(trainer, tokenizer, out)
+    scorer = PrmScorer(saved, tokenizer, params.max_length, params.batch_size)
     history = trainer.state.log_history
     metrics = {
         **run,
@@ -189,6 +194,7 @@ def train_prm(
         stats={
             **metrics,
             "train_rows": train.height,
+            **sizes,
             "base_model": base.identity,
             "versions": common.library_versions(),
             "load": "AutoModelForTokenClassification.from_pretrained(path)",

@@ -189,7 +189,10 @@ def train_rl(
     base = base_model.resolved()
     policy_path = str(sft_model) if sft_model is not None else base.path
     tokenizer = common.load_tokenizer(policy_path, padding_side="left")
-    model = common.load_model(AutoModelForCausalLM, policy_path, tokenizer)
+    model = common.load_model(
+        AutoModelForCausalLM, policy_path, tokenizer, dtype=common.weights_dtype(params)
+    )
+    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
     reward = make_reward(irm_model, prm_model, judge_reward(ctx, judge), params)
     checkpoints = ctx.work_dir("rl_model") / common.CHECKPOINTS
     trainer_cls = GRPOTrainer if params.algorithm == "grpo" else RLOOTrainer
@@ -203,7 +206,7 @@ def train_rl(
         callbacks=[common.stage_progress(ctx)],
     )
     run = common.train_resumable(trainer, checkpoints)
-    common.save_checkpoint(trainer, tokenizer, ctx.output_dir("rl_model"))
+    saved = common.save_checkpoint(trainer, tokenizer, ctx.output_dir("rl_model"))
     history = trainer.state.log_history
     metrics = {
         **run,
@@ -211,7 +214,7 @@ def train_rl(
         **common.first_and_last(history, "rI"),
         **common.first_and_last(history, "rA"),
         **held_out_eval(
-            trainer.model,
+            saved,
             tokenizer,
             common.split_rows(rl_prompts, "test", params.eval_rows),
             reward,
@@ -227,6 +230,7 @@ def train_rl(
             "rI_source": "irm_model" if irm_model is not None else "r_i column / judge",
             "rA_source": "prm_model" if prm_model is not None else "judge",
             "train_rows": train.height,
+            **sizes,
             "base_model": base.identity,
             "versions": common.library_versions(),
             "load": "AutoModelForCausalLM.from_pretrained(path)",

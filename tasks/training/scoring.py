@@ -56,11 +56,14 @@ def load_tokenizer(path: str, padding_side: str = "right") -> Any:
     return tokenizer
 
 
-def load_model(auto_cls: Any, path: str, tokenizer: Any, **kwargs: Any) -> Any:
-    """A model in fp32 (bf16 is autocast during training), its pad token set from the tokenizer."""
+def load_model(
+    auto_cls: Any, path: str, tokenizer: Any, dtype: str = "float32", **kwargs: Any
+) -> Any:
+    """A model in `dtype` (fp32 unless a GPU trains in bf16), its pad token set from the
+    tokenizer."""
     import torch
 
-    model = auto_cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+    model = auto_cls.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     generation = getattr(model, "generation_config", None)
     if generation is not None:

@@ -59,7 +59,10 @@ def train_sft(
         raise ValueError("sft_set has no rows in its train split: nothing to fine-tune on")
     base = base_model.resolved()
     tokenizer = common.load_tokenizer(base.path)
-    model = common.load_model(AutoModelForCausalLM, base.path, tokenizer)
+    model = common.load_model(
+        AutoModelForCausalLM, base.path, tokenizer, dtype=common.weights_dtype(params)
+    )
+    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
     checkpoints = ctx.work_dir("sft_model") / common.CHECKPOINTS
     args = common.training_args(
         SFTConfig,
@@ -88,6 +91,7 @@ def train_sft(
         stats={
             **metrics,
             "train_rows": train.height,
+            **sizes,
             "base_model": base.identity,
             "versions": common.library_versions(),
             "load": "AutoModelForCausalLM.from_pretrained(path)",

@@ -34,6 +34,18 @@ def segmenter(monkeypatch):
         monkeypatch.setattr(reward_mod, "default_segmenter", lambda: lambda t: t.splitlines(True))
 
 
+def _artifact_keys() -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    wanted = ["train-sft-progress", "train-rl-progress", "training-report"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=wanted))
+        )
+    return {a.key for a in found}
+
+
 def _params(tiny, **changes):
     small = {"max_steps": 1, "max_length": 128, "eval_rows": 2}
     sections = {
@@ -69,6 +81,9 @@ def test_training_flow_makes_four_checkpoints_with_lineage(
     assert [r[0] for r in rows] == ["irm_model", "prm_model", "rl_model", "sft_model"]
     text = render_summary(state)
     assert "AutoModelForCausalLM.from_pretrained(" in text and "rl_model" in text
+    # Prefect artifacts: a progress bar per trainer, the report with the curves.
+    keys = _artifact_keys()
+    assert {"train-sft-progress", "train-rl-progress", "training-report"} <= keys
     # A standalone run reads the newest training sets; nothing changed, so nothing is trained.
     again = training(params=_params(tiny))
     assert all(step.cached for step in again.steps)

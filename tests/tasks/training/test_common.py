@@ -150,3 +150,21 @@ def test_base_model_identity_is_the_version_not_the_path(tiny, tmp_path):
         BaseModelSpec(name=str(copy)).fingerprint()["model"].split("@")[1]
         == (BaseModelSpec(name=str(tiny)).fingerprint()["model"].split("@")[1])
     )
+
+
+def test_train_top_layers_freezes_everything_below(tiny):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    params = TrainerParams(train_top_layers=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    sizes = common.freeze_below(model, params)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.1.", "model.norm.")) for n in trainable)
+    assert sizes["trainable_params"] < sizes["params"]
+    head = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)
+    common.freeze_below(head, params)
+    assert head.score.weight.requires_grad and not head.model.embed_tokens.weight.requires_grad
+    everything = common.freeze_below(AutoModelForCausalLM.from_pretrained(tiny), TrainerParams())
+    assert everything["trainable_params"] == everything["params"]
+    with pytest.raises(ValueError, match="lora or train_top_layers"):
+        TrainerParams(train_top_layers=2, lora={})

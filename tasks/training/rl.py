@@ -42,7 +42,7 @@ class RlTrainParams(TrainerParams):
     learning_rate: float = Field(1e-6, gt=0)
     batch_size: int = Field(1, ge=1, description="prompts per device and step")
     num_generations: int = Field(4, ge=2, description="completions per prompt")
-    max_completion_length: int = Field(256, ge=8)
+    max_completion_length: int = Field(256, ge=1)
     temperature: float = Field(0.9, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model)")

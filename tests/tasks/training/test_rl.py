@@ -180,7 +180,7 @@ def test_grpo_raises_the_probability_of_what_the_reward_pays(
     )  # fmt: skip
     ref = store.write("rl_prompts", frame, stage="t", code_version="t", params={}).ref
     params = RlTrainParams(
-        max_steps=4, num_generations=8, max_completion_length=4, learning_rate=2e-5,
+        max_steps=4, num_generations=8, max_completion_length=2, learning_rate=2e-5,
         temperature=1.0, eval_rows=0,
     )  # fmt: skip
     result = train_rl.run(
@@ -188,4 +188,4 @@ def test_grpo_raises_the_probability_of_what_the_reward_pays(
         judge=None, params=params,
     )  # fmt: skip
     after = first_token_probs(store.version_dir("rl_model", result.version))
-    assert after[target] > before[target]
+    assert after[target] > before[target], (float(before[target]), float(after[target]))

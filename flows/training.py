@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.state import FlowState
@@ -94,16 +94,35 @@ def _trainable(name: str, enabled: bool, ref: Any, consistent_only: bool = False
     """Train only what is enabled and has rows in its train split; say why not otherwise."""
     if not enabled:
         return False
+    log = get_run_logger()
     if ref is None:
-        print(f"training.{name}: no training set in this run or data home, not trained")
+        log.warning("training.%s: no training set in this run or data home, not trained", name)
         return False
     if count_train_rows(ref, consistent_only) == 0:
-        print(f"training.{name}: {ref} has no rows to train on in its train split, not trained")
+        log.warning("training.%s: %s has no rows in its train split, not trained", name, ref)
         return False
     return True
 
 
-@flow(name="training", log_prints=True, validate_parameters=True)
+def _judge_for_rl(state: TrainingState, params: TrainingParams) -> EngineConfig | None:
+    """The judge engine, when a reward model is missing and the fallback is on."""
+    missing = state.irm_model is None or state.prm_model is None
+    return params.engine if missing and params.training.rl.judge_fallback else None
+
+
+def _rewards_for_rl(state: TrainingState, params: TrainingParams) -> bool:
+    """RL needs rA from somewhere: the PRM, or the judge."""
+    if state.prm_model is None and not params.training.rl.judge_fallback:
+        get_run_logger().warning(
+            "training.rl: no PRM and judge_fallback is off, so rA has no source: not trained"
+        )
+        return False
+    return True
+
+
+# log_prints stays off: `datasets` hashes the trainers' map functions with dill, which prints
+# bytecode when print is patched into the log.
+@flow(name="training", log_prints=False, validate_parameters=True)
 def training(
     params: TrainingParams = TrainingParams(), inputs: TrainingState | None = None
 ) -> TrainingState:
@@ -117,8 +136,7 @@ def training(
         state = state.updated(train_irm(irm_set=state.irm_set, base_model=base, params=cfg.irm))
     if _trainable("prm", cfg.prm.enabled, state.prm_steps):
         state = state.updated(train_prm(prm_steps=state.prm_steps, base_model=base, params=cfg.prm))
-    if _trainable("rl", cfg.rl.enabled, state.rl_prompts):
-        judge_needed = state.irm_model is None or state.prm_model is None
+    if _trainable("rl", cfg.rl.enabled, state.rl_prompts) and _rewards_for_rl(state, params):
         state = state.updated(
             train_rl(
                 rl_prompts=state.rl_prompts,
@@ -126,7 +144,7 @@ def training(
                 irm_model=state.irm_model,
                 prm_model=state.prm_model,
                 base_model=base,
-                judge=params.engine if judge_needed else None,
+                judge=_judge_for_rl(state, params),
                 params=cfg.rl,
             )
         )

@@ -93,7 +93,7 @@ class TrainingSetsState(FlowState):
         return cls(**found)
 
 
-@flow(name="training_sets", log_prints=True, validate_parameters=True)
+@flow(name="training_sets", log_prints=False, validate_parameters=True)
 def training_sets(
     params: TrainingSetsParams = TrainingSetsParams(), inputs: TrainingSetsState | None = None
 ) -> TrainingSetsState:

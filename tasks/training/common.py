@@ -204,13 +204,17 @@ def pick_threads() -> int:
     when the CPUs are oversubscribed (every small op of a decode step would otherwise wait for
     the descheduled second thread), torch's default otherwise."""
     global _default_threads
-    import torch
+    import os
 
-    from infra.engines.embedded import auto_threads
+    import torch
 
     if _default_threads is None:
         _default_threads = torch.get_num_threads()
-    torch.set_num_threads(auto_threads() or _default_threads)
+    cpus = os.cpu_count() or 1
+    # The rule of infra.engines.embedded.auto_threads, not imported: the engine's code is not
+    # part of what a checkpoint depends on (its version would follow every engine change).
+    oversubscribed = cpus > 1 and os.getloadavg()[0] > cpus
+    torch.set_num_threads(1 if oversubscribed else _default_threads)
     return torch.get_num_threads()
 
 

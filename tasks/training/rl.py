@@ -50,6 +50,11 @@ class RlTrainParams(TrainerParams):
         "batch", description="GRPO: how advantages are scaled ('group' divides rI out)"
     )
     correctness_gate: bool = Field(False, description="a wrong final answer scores 0")
+    judge_fallback: bool = Field(
+        True,
+        description="fill in for an untrained IRM or PRM with the judge-based reward (LLM calls); "
+        "off: a missing IRM leaves rI to the r_i column (None where it has none)",
+    )
     use_vllm: bool = Field(False, description="generate with vLLM (GPU)")
     vllm_mode: Literal["colocate", "server"] = "colocate"
     reward_max_length: int = Field(512, ge=16, description="tokens the IRM and PRM read")
@@ -227,7 +232,9 @@ def train_rl(
             **metrics,
             "algorithm": params.algorithm,
             "policy_start": "sft_model" if sft_model is not None else "base_model",
-            "rI_source": "irm_model" if irm_model is not None else "r_i column / judge",
+            "rI_source": "irm_model"
+            if irm_model is not None
+            else ("r_i column / judge" if judge is not None else "r_i column"),
             "rA_source": "prm_model" if prm_model is not None else "judge",
             "train_rows": train.height,
             **sizes,

@@ -90,7 +90,7 @@ def test_training_flow_makes_four_checkpoints_with_lineage(
     assert again.rl_model == state.rl_model
 
 
-def test_a_set_without_train_rows_is_skipped(prefect_harness, evolforge_home, tiny, segmenter):
+def test_a_set_without_train_rows_is_skipped_and_rl_uses_the_r_i_column(prefect_harness, evolforge_home, tiny, segmenter):
     store = DatasetStore(home())
     refs = write_all(store)
     sets = training_sets(
@@ -101,8 +101,14 @@ def test_a_set_without_train_rows_is_skipped(prefect_harness, evolforge_home, ti
     pairs = store.read(sets.irm_set).with_columns(pl.lit(False).alias("consistent"))
     irm_set = store.write("irm_set", pairs, stage="t", code_version="t", params={}).ref
     state = training(
-        params=_params(tiny, rl={"enabled": False}),
-        inputs=TrainingState(sft_set=sets.sft_set, irm_set=irm_set, prm_steps=sets.prm_steps),
-    )
+        params=_params(tiny, rl={"judge_fallback": False}),
+        inputs=TrainingState(
+            sft_set=sets.sft_set, irm_set=irm_set, prm_steps=sets.prm_steps,
+            rl_prompts=sets.rl_prompts,
+        ),
+    )  # fmt: skip
     assert state.irm_model is None and state.sft_model is not None and state.prm_model is not None
-    assert state.rl_model is None
+    # Without an IRM and without the judge, rI comes from the rl_prompts' r_i column alone.
+    rl = store.manifest(state.rl_model)
+    assert rl.stats["rI_source"] == "r_i column" and rl.stats["rA_source"] == "prm_model"
+    assert str(state.irm_set) not in rl.parents

@@ -90,7 +90,9 @@ def test_training_flow_makes_four_checkpoints_with_lineage(
     assert again.rl_model == state.rl_model
 
 
-def test_a_set_without_train_rows_is_skipped_and_rl_uses_the_r_i_column(prefect_harness, evolforge_home, tiny, segmenter):
+def test_a_set_without_train_rows_is_skipped_and_rl_uses_the_r_i_column(
+    prefect_harness, evolforge_home, tiny, segmenter
+):
     store = DatasetStore(home())
     refs = write_all(store)
     sets = training_sets(

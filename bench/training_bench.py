@@ -46,7 +46,7 @@ DEMO_TRAINING = {
     "rl": {
         "max_steps": 2, "batch_size": 1, "num_generations": 2, "max_completion_length": 48,
         "learning_rate": 1.0e-6, "eval_rows": 1, "reward_max_length": 256,
-        "judge_fallback": False,
+        "judge_fallback": False, "r_i_default": 1.0,
     },
 }  # fmt: skip
 

@@ -10,7 +10,8 @@ completion: `instruction`, `parent`, `label`, `r_i`.
 - **rI** (instruction reward) from the trained IRM: sigmoid of its logit on the instruction and
   its parent (`IrmScorer.scores`), computed once per distinct prompt (prompts repeat
   `num_generations` times per batch and again every epoch). Without an IRM: the `r_i` column (the
-  judge's rI from the `rewards` dataset), else the judge-based reward's `instruction_rewards`.
+  judge's rI from the `rewards` dataset), else the judge-based reward's `instruction_rewards`,
+  else `r_i_default` when one is configured (1.0: that prompt is not weighted), else None.
 - **rA** (answer reward) from the trained PRM: the completion is split into steps
   (`tasks.rewards.steps.segment_steps`) and rA is the minimum over its steps of P(step correct)
   (`PrmScorer.step_probabilities`); an empty completion scores 0; a completion whose steps were
@@ -89,6 +90,7 @@ class InstructionAnswerReward:
         segmenter: Callable[[str], list[str]] | None = None,
         gate: bool = False,
         verifier: Any | None = None,
+        r_i_default: float | None = None,
     ):
         if prm is None and judge is None:
             raise ValueError("rA needs a trained PRM or a judge-based reward to fall back on")
@@ -98,6 +100,7 @@ class InstructionAnswerReward:
         self.segmenter = segmenter
         self.gate = gate
         self.verifier = verifier
+        self.r_i_default = r_i_default
         self._r_i: dict[tuple[str, str | None], float | None] = {}
         self.last: dict[str, list[Any]] = {"r_i": [], "r_a": [], "correct": [], "r": []}
 
@@ -129,6 +132,8 @@ class InstructionAnswerReward:
             judged = self.judge.instruction_rewards([instructions[i] for i in missing])
             for i, value in zip(missing, judged, strict=True):
                 out[i] = value
+        if self.r_i_default is not None:
+            out = [self.r_i_default if v is None else v for v in out]
         return out
 
     # -- rA -------------------------------------------------------------------------------------

@@ -50,6 +50,13 @@ class RlTrainParams(TrainerParams):
         "batch", description="GRPO: how advantages are scaled ('group' divides rI out)"
     )
     correctness_gate: bool = Field(False, description="a wrong final answer scores 0")
+    r_i_default: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="rI where neither the IRM, the r_i column nor the judge gives one "
+        "(None: such completions are not scored)",
+    )
     judge_fallback: bool = Field(
         True,
         description="fill in for an untrained IRM or PRM with the judge-based reward (LLM calls); "
@@ -96,7 +103,13 @@ def make_reward(
         raise ValueError(
             "train_rl: rA needs a PRM checkpoint (prm_model) or a judge engine to fall back on"
         )
-    return InstructionAnswerReward(irm=irm, prm=prm, judge=judge, gate=params.correctness_gate)
+    return InstructionAnswerReward(
+        irm=irm,
+        prm=prm,
+        judge=judge,
+        gate=params.correctness_gate,
+        r_i_default=params.r_i_default,
+    )
 
 
 def judge_reward(ctx: StageContext, judge: EngineConfig | None) -> Any | None:

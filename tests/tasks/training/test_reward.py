@@ -119,6 +119,13 @@ def test_without_models_the_judge_and_the_r_i_column_fill_in():
     # rI: the column where it has a value, the judge where not; rA None = could not judge.
     assert r == [pytest.approx(0.7), None]
     assert reward.last["r_i"] == [0.7, 0.5] and metrics["rA"] == [1.0]
+    # Neither an IRM, a value in the column nor a judge: None, or the configured default.
+    bare = InstructionAnswerReward(prm=FakePrm(), segmenter=lines)
+    r, _, _ = grpo_call(bare, PROMPTS, ["ok", "ok"], {"r_i": [0.7, None]})
+    assert r == [pytest.approx(0.7 * 0.9), None]
+    neutral = InstructionAnswerReward(prm=FakePrm(), segmenter=lines, r_i_default=1.0)
+    r, _, _ = grpo_call(neutral, PROMPTS, ["ok", "ok"], {"r_i": [0.7, None]})
+    assert r == [pytest.approx(0.7 * 0.9), pytest.approx(0.9)]
     with pytest.raises(ValueError, match="PRM or a judge"):
         InstructionAnswerReward(irm=FakeIrm({}))
 

@@ -142,7 +142,11 @@ def stage_lines(steps: list[Any]) -> list[str]:
 
 
 def render_summary(state: Any) -> str:
-    """The text printed by `evolforge run` after the data flow."""
+    """The text printed by `evolforge run` after the data flow (or a training flow)."""
+    from tasks.training.report import render_training_summary, training_summary_lines
+
+    if not hasattr(state, "funnel"):  # the training-sets or training flow's state
+        return render_training_summary(state)
     lines = ["", "== evolforge run summary =="]
     seeds = next((s for s in state.steps if s.stage == "ingest"), None)
     if seeds is not None:
@@ -185,6 +189,7 @@ def render_summary(state: Any) -> str:
     lines += [f'query:   evolforge sql "{q}"' for q in DATA_QUERIES[:1]]
     lines += [f'         evolforge sql "{q}"' for q in DATA_QUERIES[1:]]
     lines.append("         evolforge datasets ls")
+    lines += training_summary_lines(state)
     return "\n".join(lines)
 
 

@@ -22,6 +22,14 @@ still alive:
 4. the solvable judge (`judge_solvable.txt`, JSON `{"solvable": bool, "reason": str}`):
    `not_solvable`.
 
+Active Evol-Instruct (RLEIF's third step closes the loop): with `irm_model` set to a trained
+instruction reward model (`irm_model@<version>` from the catalog's `models` view, or a checkpoint
+folder), evolutions of round `irm_from_round` and later are scored by the IRM given their parent,
+right after the cheap rules, and those scoring below `irm_threshold` (the sigmoid of the IRM's
+logit) are dropped by the rule `low_instruction_reward`, the score being the evidence. It is not
+in `RULES` (the rules every run applies) but in `ALL_RULES`; the funnel counts it per round like
+any other rule.
+
 A failed engine call or a judge reply that is not the requested JSON keeps the instruction: a
 rule drops only on positive evidence that the evolution failed, and a broken judge is not such
 evidence (dropping would bias the pool against whatever the judge chokes on). The failure is not
@@ -41,6 +49,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import polars as pl
@@ -64,6 +73,10 @@ RULES = (
     "not_solvable",
 )
 
+# Active Evol-Instruct's rule: it runs only when a trained IRM is configured.
+IRM_RULE = "low_instruction_reward"
+ALL_RULES = (*RULES, IRM_RULE)
+
 # What the eliminator needs of an evolution, and what it records of a removed one.
 REQUIRED_COLUMNS = ("id", "parent_id", "root_id", "round", "direction", "op", "text")
 ELIMINATED_SCHEMA: dict[str, pl.DataType] = {
@@ -80,6 +93,7 @@ CHECKS_SCHEMA: dict[str, pl.DataType] = {
     "solvable": pl.Boolean,
     "solvable_reason": pl.String,
     "notes": pl.String,  # engine or judge failures that did not drop the instruction
+    "irm_score": pl.Float64,  # the trained IRM's score (Active Evol-Instruct), null when not scored
 }
 
 EQUAL_SCHEMA: dict[str, Any] = {
@@ -154,6 +168,33 @@ class EliminationParams(BaseModel):
     solvable_judge: bool = Field(True, description="LLM judge: is the evolution solvable?")
     judge_max_tokens: int = Field(64, ge=8, description="token limit of a judge's JSON reply")
     seed: int = Field(0, description="sampling seed of the probe and the judges")
+    # Active Evol-Instruct: a trained IRM (`irm_model@<version>` from the models view, or a
+    # checkpoint folder) scores the evolutions of round `irm_from_round` and later; those
+    # below `irm_threshold` (sigmoid of the IRM's logit, in (0, 1)) are dropped.
+    irm_model: str | None = Field(
+        None,
+        description="Active Evol-Instruct: a trained IRM (irm_model@<version> or a folder) "
+        "that scores later rounds' evolutions",
+    )
+    irm_threshold: float = Field(
+        0.5, ge=0, le=1, description="evolutions the IRM scores below this are dropped"
+    )
+    irm_from_round: int = Field(2, ge=1, description="the first round the IRM scores")
+    irm_max_length: int = Field(512, ge=16, description="tokens of an instruction the IRM reads")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Every setting; the IRM's only when one is configured, a folder by its contents."""
+        data = self.model_dump(mode="json")
+        if self.irm_model is None:
+            for key in ("irm_model", "irm_threshold", "irm_from_round", "irm_max_length"):
+                data.pop(key)
+        elif Path(self.irm_model).expanduser().is_dir():
+            from infra.models import folder_checksum
+
+            data["irm_model"] = (
+                f"folder-sha256:{folder_checksum(Path(self.irm_model).expanduser())}"
+            )
+        return data
 
     @model_validator(mode="after")
     def _check_bounds(self) -> EliminationParams:
@@ -398,6 +439,16 @@ def same_as_parent(parent: str, evolution: str, max_similarity: float = 0.95) ->
     return KEEP
 
 
+def low_instruction_reward(score: float | None, threshold: float, model: str = "IRM") -> Verdict:
+    """Drop when the trained IRM scores the evolution below the threshold (Active Evol-Instruct).
+    No score (the IRM could not read it) keeps the evolution."""
+    if score is None:
+        return Verdict(True, None, f"{model} gave no score")
+    if score < threshold:
+        return _drop(IRM_RULE, f"IRM score {score:.3f} < threshold {threshold:.3f} ({model})")
+    return KEEP
+
+
 def no_information_gain(response: ChatResponse) -> Verdict:
     """Drop when the equal judge finds the evolution equal to its parent."""
     try:
@@ -433,7 +484,7 @@ class Elimination:
     def counts(self) -> dict[str, int]:
         """Rows per outcome: 'kept' and one entry per rule that dropped something."""
         out = {"kept": self.kept.height}
-        for rule in RULES:
+        for rule in ALL_RULES:
             n = self.eliminated.filter(pl.col("rule") == rule).height
             if n:
                 out[rule] = n
@@ -450,6 +501,7 @@ class _Row:
     solvable: bool | None = None
     solvable_reason: str | None = None
     notes: list[str] | None = None
+    irm_score: float | None = None
 
     @property
     def alive(self) -> bool:
@@ -490,13 +542,20 @@ def _parsed(parse: Callable[[str], Any], response: ChatResponse) -> Any:
         return None
 
 
+IrmScores = Callable[[list[str], list[str | None]], list[float]]
+
+
 def eliminate_with_checks(
     instructions: pl.DataFrame,
     parents: pl.DataFrame,
     engine: Engine,
     cfg: EliminationParams | None = None,
+    irm: IrmScores | None = None,
 ) -> Elimination:
-    """Run every rule over a batch of evolved instructions; see the module docstring."""
+    """Run every rule over a batch of evolved instructions; see the module docstring.
+
+    `irm` scores (instructions, parent texts) in (0, 1): the trained IRM of Active
+    Evol-Instruct, applied to rows of round `cfg.irm_from_round` and later."""
     cfg = cfg or EliminationParams()
     missing = [c for c in REQUIRED_COLUMNS if c not in instructions.columns]
     if missing:
@@ -518,6 +577,19 @@ def eliminate_with_checks(
             row.apply(verdict)
             if not row.alive:
                 break
+
+    if irm is not None:
+        alive = [r for r in rows if r.alive and r.record["round"] >= cfg.irm_from_round]
+        if alive:
+            scores = irm(
+                [r.record["text"] for r in alive],
+                [texts[r.record["parent_id"]][1] for r in alive],
+            )
+            if len(scores) != len(alive):
+                raise RuntimeError(f"IRM returned {len(scores)} scores for {len(alive)} rows")
+            for row, score in zip(alive, scores, strict=True):
+                row.irm_score = score
+                row.apply(low_instruction_reward(score, cfg.irm_threshold, cfg.irm_model or "IRM"))
 
     if cfg.sorry_rule or cfg.stopword_rule:
         alive = [row for row in rows if row.alive]
@@ -602,6 +674,7 @@ def eliminate_with_checks(
                 "solvable": row.solvable,
                 "solvable_reason": row.solvable_reason,
                 "notes": "; ".join(row.notes) if row.notes else None,
+                "irm_score": row.irm_score,
             }
             for row in rows
         ],
@@ -639,13 +712,27 @@ def eliminate_batch(
     params: EliminationParams,
 ) -> StageOutput:
     """Drop failed evolutions (WizardLM's eliminator + math rules), each with rule and evidence."""
-    result = eliminate_with_checks(evolutions, pool, ctx.engine(engine), params)
+    irm = None
+    if (
+        params.irm_model is not None
+        and evolutions.height
+        and evolutions["round"].max() >= params.irm_from_round
+    ):
+        from tasks.training.scoring import IrmScorer, resolve_checkpoint
+
+        folder = resolve_checkpoint(params.irm_model, ctx.home)
+        irm = IrmScorer.cached(folder, max_length=params.irm_max_length).scores
+    result = eliminate_with_checks(evolutions, pool, ctx.engine(engine), params, irm)
     by_rule = dict(result.eliminated.group_by("rule").len().iter_rows())
     stats = {
         "generated": evolutions.height,
         "eliminated": result.eliminated.height,
         "by_rule": by_rule,
     }
+    if irm is not None:
+        scored = result.checks["irm_score"].drop_nulls()
+        stats["irm_scored"] = scored.len()
+        stats["irm_mean_score"] = round(float(scored.mean()), 4) if scored.len() else None
     return StageOutput(
         {"elimination": result.eliminated, "elimination_checks": result.checks}, stats
     )

@@ -488,3 +488,106 @@ def test_one_round_with_the_embedded_model(model_home, monkeypatch):
     ]  # rows the equal judge dropped never reach the solvable judge
     assert all(isinstance(row["solvable"], bool) for row in solvable_judged)
     assert all(row["notes"] is None for row in checks), checks
+
+
+# --- Active Evol-Instruct: a trained IRM as one more rule ----------------------------------------
+
+
+def _rounds(texts_by_round: dict[str, tuple[int, str]]) -> pl.DataFrame:
+    frame = _instructions({name: (text, None) for name, (_, text) in texts_by_round.items()})
+    return frame.with_columns(pl.Series("round", [r for r, _ in texts_by_round.values()]))
+
+
+def test_trained_irm_drops_low_scoring_evolutions_of_later_rounds():
+    from tasks.evolution.eliminate import ALL_RULES, IRM_RULE
+
+    asked = []
+
+    def irm(texts, parents):
+        asked.extend(zip(texts, parents, strict=True))
+        return [0.2 if "vague" in t else 0.9 for t in texts]
+
+    rows = _rounds(
+        {
+            "early_vague": (1, GOOD + " It is vague."),  # round 1: before irm_from_round
+            "late_vague": (2, GOOD + " It is vague."),
+            "late_good": (2, GOOD),
+            "late_copy": (2, PARENT),  # dropped by a cheap rule first: never scored
+        }
+    )
+    cfg = EliminationParams(
+        sorry_rule=False, stopword_rule=False, equal_judge=False, solvable_judge=False,
+        irm_model="irm_model@abc", irm_threshold=0.5, irm_from_round=2,
+    )  # fmt: skip
+    result = eliminate_with_checks(rows, PARENTS, ScriptedEngine(_reply), cfg, irm=irm)
+    assert asked == [(GOOD + " It is vague.", PARENT), (GOOD, PARENT)]
+    dropped = dict(zip(result.eliminated["id"], result.eliminated["rule"], strict=True))
+    assert dropped == {"late_vague": IRM_RULE, "late_copy": "no_information_gain"}
+    evidence = result.eliminated.filter(pl.col("id") == "late_vague")["evidence"][0]
+    assert evidence == "IRM score 0.200 < threshold 0.500 (irm_model@abc)"
+    scores = dict(zip(result.checks["id"], result.checks["irm_score"], strict=True))
+    assert scores == {"early_vague": None, "late_vague": 0.2, "late_good": 0.9, "late_copy": None}
+    assert result.counts() == {"kept": 2, "no_information_gain": 1, IRM_RULE: 1}
+    assert IRM_RULE in ALL_RULES and IRM_RULE not in RULES
+
+
+def test_irm_settings_enter_the_version_only_when_an_irm_is_set(tmp_path):
+    plain = EliminationParams().fingerprint()
+    assert "irm_model" not in plain and plain == EliminationParams(irm_threshold=0.9).fingerprint()
+    with_ref = EliminationParams(irm_model="irm_model@abc").fingerprint()
+    assert with_ref["irm_model"] == "irm_model@abc" and with_ref["irm_threshold"] == 0.5
+    folder = tmp_path / "irm"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"v1")
+    first = EliminationParams(irm_model=str(folder)).fingerprint()["irm_model"]
+    (folder / "model.safetensors").write_bytes(b"v2")
+    assert EliminationParams(irm_model=str(folder)).fingerprint()["irm_model"] != first
+
+
+def test_eliminate_stage_scores_with_an_irm_checkpoint_from_the_models_view(
+    evolforge_home, tmp_path, monkeypatch
+):
+    import infra.engines as engines
+    from infra.engines import EngineConfig
+    from storage.datasets import DatasetStore
+    from storage.settings import home
+    from tasks.evolution.combine import removed_rows
+    from tasks.evolution.eliminate import IRM_RULE, eliminate_batch
+    from tasks.evolution.funnel import round_funnel
+    from tasks.training.common import BaseModelSpec
+    from tasks.training.irm import IrmTrainParams, train_irm
+    from tasks.training.sets import IrmSetParams, SplitParams, build_irm_set
+    from tests.tasks.training.synthetic import write_all
+    from tests.tasks.training.tiny import make_tiny_model
+
+    monkeypatch.setattr(engines, "build_engine", lambda config: ScriptedEngine(_reply))
+    store = DatasetStore(home())
+    refs = write_all(store)
+    irm_set = build_irm_set.run(
+        irm_pairs=refs["irm_pairs"], instructions=refs["instructions"],
+        split=SplitParams(test_fraction=0.0), params=IrmSetParams(),
+    )["irm_set"]  # fmt: skip
+    tiny = make_tiny_model(tmp_path / "tiny")
+    irm = train_irm.run(
+        irm_set=irm_set, base_model=BaseModelSpec(name=str(tiny)),
+        params=IrmTrainParams(max_steps=1, max_length=128),
+    )["irm_model"]  # fmt: skip
+    evolutions = _rounds({"e1": (1, GOOD), "e2": (2, GOOD), "e3": (2, GOOD + " Round it.")})
+    evo_ref = store.write("evolutions", evolutions, stage="t", code_version="t", params={}).ref
+    pool = store.write(
+        "pool", PARENTS.rename({"question": "text"}), stage="t", code_version="t", params={}
+    ).ref
+    quiet = dict(sorry_rule=False, stopword_rule=False, equal_judge=False, solvable_judge=False)
+    # Threshold 1: every scored evolution (rounds >= 2) falls below it.
+    params = EliminationParams(**quiet, irm_model=str(irm), irm_threshold=1.0, irm_from_round=2)
+    result = eliminate_batch.run(
+        evolutions=evo_ref, pool=pool, engine=EngineConfig(), params=params
+    )
+    eliminated = store.read(result["elimination"])
+    assert sorted(eliminated["id"]) == ["e2", "e3"] and set(eliminated["rule"]) == {IRM_RULE}
+    assert result.stats["irm_scored"] == 2 and 0 < result.stats["irm_mean_score"] < 1
+    assert result.stats["by_rule"] == {IRM_RULE: 2}
+    # The funnel counts the rule in its round.
+    kept = evolutions.filter(pl.col("id") == "e1")
+    funnel = round_funnel(evolutions, removed_rows(eliminated, eliminated.clear(), 2), kept)
+    assert funnel.filter(pl.col("round") == 2)["eliminated_by_rule"][0] == f"{IRM_RULE}=2"

@@ -1,0 +1,167 @@
+"""The training flow: SFT, the instruction reward model, the process reward model, and RL on
+r = rI · rA (WizardMath's RLEIF), each a cached stage whose output is a checkpoint version.
+
+    sft_set    ─► train_sft ─► sft_model ──────────────┐
+    irm_set    ─► train_irm ─► irm_model ──────────────┤
+    prm_steps  ─► train_prm ─► prm_model ──────────────┤
+    rl_prompts ──────────────────────────► train_rl ◄──┘ ─► rl_model
+                                           └─► draw_training_curves ─► training_curves
+
+A stage's version is a hash of its training set's version, the base model's identity, its
+parameters and its code: rerunning with nothing changed trains nothing. `train_rl` starts from
+the SFT checkpoint and scores with the trained IRM and PRM; where one was not trained (its set
+is missing or it is disabled), the judge-based reward (the `engine` section) fills in.
+
+The factory passes the training-sets flow's state (`TrainingState.from_states`); run alone
+(`evolforge run --flow training`) it reads the newest training sets in the data home.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.state import FlowState
+from infra.engines import EngineConfig
+from storage.datasets import DatasetStore, Ref
+from storage.errors import UserError
+from storage.settings import home
+from tasks.training.common import BaseModelSpec
+from tasks.training.config import TrainingConfig
+from tasks.training.irm import train_irm
+from tasks.training.prm import train_prm
+from tasks.training.report import draw_training_curves, publish_training_report
+from tasks.training.rl import train_rl
+from tasks.training.sets import count_train_rows
+from tasks.training.sft import train_sft
+
+SETS = ("sft_set", "irm_set", "prm_steps", "rl_prompts")
+
+
+class TrainingParams(BaseModel):
+    """SFT, IRM, PRM and RL checkpoints from the training sets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        title="LLM engine",
+        description="The judge behind RL's fallback reward when an IRM or PRM is not trained.",
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig,
+        title="Training",
+        description="Base model and the SFT, IRM, PRM and RL trainers (steps, batch, lengths, checkpoints).",
+    )
+
+
+class TrainingState(FlowState):
+    """The training sets a run read and the checkpoints it made."""
+
+    sft_set: Ref | None = None
+    irm_set: Ref | None = None
+    prm_steps: Ref | None = None
+    rl_prompts: Ref | None = None
+    sft_model: Ref | None = None
+    irm_model: Ref | None = None
+    prm_model: Ref | None = None
+    rl_model: Ref | None = None
+    training_curves: Ref | None = None
+
+    @classmethod
+    def from_states(cls, *states: FlowState) -> TrainingState:
+        """The training sets found in other flows' states (the training-sets flow's)."""
+        found: dict[str, Any] = {}
+        for state in states:
+            found.update({k: v for k, v in state.refs().items() if k in SETS})
+        return cls(**found)
+
+    @classmethod
+    def newest(cls) -> TrainingState:
+        """The newest version of each training set in the data home (for a run on its own)."""
+        store = DatasetStore(home())
+        found = {n: store.latest(n).ref for n in SETS if store.versions(n)}
+        if not found:
+            raise UserError(
+                "no training sets in this data home: run `evolforge run --flow training_sets` first"
+            )
+        return cls(**found)
+
+
+def _trainable(name: str, enabled: bool, ref: Any, consistent_only: bool = False) -> bool:
+    """Train only what is enabled and has rows in its train split; say why not otherwise."""
+    if not enabled:
+        return False
+    log = get_run_logger()
+    if ref is None:
+        log.warning("training.%s: no training set in this run or data home, not trained", name)
+        return False
+    if count_train_rows(ref, consistent_only) == 0:
+        log.warning("training.%s: %s has no rows in its train split, not trained", name, ref)
+        return False
+    return True
+
+
+def _judge_for_rl(state: TrainingState, params: TrainingParams) -> EngineConfig | None:
+    """The judge engine, when a reward model is missing and the fallback is on."""
+    missing = state.irm_model is None or state.prm_model is None
+    return params.engine if missing and params.training.rl.judge_fallback else None
+
+
+def _rewards_for_rl(state: TrainingState, params: TrainingParams) -> bool:
+    """RL needs rA from somewhere: the PRM, or the judge."""
+    if state.prm_model is None and not params.training.rl.judge_fallback:
+        get_run_logger().warning(
+            "training.rl: no PRM and judge_fallback is off, so rA has no source: not trained"
+        )
+        return False
+    return True
+
+
+# log_prints stays off: `datasets` hashes the trainers' map functions with dill, which prints
+# bytecode when print is patched into the log.
+@flow(name="training", log_prints=False, validate_parameters=True)
+def training(
+    params: TrainingParams = TrainingParams(), inputs: TrainingState | None = None
+) -> TrainingState:
+    """SFT → IRM → PRM → RL on r = rI · rA; curves and metrics as artifacts."""
+    state = inputs if inputs is not None else TrainingState.newest()
+    cfg = params.training
+    base = BaseModelSpec(name=cfg.base_model)
+    if _trainable("sft", cfg.sft.enabled, state.sft_set):
+        state = state.updated(train_sft(sft_set=state.sft_set, base_model=base, params=cfg.sft))
+    if _trainable("irm", cfg.irm.enabled, state.irm_set, cfg.irm.consistent_only):
+        state = state.updated(train_irm(irm_set=state.irm_set, base_model=base, params=cfg.irm))
+    if _trainable("prm", cfg.prm.enabled, state.prm_steps):
+        state = state.updated(train_prm(prm_steps=state.prm_steps, base_model=base, params=cfg.prm))
+    if _trainable("rl", cfg.rl.enabled, state.rl_prompts) and _rewards_for_rl(state, params):
+        state = state.updated(
+            train_rl(
+                rl_prompts=state.rl_prompts,
+                sft_model=state.sft_model,
+                irm_model=state.irm_model,
+                prm_model=state.prm_model,
+                base_model=base,
+                judge=_judge_for_rl(state, params),
+                params=cfg.rl,
+            )
+        )
+    if any(
+        getattr(state, n) is not None for n in ("sft_model", "irm_model", "prm_model", "rl_model")
+    ):
+        state = state.updated(
+            draw_training_curves(
+                sft_model=state.sft_model,
+                irm_model=state.irm_model,
+                prm_model=state.prm_model,
+                rl_model=state.rl_model,
+            )
+        )
+    publish_training_report(state=state)
+    return state
+
+
+if __name__ == "__main__":
+    training()

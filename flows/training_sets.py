@@ -1,0 +1,150 @@
+"""The training-sets flow: SFT set, IRM pairs, PRM steps and RL prompts from the data and reward
+datasets, each with a held-out split by root seed.
+
+    seeds, sft_answers, instructions, solutions, answers ─► build_sft_set     ─► sft_set
+    irm_pairs, instructions                              ─► build_irm_set     ─► irm_set
+    step_labels, instructions, solutions                 ─► build_prm_steps   ─► prm_steps
+    seeds, instructions, answers, rewards                ─► build_rl_prompts  ─► rl_prompts
+
+The factory passes the states of the data and reward flows (`TrainingSetsState.from_states`);
+run alone (`evolforge run --flow training_sets`) it reads the newest versions in the data home.
+A set whose input is missing (no reward flow yet: no `irm_pairs`, `step_labels`) is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.state import FlowState
+from storage.datasets import DatasetStore, Ref
+from storage.errors import UserError
+from storage.settings import home
+from tasks.training.report import publish_training_sets_report
+from tasks.training.sets import (
+    TrainingSetParams,
+    build_irm_set,
+    build_prm_steps,
+    build_rl_prompts,
+    build_sft_set,
+)
+
+INPUTS = (
+    "seeds",
+    "instructions",
+    "sft_answers",
+    "solutions",
+    "answers",
+    "irm_pairs",
+    "step_labels",
+    "rewards",
+)
+
+
+class TrainingSetsParams(BaseModel):
+    """Training sets from the data and reward datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    training_sets: TrainingSetParams = Field(
+        default_factory=TrainingSetParams,
+        title="Training sets",
+        description="SFT (CoT/PoT mix), IRM pairs, PRM steps (labeller), RL prompts; held-out split by seed.",
+    )
+
+
+class TrainingSetsState(FlowState):
+    """The datasets the training sets are built from, and the sets."""
+
+    seeds: Ref | None = None
+    instructions: Ref | None = None
+    sft_answers: Ref | None = None
+    solutions: Ref | None = None
+    answers: Ref | None = None
+    irm_pairs: Ref | None = None
+    step_labels: Ref | None = None
+    rewards: Ref | None = None
+    sft_set: Ref | None = None
+    irm_set: Ref | None = None
+    prm_steps: Ref | None = None
+    rl_prompts: Ref | None = None
+
+    @classmethod
+    def from_states(cls, *states: FlowState) -> TrainingSetsState:
+        """The inputs found in other flows' states (the data flow's, the reward flow's)."""
+        found: dict[str, Any] = {}
+        for state in states:
+            found.update({k: v for k, v in state.refs().items() if k in INPUTS})
+        return cls(**found)
+
+    @classmethod
+    def newest(cls) -> TrainingSetsState:
+        """The newest version of each input in the data home (for a run on its own)."""
+        store = DatasetStore(home())
+        found = {n: store.latest(n).ref for n in INPUTS if store.versions(n)}
+        missing = [n for n in ("seeds", "instructions") if n not in found]
+        if missing:
+            raise UserError(
+                f"no {', '.join(missing)} in this data home: run the data flow first "
+                "(`evolforge run --flow data`)"
+            )
+        return cls(**found)
+
+
+@flow(name="training_sets", log_prints=False, validate_parameters=True)
+def training_sets(
+    params: TrainingSetsParams = TrainingSetsParams(), inputs: TrainingSetsState | None = None
+) -> TrainingSetsState:
+    """SFT set, IRM pairs, PRM steps and RL prompts, split by root seed."""
+    state = inputs if inputs is not None else TrainingSetsState.newest()
+    sets = params.training_sets
+    if sets.sft.enabled:
+        state = state.updated(
+            build_sft_set(
+                seeds=state.seeds,
+                instructions=state.instructions,
+                sft_answers=state.sft_answers,
+                solutions=state.solutions,
+                answers=state.answers,
+                split=sets.split,
+                params=sets.sft,
+            )
+        )
+    if sets.irm.enabled and state.irm_pairs is not None:
+        state = state.updated(
+            build_irm_set(
+                irm_pairs=state.irm_pairs,
+                instructions=state.instructions,
+                split=sets.split,
+                params=sets.irm,
+            )
+        )
+    if sets.prm.enabled and state.step_labels is not None:
+        state = state.updated(
+            build_prm_steps(
+                step_labels=state.step_labels,
+                instructions=state.instructions,
+                solutions=state.solutions,
+                split=sets.split,
+                params=sets.prm,
+            )
+        )
+    if sets.rl.enabled:
+        state = state.updated(
+            build_rl_prompts(
+                seeds=state.seeds,
+                instructions=state.instructions,
+                answers=state.answers,
+                rewards=state.rewards,
+                split=sets.split,
+                params=sets.rl,
+            )
+        )
+    publish_training_sets_report(state=state)
+    return state
+
+
+if __name__ == "__main__":
+    training_sets()

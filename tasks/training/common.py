@@ -1,0 +1,358 @@
+"""What the trainers share: parameters, the base model, device and precision, crash-safe
+training that resumes from the last checkpoint, progress, and the checkpoint folder.
+
+**Crash safety.** A training stage writes checkpoints every `checkpoint_steps` optimizer steps
+into `ctx.work_dir(<output>)/checkpoints` (model, optimizer, scheduler, RNG and trainer state),
+which survives a crash of the process. `train_resumable` resumes from the newest *complete*
+checkpoint (transformers writes `trainer_state.json` last; a folder without it was cut off by the
+crash and is removed). The final model goes to `ctx.output_dir(<output>)`, and the stage
+machinery turns that folder into an immutable version only when the body returns: a killed run
+leaves no version, and its rerun (same version id) picks the checkpoints up.
+
+**Device and precision.** `precision="auto"` is fp32 on CPU (`use_cpu`, bf16 off) and bf16 on a
+GPU that supports it; `device="cpu"` forces the CPU. On the CPU weights are fp32 (bf16, when
+forced, is autocast); a GPU training in bf16 loads them in bf16 (`weights_dtype`).
+
+**Progress.** `StageProgress` (a TrainerCallback) turns the trainer's steps into the stage's
+Prefect progress artifact; the CLI shows transformers' own tqdm bar.
+
+**The checkpoint folder** holds what `save_pretrained` writes (loadable with the matching
+`AutoModelFor...from_pretrained(path)`), the tokenizer, and `training_log.json` (the trainer's
+log history: the loss and reward curves).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.training.scoring import load_model, load_tokenizer
+
+__all__ = ["load_model", "load_tokenizer"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+TRAINING_LOG = "training_log.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+
+
+class LoraParams(BaseModel):
+    """LoRA adapters through peft (merged into the weights before the checkpoint is stored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+class TrainerParams(BaseModel):
+    """Settings every trainer has. `checkpoint_steps` and `keep_checkpoints` only decide where
+    a crashed run resumes from, so they are not part of the version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_steps: int = Field(8, ge=1, description="optimizer steps")
+    learning_rate: float = Field(1e-5, gt=0)
+    batch_size: int = Field(2, ge=1, description="rows per device and step")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=16, description="tokens per training sequence")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 on a GPU that has it"
+    )
+    device: Literal["auto", "cpu"] = "auto"
+    gradient_checkpointing: bool = False
+    lora: LoraParams | None = Field(None, description="train LoRA adapters (needs peft)")
+    train_top_layers: int | None = Field(
+        None,
+        ge=1,
+        description="train only the top N transformer layers (+ final norm and a new head); "
+        "None trains every weight. A CPU knob: the backward pass stops at layer N",
+    )
+    eval_rows: int = Field(64, ge=0, description="held-out rows scored for the final metrics")
+    logging_steps: int = Field(1, ge=1)
+    seed: int = 0
+    # Crash safety (not part of the version).
+    checkpoint_steps: int = Field(50, ge=1, description="save a resumable checkpoint this often")
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_train_less(self) -> TrainerParams:
+        if self.lora is not None and self.train_top_layers is not None:
+            raise ValueError("set lora or train_top_layers, not both")
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"checkpoint_steps", "keep_checkpoints"})
+
+
+class BaseModelSpec(BaseModel):
+    """The base model every trainer starts from: None is the embedded SmolLM2-135M-Instruct
+    (its converted HF folder), else a local folder or a hub id. Its identity (weights checksum
+    or hub revision) goes into the version, not its path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+
+    def resolved(self):
+        from infra.models import resolve_model
+
+        return resolve_model(self.name)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"model": self.resolved().identity}
+
+
+# -- device, precision, arguments ---------------------------------------------------------------
+
+
+def device_settings(params: TrainerParams) -> dict[str, Any]:
+    """`use_cpu`/`bf16`/`fp16` for transformers' TrainingArguments."""
+    import torch
+
+    cuda = params.device != "cpu" and torch.cuda.is_available()
+    if params.precision == "bf16":
+        bf16 = True
+    elif params.precision == "fp32":
+        bf16 = False
+    else:
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+    return {"use_cpu": not cuda, "bf16": bf16, "fp16": False}
+
+
+def weights_dtype(params: TrainerParams) -> str:
+    """fp32 weights on the CPU (bf16, if forced there, is autocast); bf16 weights on a GPU that
+    trains in bf16 (a 7B model's fp32 weights and AdamW states do not fit one GPU)."""
+    import torch
+
+    settings = device_settings(params)
+    return (
+        "bfloat16"
+        if settings["bf16"] and not settings["use_cpu"] and torch.cuda.is_available()
+        else "float32"
+    )
+
+
+def training_args(config_cls: type, params: TrainerParams, output_dir: Path, **extra: Any) -> Any:
+    """A trl/transformers config for `params`, checkpointing into `output_dir`."""
+    values: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "max_steps": params.max_steps,
+        "per_device_train_batch_size": params.batch_size,
+        "per_device_eval_batch_size": params.batch_size,
+        "gradient_accumulation_steps": params.grad_accum,
+        "learning_rate": params.learning_rate,
+        "lr_scheduler_type": params.lr_scheduler,
+        "warmup_steps": params.warmup_steps,
+        "weight_decay": params.weight_decay,
+        "logging_steps": params.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": params.checkpoint_steps,
+        "save_total_limit": params.keep_checkpoints,
+        "eval_strategy": "no",
+        "report_to": "none",
+        "seed": params.seed,
+        "data_seed": params.seed,
+        "activation_checkpointing": params.gradient_checkpointing,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+        **device_settings(params),
+    }
+    values.update(extra)
+    return config_cls(**values)
+
+
+def peft_config(params: TrainerParams, task_type: str) -> Any:
+    """A peft LoraConfig, or None; a clear error when peft is missing."""
+    if params.lora is None:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:
+        raise RuntimeError("training.*.lora needs the peft package: pip install peft") from exc
+    return LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=list(params.lora.target_modules),
+        task_type=task_type,
+    )
+
+
+_default_threads: int | None = None
+
+
+def pick_threads() -> int:
+    """torch's threads for a training stage, decided as the embedded engine decides them: one
+    when the CPUs are oversubscribed (every small op of a decode step would otherwise wait for
+    the descheduled second thread), torch's default otherwise."""
+    global _default_threads
+    import os
+
+    import torch
+
+    if _default_threads is None:
+        _default_threads = torch.get_num_threads()
+    cpus = os.cpu_count() or 1
+    # The rule of infra.engines.embedded.auto_threads, not imported: the engine's code is not
+    # part of what a checkpoint depends on (its version would follow every engine change).
+    oversubscribed = cpus > 1 and os.getloadavg()[0] > cpus
+    torch.set_num_threads(1 if oversubscribed else _default_threads)
+    return torch.get_num_threads()
+
+
+def freeze_below(model: Any, params: TrainerParams) -> dict[str, int]:
+    """With `train_top_layers`, freeze everything but the top N decoder layers, the final norm
+    and a classification head (`score`); the counts of trainable and all parameters."""
+    if params.train_top_layers is not None:
+        base = model.base_model
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise ValueError(
+                f"train_top_layers: {type(model).__name__} has no decoder layer list to freeze"
+            )
+        for parameter in model.parameters():
+            parameter.requires_grad = False
+        keep = [*layers[-params.train_top_layers :], getattr(base, "norm", None)]
+        keep.append(getattr(model, "score", None))
+        for module in keep:
+            if module is not None:
+                for parameter in module.parameters():
+                    parameter.requires_grad = True
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "params": sum(p.numel() for p in model.parameters())}
+
+
+# -- crash-safe training --------------------------------------------------------------------------
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint with its trainer state written (transformers writes it last);
+    folders cut off by a crash are removed so that the trainer never rotates onto them."""
+    if not folder.is_dir():
+        return None
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[11:].isdigit()
+    ]
+    complete = []
+    for path in found:
+        if (path / TRAINER_STATE).is_file():
+            complete.append(path)
+        else:
+            log.warning("removing checkpoint %s cut off by a crash", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return max(complete, key=checkpoint_step) if complete else None
+
+
+def train_resumable(trainer: Any, checkpoints: Path) -> dict[str, Any]:
+    """Train, resuming from the newest complete checkpoint in `checkpoints` when there is one."""
+    last = last_complete_checkpoint(checkpoints)
+    if last is not None:
+        log.info("resuming %s from %s", type(trainer).__name__, last)
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    return {
+        "steps": int(trainer.state.global_step),
+        "resumed_from_step": checkpoint_step(last) if last else None,
+        "train_loss": _finite(result.training_loss),
+        "train_seconds": _finite(result.metrics.get("train_runtime")),
+    }
+
+
+def stage_progress(ctx: Any) -> Any:
+    """A TrainerCallback reporting steps as the stage's Prefect progress artifact."""
+    from transformers import TrainerCallback
+
+    class StageProgress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ctx.progress(
+                state.global_step,
+                state.max_steps,
+                f"{ctx.name}: step {state.global_step} of {state.max_steps}",
+            )
+
+    return StageProgress()
+
+
+def save_checkpoint(trainer: Any, tokenizer: Any, folder: Path) -> Any:
+    """The trained model (LoRA adapters merged) + tokenizer + log history into `folder`; the
+    saved model is returned for the final metrics."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / TRAINING_LOG).write_text(
+        json.dumps(trainer.state.log_history, indent=1, default=str), encoding="utf-8"
+    )
+    return model
+
+
+def read_training_log(folder: Path) -> list[dict[str, Any]]:
+    path = Path(folder) / TRAINING_LOG
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+def curve(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of a logged quantity, in step order."""
+    points = [
+        (int(h.get("step", 0)), h[key]) for h in history if isinstance(h.get(key), int | float)
+    ]
+    return [(s, float(v)) for s, v in points if math.isfinite(v)]
+
+
+def first_and_last(history: list[dict[str, Any]], key: str) -> dict[str, float | None]:
+    points = curve(history, key)
+    return {
+        f"{key}_first": points[0][1] if points else None,
+        f"{key}_last": points[-1][1] if points else None,
+    }
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+    import trl
+
+    return {
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def split_rows(frame: Any, side: str, limit: int | None = None) -> Any:
+    """The rows of one split (`train`/`test`), at most `limit`."""
+    import polars as pl
+
+    part = frame.filter(pl.col("split") == side)
+    return part.head(limit) if limit is not None else part
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

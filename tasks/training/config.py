@@ -1,0 +1,29 @@
+"""The `training` section of a run profile: the base model and one block per trainer."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.training.irm import IrmTrainParams
+from tasks.training.prm import PrmTrainParams
+from tasks.training.rl import RlTrainParams
+from tasks.training.sft import SftTrainParams
+
+
+class TrainingConfig(BaseModel):
+    """SFT, IRM, PRM and RL on the training sets (WizardMath RLEIF, MAmmoTH hybrid SFT)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str | None = Field(
+        None,
+        description="None: the embedded SmolLM2-135M-Instruct; else a local folder or hub id",
+    )
+    sft: SftTrainParams = Field(default_factory=SftTrainParams, description="trl SFTTrainer")
+    irm: IrmTrainParams = Field(default_factory=IrmTrainParams, description="trl RewardTrainer")
+    prm: PrmTrainParams = Field(
+        default_factory=PrmTrainParams, description="token-classification PRM (transformers)"
+    )
+    rl: RlTrainParams = Field(
+        default_factory=RlTrainParams, description="trl GRPOTrainer (or RLOO) on r = rI · rA"
+    )

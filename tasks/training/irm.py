@@ -1,0 +1,121 @@
+"""The instruction reward model (IRM, WizardMath step 3) with trl's RewardTrainer.
+
+Each `irm_set` row pairs two evolutions of one parent, the better one `chosen`; `prompt` is the
+rendered parent (`formats.irm_prompt`), which RewardTrainer puts before both sides. The margin
+column goes into the loss (`-log σ(r_chosen - r_rejected - margin)`) when `use_margin` is on;
+by default only pairs whose ranking was consistent across the judge's two orders are used.
+
+Final metrics: held-out pairwise accuracy (test pairs where the chosen side scores higher,
+`pairwise_accuracy`), the same on the train pairs, and the loss curve's ends.
+The checkpoint loads with `AutoModelForSequenceClassification.from_pretrained(path)` (one logit);
+`tasks.training.scoring.IrmScorer` scores instructions with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+from pydantic import Field
+
+from tasks.stage import Artifact, StageContext, StageOutput, stage
+from tasks.training import common
+from tasks.training.common import BaseModelSpec, TrainerParams
+from tasks.training.scoring import IrmScorer
+
+
+class IrmTrainParams(TrainerParams):
+    """RewardTrainer on the IRM pairs."""
+
+    consistent_only: bool = Field(True, description="train on consistently ranked pairs only")
+    use_margin: bool = Field(True, description="the margin column enters the loss")
+    margin_scale: float = Field(1.0, ge=0, description="margins are multiplied by this")
+
+
+def preference_dataset(rows: pl.DataFrame, params: IrmTrainParams) -> Any:
+    """trl's preference format with an explicit prompt (and a margin column when used)."""
+    from datasets import Dataset
+
+    columns = [pl.col("prompt"), pl.col("chosen"), pl.col("rejected")]
+    if params.use_margin:
+        columns.append((pl.col("margin").fill_null(0.0) * params.margin_scale).alias("margin"))
+    return Dataset.from_list(rows.select(columns).to_dicts())
+
+
+def pairwise_accuracy(scorer: IrmScorer, pairs: pl.DataFrame) -> float | None:
+    """The share of pairs whose chosen evolution scores above the rejected one."""
+    if pairs.height == 0:
+        return None
+    parents = pairs["parent"].to_list()
+    chosen = scorer.logits(pairs["chosen"].to_list(), parents)
+    rejected = scorer.logits(pairs["rejected"].to_list(), parents)
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / pairs.height
+
+
+def training_pairs(irm_set: pl.DataFrame, params: IrmTrainParams, side: str) -> pl.DataFrame:
+    rows = common.split_rows(irm_set, side)
+    if params.consistent_only:
+        rows = rows.filter(pl.col("consistent").fill_null(False))
+    return rows
+
+
+@stage(name="train_irm", outputs=[Artifact("irm_model", kind="model")])
+def train_irm(
+    ctx: StageContext, irm_set: pl.DataFrame, base_model: BaseModelSpec, params: IrmTrainParams
+) -> StageOutput:
+    """RewardTrainer on the IRM pairs (margin in the loss); held-out pairwise accuracy."""
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    train = training_pairs(irm_set, params, "train")
+    if train.height == 0:
+        raise ValueError(
+            "irm_set has no train pairs"
+            + (" that were ranked consistently" if params.consistent_only else "")
+            + ": nothing to train the IRM on"
+        )
+    base = base_model.resolved()
+    tokenizer = common.load_tokenizer(base.path)
+    model = common.load_model(
+        AutoModelForSequenceClassification,
+        base.path,
+        tokenizer,
+        dtype=common.weights_dtype(params),
+        num_labels=1,
+    )
+    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
+    checkpoints = ctx.work_dir("irm_model") / common.CHECKPOINTS
+    args = common.training_args(
+        RewardConfig, params, checkpoints, max_length=params.max_length, disable_dropout=True
+    )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=preference_dataset(train, params),
+        processing_class=tokenizer,
+        peft_config=common.peft_config(params, "SEQ_CLS"),
+        callbacks=[common.stage_progress(ctx)],
+    )
+    run = common.train_resumable(trainer, checkpoints)
+    saved = common.save_checkpoint(trainer, tokenizer, ctx.output_dir("irm_model"))
+    scorer = IrmScorer(saved, tokenizer, params.max_length, params.batch_size)
+    test = training_pairs(irm_set, params, "test").head(params.eval_rows)
+    history = trainer.state.log_history
+    metrics = {
+        **run,
+        **common.first_and_last(history, "loss"),
+        **common.first_and_last(history, "accuracy"),
+        "pairwise_accuracy": pairwise_accuracy(scorer, test),
+        "train_pairwise_accuracy": pairwise_accuracy(scorer, train.head(params.eval_rows)),
+        "eval_pairs": test.height,
+    }
+    return StageOutput(
+        stats={
+            **metrics,
+            "train_rows": train.height,
+            **sizes,
+            "base_model": base.identity,
+            "versions": common.library_versions(),
+            "load": "AutoModelForSequenceClassification.from_pretrained(path)",
+        }
+    )

@@ -1,0 +1,258 @@
+"""Reinforcement learning on r = rI · rA (WizardMath step 5) with trl's GRPOTrainer (RLOO as an
+option; trl 1.16 has no PPO).
+
+The policy starts from the SFT checkpoint (the base model when there is none) and samples
+`num_generations` completions per prompt of `rl_prompts` (train split). ONE reward function,
+`tasks.training.reward.InstructionAnswerReward`, scores them: rI from the trained IRM on the
+instruction (once per prompt), rA from the trained PRM on the completion's steps (min over the
+steps), falling back to the `r_i` column and the judge-based reward (`tasks.rewards.functions`)
+where a model is not given; optionally gated on the answer being right. rI and rA are logged
+separately (`rI`, `rA` in the trainer's log, curves in the report).
+
+GRPO's advantages are rewards minus the group mean; `scale_rewards="batch"` (the default here)
+divides by the batch's standard deviation, so rI weighs prompts against each other instead of
+dividing out per group. On a GPU, `use_vllm` generates with vLLM where trl supports the
+installed version.
+
+Final metrics: the mean reward, rI and rA at the first and last logged steps, and on held-out
+prompts (test split, greedy decoding) the mean reward and the accuracy against the label.
+The checkpoint loads with `AutoModelForCausalLM.from_pretrained(path)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+from pydantic import Field
+
+from infra.engines import EngineConfig
+from tasks.stage import Artifact, ArtifactDir, StageContext, StageOutput, stage
+from tasks.training import common
+from tasks.training.common import BaseModelSpec, TrainerParams
+from tasks.training.reward import InstructionAnswerReward
+from tasks.training.scoring import IrmScorer, PrmScorer
+
+
+class RlTrainParams(TrainerParams):
+    """GRPO (or RLOO) from the SFT checkpoint on r = rI · rA."""
+
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    learning_rate: float = Field(1e-6, gt=0)
+    batch_size: int = Field(1, ge=1, description="prompts per device and step")
+    num_generations: int = Field(4, ge=2, description="completions per prompt")
+    max_completion_length: int = Field(256, ge=1)
+    temperature: float = Field(0.9, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "batch", description="GRPO: how advantages are scaled ('group' divides rI out)"
+    )
+    correctness_gate: bool = Field(False, description="a wrong final answer scores 0")
+    r_i_default: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="rI where neither the IRM, the r_i column nor the judge gives one "
+        "(None: such completions are not scored)",
+    )
+    judge_fallback: bool = Field(
+        True,
+        description="fill in for an untrained IRM or PRM with the judge-based reward (LLM calls); "
+        "off: a missing IRM leaves rI to the r_i column (None where it has none)",
+    )
+    use_vllm: bool = Field(False, description="generate with vLLM (GPU)")
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    reward_max_length: int = Field(512, ge=16, description="tokens the IRM and PRM read")
+    reward_batch_size: int = Field(8, ge=1)
+    eval_rows: int = Field(16, ge=0, description="held-out prompts decoded greedily at the end")
+
+
+def prompt_dataset(rows: pl.DataFrame) -> Any:
+    """The prompts with the columns the reward function reads (trl passes them as kwargs)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        rows.select("prompt", "instruction", "parent", "label", "r_i").to_dicts()
+    )
+
+
+def make_reward(
+    irm_model: Path | None,
+    prm_model: Path | None,
+    judge: Any | None,
+    params: RlTrainParams,
+) -> InstructionAnswerReward:
+    """The ONE reward function: trained models where given, the judge where not."""
+    irm = (
+        IrmScorer.load(
+            irm_model, max_length=params.reward_max_length, batch_size=params.reward_batch_size
+        )
+        if irm_model is not None
+        else None
+    )
+    prm = (
+        PrmScorer.load(
+            prm_model, max_length=params.reward_max_length, batch_size=params.reward_batch_size
+        )
+        if prm_model is not None
+        else None
+    )
+    if prm is None and judge is None:
+        raise ValueError(
+            "train_rl: rA needs a PRM checkpoint (prm_model) or a judge engine to fall back on"
+        )
+    return InstructionAnswerReward(
+        irm=irm,
+        prm=prm,
+        judge=judge,
+        gate=params.correctness_gate,
+        r_i_default=params.r_i_default,
+    )
+
+
+def judge_reward(ctx: StageContext, judge: EngineConfig | None) -> Any | None:
+    """The reward flow's judge-based r = rI · rA (its rI and rA halves fill in for a missing
+    IRM or PRM)."""
+    if judge is None:
+        return None
+    from tasks.rewards.functions import JudgeReward
+
+    return JudgeReward(engine=ctx.engine(judge))
+
+
+def config_for(params: RlTrainParams, checkpoints: Path) -> Any:
+    from trl import GRPOConfig, RLOOConfig
+
+    extra: dict[str, Any] = {
+        "per_device_train_batch_size": params.batch_size * params.num_generations,
+        "num_generations": params.num_generations,
+        "max_completion_length": params.max_completion_length,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "beta": params.beta,
+        "use_vllm": params.use_vllm,
+        "vllm_mode": params.vllm_mode,
+        "log_completions": False,
+    }
+    if params.algorithm == "grpo":
+        return common.training_args(
+            GRPOConfig, params, checkpoints, scale_rewards=params.scale_rewards, **extra
+        )
+    return common.training_args(RLOOConfig, params, checkpoints, **extra)
+
+
+def held_out_eval(
+    model: Any,
+    tokenizer: Any,
+    rows: pl.DataFrame,
+    reward: InstructionAnswerReward,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Greedy completions of held-out prompts: their mean reward and accuracy vs the label."""
+    import torch
+
+    if rows.height == 0:
+        return {"eval_reward": None, "eval_accuracy": None, "eval_prompts": 0}
+    model.eval()
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    prompts = rows["prompt"].to_list()
+    tokenizer.padding_side = "left"
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            enc = enc.to(device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    columns = {c: rows[c].to_list() for c in ("instruction", "parent", "label", "r_i")}
+    rewards = reward(prompts=prompts, completions=texts, **columns)
+    correct = reward.correctness(texts, columns["label"])
+    judged = [c for c in correct if c is not None]
+    known = [r for r in rewards if r is not None]
+    return {
+        "eval_reward": sum(known) / len(known) if known else None,
+        "eval_accuracy": sum(judged) / len(judged) if judged else None,
+        "eval_prompts": rows.height,
+        "eval_sample": texts[0][:300],
+    }
+
+
+@stage(name="train_rl", outputs=[Artifact("rl_model", kind="model")])
+def train_rl(
+    ctx: StageContext,
+    rl_prompts: pl.DataFrame,
+    sft_model: ArtifactDir | None,
+    irm_model: ArtifactDir | None,
+    prm_model: ArtifactDir | None,
+    base_model: BaseModelSpec,
+    judge: EngineConfig | None,
+    params: RlTrainParams,
+) -> StageOutput:
+    """GRPO/RLOO from the SFT checkpoint on r = rI · rA (IRM × PRM, judge as the fallback)."""
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOTrainer, RLOOTrainer
+
+    train = common.split_rows(rl_prompts, "train")
+    if train.height == 0:
+        raise ValueError("rl_prompts has no rows in its train split: no prompts to train on")
+    base = base_model.resolved()
+    policy_path = str(sft_model) if sft_model is not None else base.path
+    tokenizer = common.load_tokenizer(policy_path, padding_side="left")
+    model = common.load_model(
+        AutoModelForCausalLM, policy_path, tokenizer, dtype=common.weights_dtype(params)
+    )
+    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
+    reward = make_reward(irm_model, prm_model, judge_reward(ctx, judge), params)
+    checkpoints = ctx.work_dir("rl_model") / common.CHECKPOINTS
+    trainer_cls = GRPOTrainer if params.algorithm == "grpo" else RLOOTrainer
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=[reward],
+        args=config_for(params, checkpoints),
+        train_dataset=prompt_dataset(train),
+        processing_class=tokenizer,
+        peft_config=common.peft_config(params, "CAUSAL_LM"),
+        callbacks=[common.stage_progress(ctx)],
+    )
+    run = common.train_resumable(trainer, checkpoints)
+    saved = common.save_checkpoint(trainer, tokenizer, ctx.output_dir("rl_model"))
+    history = trainer.state.log_history
+    metrics = {
+        **run,
+        **common.first_and_last(history, "reward"),
+        **common.first_and_last(history, "rI"),
+        **common.first_and_last(history, "rA"),
+        **held_out_eval(
+            saved,
+            tokenizer,
+            common.split_rows(rl_prompts, "test", params.eval_rows),
+            reward,
+            params.max_completion_length,
+            params.reward_batch_size,
+        ),
+    }
+    return StageOutput(
+        stats={
+            **metrics,
+            "algorithm": params.algorithm,
+            "policy_start": "sft_model" if sft_model is not None else "base_model",
+            "rI_source": "irm_model"
+            if irm_model is not None
+            else ("r_i column / judge" if judge is not None else "r_i column"),
+            "rA_source": "prm_model" if prm_model is not None else "judge",
+            "train_rows": train.height,
+            **sizes,
+            "base_model": base.identity,
+            "versions": common.library_versions(),
+            "load": "AutoModelForCausalLM.from_pretrained(path)",
+        }
+    )

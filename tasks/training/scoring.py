@@ -1,0 +1,247 @@
+"""Scoring with trained reward models: the IRM on instructions, the PRM on solution steps.
+
+- `IrmScorer` reads a sequence-classification checkpoint (trl's RewardTrainer, one logit) and
+  scores an instruction given its parent, on exactly the text RewardTrainer trained on
+  (`formats.irm_text` + eos; the classifier reads the last non-pad token). `scores` maps the
+  logit through a sigmoid into (0, 1), the scale rI and the Active Evol-Instruct threshold use.
+- `PrmScorer` reads a token-classification checkpoint (two labels: 0 wrong, 1 correct) and gives
+  every step the probability that it is correct, read at the token that holds the step's last
+  visible character; `encode_steps` is that placement, shared with the PRM's training collator
+  so training and scoring see the same tokens. A step cut off by `max_length` has no
+  probability (None).
+- `resolve_checkpoint` turns what a config names (`irm_model@<version>` from the `models` view,
+  or a folder) into a folder.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.training import formats
+
+IGNORE = -100
+WRONG, CORRECT = 0, 1
+
+
+def resolve_checkpoint(ref: str | Path, home: Path | None = None) -> Path:
+    """A model checkpoint's folder from `name@version` (a version id or unique prefix) or a path."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if "@" not in text:
+        raise ValueError(f"model {text!r} is neither a checkpoint folder nor NAME@VERSION")
+    from storage.datasets import DatasetStore
+    from storage.settings import home as default_home
+
+    store = DatasetStore(home or default_home())
+    manifest = store.resolve(text)
+    if manifest.kind != "model":
+        raise ValueError(f"{manifest.ref} is a {manifest.kind}, not a model checkpoint")
+    return store.version_dir(manifest.name, manifest.version)
+
+
+def load_tokenizer(path: str, padding_side: str = "right") -> Any:
+    """The model's tokenizer with a pad token (the eos token when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(
+    auto_cls: Any, path: str, tokenizer: Any, dtype: str = "float32", **kwargs: Any
+) -> Any:
+    """A model in `dtype` (fp32 unless a GPU trains in bf16), its pad token set from the
+    tokenizer."""
+    import torch
+
+    model = auto_cls.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+_loaded: dict[tuple[str, str, int], Any] = {}
+_loaded_lock = threading.Lock()
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, max(1, size)):
+        yield range(start, min(n, start + max(1, size)))
+
+
+class IrmScorer:
+    """The instruction reward model: `logits` (raw) and `scores` (sigmoid, in (0, 1))."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, batch_size: int = 8):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> IrmScorer:
+        from transformers import AutoModelForSequenceClassification
+
+        tokenizer = load_tokenizer(str(path))
+        model = load_model(AutoModelForSequenceClassification, str(path), tokenizer)
+        return cls(model, tokenizer, **kwargs)
+
+    @classmethod
+    def cached(cls, path: str | Path, max_length: int = 512) -> IrmScorer:
+        """One loaded IRM per (folder, max length) and process: the shards of a stage share it."""
+        key = ("irm", str(Path(path).resolve()), max_length)
+        with _loaded_lock:
+            if key not in _loaded:
+                _loaded[key] = cls.load(path, max_length=max_length)
+            return _loaded[key]
+
+    def logits(self, instructions: Sequence[str], parents: Sequence[str | None]) -> list[float]:
+        import torch
+
+        if len(instructions) != len(parents):
+            raise ValueError(f"{len(instructions)} instructions vs {len(parents)} parents")
+        texts = [
+            formats.irm_text(i, p) + (self.tokenizer.eos_token or "")
+            for i, p in zip(instructions, parents, strict=True)
+        ]
+        out: list[float] = []
+        with torch.no_grad():
+            for rows in _batches(len(texts), self.batch_size):
+                enc = self.tokenizer(
+                    [texts[i] for i in rows],
+                    truncation=True,
+                    max_length=self.max_length,
+                    padding=True,
+                    return_tensors="pt",
+                ).to(_device(self.model))
+                logits = self.model(**enc).logits.float()[:, 0]
+                out.extend(float(v) for v in logits.tolist())
+        return out
+
+    def scores(self, instructions: Sequence[str], parents: Sequence[str | None]) -> list[float]:
+        return [1.0 / (1.0 + math.exp(-v)) for v in self.logits(instructions, parents)]
+
+
+def _token_at(offsets: Sequence[Sequence[int]], char: int, start: int = 0) -> int | None:
+    """The first token at or after `start` whose character span holds `char`."""
+    for t in range(start, len(offsets)):
+        s, e = offsets[t]
+        if s <= char < e:
+            return t
+        if s > char:
+            return None
+    return None
+
+
+def encode_steps(
+    tokenizer: Any,
+    prompt: str,
+    steps: Sequence[str],
+    labels: Sequence[bool | None] | None = None,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """Token ids of prompt + steps, the label of each step on the token holding its last visible
+    character (every other token IGNORE), and that token's index per step (None when the step
+    is empty or cut off by `max_length`)."""
+    text, ends = formats.join_steps(prompt, steps)
+    enc = tokenizer(
+        text,
+        return_offsets_mapping=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+    )
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    token_labels = [IGNORE] * len(ids)
+    positions: list[int | None] = []
+    cursor = 0
+    for k, end in enumerate(ends):
+        t = _token_at(offsets, end, cursor) if end >= 0 else None
+        positions.append(t)
+        if t is None:
+            continue
+        cursor = t
+        label = labels[k] if labels is not None else None
+        if label is not None:
+            token_labels[t] = CORRECT if label else WRONG
+    return {"input_ids": ids, "labels": token_labels, "positions": positions, "text": text}
+
+
+class PrmScorer:
+    """The process reward model: P(step is correct) for every step of a solution."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, batch_size: int = 8):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> PrmScorer:
+        from transformers import AutoModelForTokenClassification
+
+        tokenizer = load_tokenizer(str(path))
+        model = load_model(AutoModelForTokenClassification, str(path), tokenizer)
+        return cls(model, tokenizer, **kwargs)
+
+    def step_probabilities(
+        self, prompts: Sequence[str], steps: Sequence[Sequence[str]]
+    ) -> list[list[float | None]]:
+        import torch
+
+        if len(prompts) != len(steps):
+            raise ValueError(f"{len(prompts)} prompts vs {len(steps)} step lists")
+        encoded = [
+            encode_steps(self.tokenizer, p, s, None, self.max_length)
+            for p, s in zip(prompts, steps, strict=True)
+        ]
+        out: list[list[float | None]] = []
+        pad = self.tokenizer.pad_token_id
+        with torch.no_grad():
+            for rows in _batches(len(encoded), self.batch_size):
+                part = [encoded[i] for i in rows]
+                width = max(len(e["input_ids"]) for e in part)
+                ids = torch.full((len(part), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(part), width), dtype=torch.long)
+                for j, e in enumerate(part):
+                    n = len(e["input_ids"])
+                    ids[j, :n] = torch.tensor(e["input_ids"])
+                    mask[j, :n] = 1
+                device = _device(self.model)
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                probs = torch.softmax(logits.float(), dim=-1)[..., CORRECT].cpu()
+                for j, e in enumerate(part):
+                    out.append([None if t is None else float(probs[j, t]) for t in e["positions"]])
+        return out
+
+    def first_errors(
+        self, prompts: Sequence[str], steps: Sequence[Sequence[str]], threshold: float = 0.5
+    ) -> list[int | float | None]:
+        """The predicted first wrong step per solution: its index, None when every step is
+        judged correct, NaN when a step before the first wrong one could not be scored."""
+        out: list[int | float | None] = []
+        for probs in self.step_probabilities(prompts, steps):
+            prediction: int | float | None = None
+            for k, p in enumerate(probs):
+                if p is None:
+                    prediction = math.nan
+                    break
+                if p < threshold:
+                    prediction = k
+                    break
+            out.append(prediction)
+        return out

@@ -28,7 +28,7 @@ from storage.errors import UserError
 EXIT_ERROR = 2
 # The flows `evolforge run --flow` knows (flows/registry.py; listed here so that `sql` and
 # `datasets` start without importing Prefect).
-FLOW_NAMES = ["factory", "data", "rewards"]
+FLOW_NAMES = ["factory", "data", "rewards", "training_sets", "training"]
 EPHEMERAL_STARTUP_TIMEOUT_S = 180
 
 
@@ -263,8 +263,23 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _export(store, manifest, args: argparse.Namespace) -> int:
+    description = f"evolforge {manifest.name}@{manifest.version} (stage {manifest.stage})"
+    if args.push_to_hub:
+        if (args.export_format or "hf") != "hf":
+            raise CliError("--push-to-hub needs --as hf")
+        from tasks.export import push_to_hub
+
+        url = push_to_hub(
+            store.read(manifest.ref),
+            args.push_to_hub,
+            private=args.private,
+            description=description,
+        )
+        print(f"pushed {manifest.rows} rows of {manifest.name}@{manifest.version} to {url}")
+        if not args.to:
+            return 0
     if not args.to:
-        raise CliError("datasets export needs --to PATH")
+        raise CliError("datasets export needs --to PATH (or --push-to-hub REPO)")
     target = Path(args.to).expanduser()
     fmt = args.export_format or {".jsonl": "jsonl", ".parquet": "parquet"}.get(target.suffix, "")
     if fmt not in ("jsonl", "parquet", "hf"):
@@ -276,17 +291,10 @@ def _export(store, manifest, args: argparse.Namespace) -> int:
     elif fmt == "parquet":
         frame.write_parquet(target)
     else:
-        import datasets
+        from tasks.export import hf_dataset
 
-        ds = (
-            datasets.Dataset.from_polars(frame)
-            if hasattr(datasets.Dataset, "from_polars")
-            else datasets.Dataset(frame.to_arrow())
-        )
-        ds.info.description = (
-            f"evolforge {manifest.name}@{manifest.version} (stage {manifest.stage})"
-        )
-        ds.save_to_disk(str(target))
+        # a `split` column (the training sets' train/test) becomes the data set's splits
+        hf_dataset(frame, description).save_to_disk(str(target))
     print(
         f"exported {manifest.rows} rows of {manifest.name}@{manifest.version} to {target} ({fmt})"
     )
@@ -367,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("spec", nargs="?", help="NAME or NAME@VERSION")
     ds.add_argument("--to", help="export target path")
     ds.add_argument("--as", dest="export_format", choices=["jsonl", "parquet", "hf"])
+    ds.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="with --as hf: push to the Hugging Face hub (train/test splits when there are)",
+    )
+    ds.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     ds.add_argument("--format", choices=["table", "csv", "json"], default="table")
     ds.set_defaults(func=cmd_datasets)
 

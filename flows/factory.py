@@ -13,6 +13,8 @@ from flows.data import data
 from flows.params import FactoryParams
 from flows.rewards import RewardState, rewards
 from flows.state import DataState
+from flows.training import TrainingParams, TrainingState, training
+from flows.training_sets import TrainingSetsParams, TrainingSetsState, training_sets
 from storage.locks import run_lock
 from storage.settings import home
 from tasks.report import publish_factory_report
@@ -23,6 +25,8 @@ class FactoryState(BaseModel):
 
     data: DataState
     rewards: RewardState | None = None
+    training_sets: TrainingSetsState | None = None
+    training: TrainingState | None = None
 
 
 @flow(name="factory", log_prints=True, validate_parameters=True)
@@ -32,7 +36,16 @@ def factory(params: FactoryParams = FactoryParams()) -> FactoryState:
     with run_lock(home(), "factory"):
         data_state = data(params=params.data_params())
         reward_state = rewards(params=params.rewards, data=data_state)
-        state = FactoryState(data=data_state, rewards=reward_state)
+        sets = training_sets(
+            params=params.for_flow(TrainingSetsParams),
+            inputs=TrainingSetsState.from_states(data_state, reward_state),
+        )
+        trained = training(
+            params=params.for_flow(TrainingParams), inputs=TrainingState.from_states(sets)
+        )
+        state = FactoryState(
+            data=data_state, rewards=reward_state, training_sets=sets, training=trained
+        )
         publish_factory_report(state=state)
         return state
 

@@ -20,6 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows.rewards import RewardParams
+from flows.training import TrainingParams
+from flows.training_sets import TrainingSetsParams
 from infra.engines import EngineConfig
 from storage.errors import UserError
 from tasks.evolution.dedup import DecontamParams, DedupParams
@@ -28,6 +30,8 @@ from tasks.evolution.evolve import EvolutionParams
 from tasks.seeds import IngestParams
 from tasks.solutions.sft import SftParams
 from tasks.solutions.solve import SolutionParams
+from tasks.training.config import TrainingConfig
+from tasks.training.sets import TrainingSetParams
 
 
 class DataParams(BaseModel):
@@ -85,6 +89,16 @@ class FactoryParams(DataParams):
         title="Rewards",
         description="IRM rankings of sibling evolutions, PRM step labels and r = rI · rA.",
     )
+    training_sets: TrainingSetParams = Field(
+        default_factory=TrainingSetParams,
+        title="Training sets",
+        description="SFT (CoT/PoT mix), IRM pairs, PRM steps, RL prompts; held-out split by seed.",
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig,
+        title="Training",
+        description="Base model and the SFT, IRM, PRM and RL trainers (steps, batch, lengths).",
+    )
 
     def for_flow(self, model: type[BaseModel]) -> BaseModel:
         """The part of these parameters that `model` (a flow's own parameter model) reads."""
@@ -101,6 +115,8 @@ FLOW_PARAMS: dict[str, Callable[[FactoryParams], BaseModel]] = {
     "factory": lambda full: full,
     "data": FactoryParams.data_params,
     "rewards": lambda full: full.rewards,
+    "training_sets": lambda full: full.for_flow(TrainingSetsParams),
+    "training": lambda full: full.for_flow(TrainingParams),
 }
 
 

@@ -27,6 +27,7 @@ from flows.state import FlowState
 from infra.engines import EngineConfig
 from storage.datasets import DatasetStore, Ref
 from storage.errors import UserError
+from storage.locks import run_lock
 from storage.settings import home
 from tasks.training.common import BaseModelSpec
 from tasks.training.config import TrainingConfig
@@ -127,7 +128,13 @@ def training(
     params: TrainingParams = TrainingParams(), inputs: TrainingState | None = None
 ) -> TrainingState:
     """SFT → IRM → PRM → RL on r = rI · rA; curves and metrics as artifacts."""
-    state = inputs if inputs is not None else TrainingState.newest()
+    if not params.training.enabled:
+        return inputs if inputs is not None else TrainingState()
+    with run_lock(home(), "training"):
+        return _train(params, inputs if inputs is not None else TrainingState.newest())
+
+
+def _train(params: TrainingParams, state: TrainingState) -> TrainingState:
     cfg = params.training
     base = BaseModelSpec(name=cfg.base_model)
     if _trainable("sft", cfg.sft.enabled, state.sft_set):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.state import FlowState
 from storage.datasets import DatasetStore, Ref
 from storage.errors import UserError
+from storage.locks import run_lock
 from storage.settings import home
 from tasks.training.report import publish_training_sets_report
 from tasks.training.sets import (
@@ -98,7 +99,13 @@ def training_sets(
     params: TrainingSetsParams = TrainingSetsParams(), inputs: TrainingSetsState | None = None
 ) -> TrainingSetsState:
     """SFT set, IRM pairs, PRM steps and RL prompts, split by root seed."""
-    state = inputs if inputs is not None else TrainingSetsState.newest()
+    if not params.training_sets.enabled:
+        return inputs if inputs is not None else TrainingSetsState()
+    with run_lock(home(), "training_sets"):
+        return _build(params, inputs if inputs is not None else TrainingSetsState.newest())
+
+
+def _build(params: TrainingSetsParams, state: TrainingSetsState) -> TrainingSetsState:
     sets = params.training_sets
     if sets.sft.enabled:
         state = state.updated(

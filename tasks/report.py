@@ -142,11 +142,7 @@ def stage_lines(steps: list[Any]) -> list[str]:
 
 
 def render_summary(state: Any) -> str:
-    """The text printed by `evolforge run` after the data flow (or a training flow)."""
-    from tasks.training.report import render_training_summary, training_summary_lines
-
-    if not hasattr(state, "funnel"):  # the training-sets or training flow's state
-        return render_training_summary(state)
+    """The text printed by `evolforge run` after the data flow."""
     lines = ["", "== evolforge run summary =="]
     seeds = next((s for s in state.steps if s.stage == "ingest"), None)
     if seeds is not None:
@@ -189,23 +185,25 @@ def render_summary(state: Any) -> str:
     lines += [f'query:   evolforge sql "{q}"' for q in DATA_QUERIES[:1]]
     lines += [f'         evolforge sql "{q}"' for q in DATA_QUERIES[1:]]
     lines.append("         evolforge datasets ls")
-    lines += training_summary_lines(state)
     return "\n".join(lines)
 
 
 def factory_summary(state: Any) -> str:
     """The text printed after a factory run: each flow's summary in order."""
     from tasks.rewards.report import rewards_summary
+    from tasks.training.report import render_training_summary
 
     parts = [render_summary(state.data)]
     if state.rewards is not None and state.rewards.steps:
         parts.append(rewards_summary(state.rewards))
+    if state.training is not None and state.training.steps:
+        parts.append(render_training_summary(state.training))
     return "\n".join(parts)
 
 
 def factory_report_markdown(state: Any) -> str:
     lines = [data_report_markdown(state.data)]
-    for name in ("rewards",):
+    for name in ("rewards", "training_sets", "training"):
         sub = getattr(state, name, None)
         if sub is not None and sub.steps:
             lines += ["", f"## {name}", ""] + [f"- `{k}`: `{v}`" for k, v in sub.refs().items()]

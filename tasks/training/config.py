@@ -15,6 +15,7 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    enabled: bool = Field(True, description="train the models (the factory skips them when off)")
     base_model: str | None = Field(
         None,
         description="None: the embedded SmolLM2-135M-Instruct; else a local folder or hub id",

@@ -171,11 +171,16 @@ class TrainingSetParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    split: SplitParams = Field(default_factory=SplitParams)
-    sft: SftSetParams = Field(default_factory=SftSetParams)
-    irm: IrmSetParams = Field(default_factory=IrmSetParams)
-    prm: PrmStepsParams = Field(default_factory=PrmStepsParams)
-    rl: RlPromptsParams = Field(default_factory=RlPromptsParams)
+    enabled: bool = Field(
+        True, description="build the training sets (the factory skips them when off)"
+    )
+    split: SplitParams = Field(
+        default_factory=SplitParams, description="held-out share, drawn by root seed"
+    )
+    sft: SftSetParams = Field(default_factory=SftSetParams, description="the SFT set (CoT/PoT mix)")
+    irm: IrmSetParams = Field(default_factory=IrmSetParams, description="IRM preference pairs")
+    prm: PrmStepsParams = Field(default_factory=PrmStepsParams, description="PRM steps and labels")
+    rl: RlPromptsParams = Field(default_factory=RlPromptsParams, description="RL prompts")
 
 
 # -- shared ------------------------------------------------------------------------------------

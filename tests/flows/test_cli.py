@@ -147,3 +147,17 @@ def test_first_run_on_a_fresh_home_starts_prefect(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert (home / "prefect").is_dir() and "seeds: seeds@" in run.stdout
+
+
+def test_export_push_to_hub_offline_is_one_clear_line(capsys, evolforge_home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run(capsys, "ingest", "sample")
+    code, _, err = run(
+        capsys, "datasets", "export", "seeds", "--as", "hf", "--push-to-hub", "me/seeds"
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "push to the hub (me/seeds)" in err and "HF_HUB_OFFLINE" in err
+    code, _, err = run(
+        capsys, "datasets", "export", "seeds", "--as", "jsonl", "--push-to-hub", "me/x"
+    )
+    assert code == 2 and "--push-to-hub needs --as hf" in err

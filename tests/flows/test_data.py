@@ -74,6 +74,8 @@ def small_params(**overrides) -> FactoryParams:
         "evolution": {"rounds": 8},
         "solutions": {"k_cot": 1, "k_pot": 1, "sandbox": {"workers": 1}},
         "rewards": {"enabled": False},
+        "training_sets": {"enabled": False},
+        "training": {"enabled": False},
     }
     data.update(overrides)
     return FactoryParams.model_validate(data)

@@ -14,6 +14,8 @@ def test_rerun_is_a_cache_hit_with_no_new_version(prefect_harness, evolforge_hom
             "solutions": {"enabled": False},
             "evolution": {"rounds": 0},
             "rewards": {"enabled": False},
+            "training_sets": {"enabled": False},
+            "training": {"enabled": False},
         }
     )
     first = factory(params).data

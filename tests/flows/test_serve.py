@@ -74,7 +74,8 @@ with get_client(sync_client=True) as client:
         "adhoc_schedules": len(deployments["factory/adhoc"].schedules),
     }))
 good = {"seeds": {"sources": [{"kind": "sample", "limit": 4}]}, "sft": {"enabled": False},
-        "rewards": {"enabled": False},
+        "rewards": {"enabled": False}, "training_sets": {"enabled": False},
+        "training": {"enabled": False},
         "solutions": {"enabled": False}, "evolution": {"rounds": 1, "max_tokens": 48},
         "elimination": {"equal_judge": False, "solvable_judge": False, "probe_max_tokens": 16}}
 run = run_deployment("factory/adhoc", parameters={"params": good}, timeout=900)
@@ -157,6 +158,8 @@ def test_deployments_ui_adhoc_run_and_a_failed_run(tmp_path, evolforge_home, mod
             "factory/adhoc",
             "factory/nightly",
             "rewards/adhoc",
+            "training/adhoc",
+            "training_sets/adhoc",
         ]
         assert info["nightly_cron"] == ["0 2 * * *"]
         assert info["nightly_limit"] == 1 and info["adhoc_schedules"] == 0

@@ -13,8 +13,8 @@ from flows.training_sets import TrainingSetsParams, TrainingSetsState, training_
 from storage.catalog import Catalog
 from storage.datasets import DatasetStore
 from storage.settings import home
-from tasks.report import render_summary
 from tasks.training.config import TrainingConfig
+from tasks.training.report import render_training_summary as render_summary
 from tasks.training.sets import TrainingSetParams
 from tests.tasks.training.synthetic import write_all
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from tasks.training import export
-from tasks.training.export import HubError, hf_dataset, push_to_hub
+from tasks import export
+from tasks.export import HubError, hf_dataset, push_to_hub
 
 FRAME = pl.DataFrame(
     {

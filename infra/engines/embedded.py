@@ -25,16 +25,16 @@ the factory needs things `generate` does not give together:
 
 Prompts go through the model's chat template.
 
-Speed (bench/engine_throughput.py): on a CPU shared with other busy processes, two torch threads
-are much slower than one (every small matmul waits a scheduler slice for the second thread: 8-16
-ms per op instead of 1), so `num_threads=None` uses one thread when the load average says the
-CPUs are oversubscribed, and torch's default otherwise, decided again at every `generate` call
-(torch's thread count is process-wide: this engine is the process's heavy torch user). float32 stays the default dtype: bfloat16 is ~2.5x
-faster here (avx512_bf16 matmuls), but its rounding makes a seeded sample depend on its batch
-(5 of 18 samples changed between alone and batched), because the attention kernels sum a row
-differently depending on the batch's padded length (bf16 matmuls inside a float32 model were
-tried too: 2 of 18 changed). Pass dtype="bfloat16" where throughput matters more than
-batch-independent reproducibility.
+Precision and threads (`infra/engines/cpu.py`): `dtype="auto"` loads the model in bfloat16 where
+the CPU computes bf16 natively (AVX512_BF16 or AMX flags), about twice as fast as float32 there,
+and in float32 everywhere else (emulated bf16 is about three times slower than float32). bf16
+rounding can make a seeded sample depend on its batch's padded length (the attention kernels sum
+a row differently); float32 keeps seeded samples identical alone and in any batch. `identity`
+names the precision when it is not float32, so cached responses of one precision are never served
+for another. `num_threads=None` uses the CPUs the process may run on (affinity), and one thread
+when the load average says they are oversubscribed (every small matmul would wait a scheduler
+slice for the second thread), decided again at every `generate` call (torch's thread count is
+process-wide: this engine is the process's heavy torch user).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from infra.engines.base import ChatRequest, ChatResponse, Completion, schema_error
+from infra.engines.cpu import choose_dtype, log_choice_once, read_cpu_info, usable_cpus
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A shared prefix (system prompt + few-shot turns) shorter than this is not computed separately.
@@ -59,16 +60,16 @@ MIN_SHARED_PREFIX = 32
 TOP_P_CANDIDATES = 512
 
 
-def auto_threads(load: float | None = None, cpus: int | None = None) -> int | None:
-    """1 when the CPUs are oversubscribed (load average > CPUs), else None (torch default).
+def auto_threads(load: float | None = None, cpus: int | None = None) -> int:
+    """The CPUs this process may use (affinity), or 1 when they are oversubscribed (load > CPUs).
 
     torch's thread pool synchronises after every op; when the second thread is descheduled by
     other work, each of the ~250 ops of a decode step waits a scheduler slice.
     """
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     if load is None:
         load = os.getloadavg()[0]
-    return 1 if cpus > 1 and load > cpus else None
+    return 1 if cpus > 1 and load > cpus else cpus
 
 
 def row_seed(seed: int, sample: int, attempt: int) -> int:
@@ -112,25 +113,27 @@ class EmbeddedEngine:
         from infra.models import resolve_model
 
         resolved = resolve_model(model)
-        if dtype == "auto":
-            # float32: bf16 rounding depends on the batch's shape enough to flip seeded samples
-            # (the same request gave a different text alone and in a batch), which breaks the
-            # reproducibility promised above. bf16 stays available for throughput runs.
-            dtype = "float32"
-        if dtype not in DTYPES:
+        if dtype not in ("auto", *DTYPES):
             raise ValueError(
-                f"embedded engine dtype must be one of {sorted(DTYPES)}, got {dtype!r}"
+                f"embedded engine dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}"
             )
+        cpu = read_cpu_info()
+        dtype, why = choose_dtype(dtype, cpu)
         # None: decided again at every `generate` call, as the machine's load changes.
         self._auto_threads = num_threads is None
-        self._default_threads = torch.get_num_threads()
         if num_threads:
             torch.set_num_threads(num_threads)
         self._pick_threads()
+        log_choice_once(
+            "embedded",
+            f"embedded engine: torch {dtype} ({why}) on {cpu.model}, "
+            f"{'auto' if self._auto_threads else num_threads} threads of {usable_cpus()} usable",
+        )
         self.dtype = dtype
         self.batch_size = batch_size
         self.json_retries = json_retries
-        self._identity = resolved.identity
+        # float32 is the reference precision; any other changes outputs, so it is named.
+        self._identity = resolved.identity + ("" if dtype == "float32" else f"+torch-{dtype}")
         self.tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         self.model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=DTYPES[dtype])
         self.model.eval()
@@ -165,7 +168,7 @@ class EmbeddedEngine:
 
     def _pick_threads(self) -> None:
         if self._auto_threads:
-            torch.set_num_threads(auto_threads() or self._default_threads)
+            torch.set_num_threads(auto_threads())
 
     def _generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
         start = time.perf_counter()

@@ -281,3 +281,32 @@ def test_threads_follow_the_load_when_not_fixed(engine, monkeypatch):
     finally:
         engine._auto_threads = auto
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_auto_dtype_follows_the_cpu_and_names_its_precision(model_home, monkeypatch, caplog):
+    import logging
+
+    import infra.engines.cpu as cpu
+    from infra.engines.embedded import EmbeddedEngine
+
+    monkeypatch.setenv("EVOLFORGE_MODELS", str(model_home / "models"))
+    reference = None
+    for flags, expected in (("avx2 fma", "float32"), ("avx2 avx512f avx512_bf16", "bfloat16")):
+        fake = cpu.CpuInfo("Faked CPU", frozenset(flags.split()))
+        monkeypatch.setattr("infra.engines.embedded.read_cpu_info", lambda fake=fake: fake)
+        with caplog.at_level(logging.INFO, logger="evolforge.engines"):
+            engine = EmbeddedEngine(batch_size=4, dtype="auto")
+        assert engine.dtype == expected
+        assert next(engine.model.parameters()).dtype == getattr(torch, expected)
+        assert any(
+            f"torch {expected}" in r.getMessage() and "Faked CPU" in r.getMessage()
+            for r in caplog.records
+        )
+        if expected == "float32":
+            reference = engine.identity
+        else:
+            # Another precision gives other outputs: its cached responses must not be shared.
+            assert engine.identity == reference + "+torch-bfloat16"
+        (response,) = engine.generate([_ask("What is 2+3?", max_tokens=8)])
+        assert response.ok and response.completions[0].completion_tokens > 0

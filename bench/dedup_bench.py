@@ -1,4 +1,4 @@
-"""Benchmark of dedup + decontamination (tasks/dedup.py) against datasketch's MinHashLSH.
+"""Benchmark of dedup + decontamination (tasks/evolution/dedup.py) against datasketch's MinHashLSH.
 
 Synthesises N evolved-looking instructions from the seeds (GSM8K train + MATH train): each base
 instruction joins sentences of five different seed questions (four statements and a question)
@@ -181,7 +181,8 @@ def planted_metrics(removed: pl.DataFrame, truth: dict, rule: str, kind: str) ->
     }
 
 
-def run_ours(folder: Path, memory_limit: str, threads: int) -> dict:
+def run_ours(folder: Path, memory_limit: str, threads: int | None) -> dict:
+    from storage.catalog import connect
     from tasks.evolution.dedup import (
         DecontamParams,
         DedupParams,
@@ -191,19 +192,24 @@ def run_ours(folder: Path, memory_limit: str, threads: int) -> dict:
 
     truth = json.loads((folder / "truth.json").read_text())
     timings: dict[str, float] = {}
+    con = connect()
     start = time.perf_counter()
     kept, removed = dedup_and_decontaminate(
         folder / "candidates.parquet",
         [folder / "prior.parquet"],
         DedupParams(memory_limit=memory_limit, threads=threads),
         DecontamParams(),
+        con=con,
         timings=timings,
     )
     wall = time.perf_counter() - start
+    duckdb_threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+    con.close()
     contaminated = set(truth["contaminated"])
     flagged = set(removed.filter(pl.col("rule") == "contaminated_ngram")["id"])
     return {
         "wall_s": wall,
+        "duckdb_threads": duckdb_threads,
         "stages_s": timings,
         "peak_rss_gib": peak_rss_gib(),
         "kept": kept.height,
@@ -324,7 +330,10 @@ def worker(args: list[str], env: dict) -> dict:
 def report(n: int, ours: dict, theirs: dict | None) -> None:
     print(f"\n== {n:,} candidate instructions (+ 14,973 seeds as prior) ==")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in ours["stages_s"].items())
-    print(f"ours: wall {ours['wall_s']:.1f} s ({stages}); peak RSS {ours['peak_rss_gib']:.2f} GiB")
+    print(
+        f"ours: wall {ours['wall_s']:.1f} s ({stages}); peak RSS {ours['peak_rss_gib']:.2f} GiB; "
+        f"DuckDB current_setting('threads') = {ours['duckdb_threads']}"
+    )
     print(f"  kept {ours['kept']:,}, removed {ours['removed']:,}: {ours['by_rule']}")
     for kind in ("exact", "near"):
         m = ours[kind]
@@ -366,7 +375,9 @@ def main() -> None:
                         help="run datasketch on the first N candidates only (default: all)")  # fmt: skip
     parser.add_argument("--no-datasketch", action="store_true")
     parser.add_argument("--memory-limit", default="3GB")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="DuckDB threads (default: the stage's own choice)"
+    )
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--worker", choices=["ours", "datasketch"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -381,16 +392,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dedup-bench-") as tmp:
         env = dict(os.environ, EVOLFORGE_HOME=str(Path(tmp) / "home"))
-        print(f"cores {os.cpu_count()}, DuckDB threads {args.threads}, "
-              f"memory_limit {args.memory_limit}")  # fmt: skip
+        print(f"cores {os.cpu_count()}, usable {len(os.sched_getaffinity(0))}, DuckDB threads "
+              f"{args.threads or 'stage default'}, memory_limit {args.memory_limit}")  # fmt: skip
         sizes = [args.n] + ([1_000_000] if args.also_1m else [])
         for n in sizes:
             folder = Path(tmp) / f"n{n}"
             t = time.perf_counter()
             planted = synthesise(n, args.data, folder)
             print(f"synthesised {planted} in {time.perf_counter() - t:.1f} s")
-            common = ["--folder", str(folder), "--memory-limit", args.memory_limit,
-                      "--threads", str(args.threads)]  # fmt: skip
+            common = ["--folder", str(folder), "--memory-limit", args.memory_limit]
+            if args.threads:
+                common += ["--threads", str(args.threads)]
             # A first run builds the benchmark n-gram cache; the timed run uses it, as every
             # round after the first does. Both are reported.
             if n == sizes[0]:

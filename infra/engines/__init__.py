@@ -57,8 +57,15 @@ class EngineConfig(BaseModel):
     revision: str | None = Field(None, description="openai: weights revision for cache keys")
 
     def fingerprint(self) -> dict[str, object]:
-        """The settings that change outputs (not batch sizes, timeouts, concurrency or keys)."""
-        return self.model_dump(include={"kind", "model", "dtype", "revision", "base_url"})
+        """The settings that change outputs (not batch sizes, timeouts, concurrency or keys).
+        The embedded engine's `auto` precision is resolved on this CPU (bf16 here, float32
+        there), since the two give different samples."""
+        data = self.model_dump(include={"kind", "model", "dtype", "revision", "base_url"})
+        if self.kind == "embedded" and self.dtype == "auto":
+            from infra.engines.cpu import choose_dtype
+
+            data["dtype"] = choose_dtype("auto")[0]
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

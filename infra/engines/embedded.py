@@ -12,8 +12,10 @@ the factory needs things `generate` does not give together:
   excluded). Matmuls are row-independent; the attention kernels are not length-independent.
 - **n samples per request** as n rows (one row, copied, for greedy requests without a schema).
 - **Batches grouped by shared prefix and prompt length.** The prefix of a prompt (everything
-  before its last message: system prompt, few-shot turns) is computed once per batch and copied
-  to every row, so 64 few-shot prompts pay for one ~500-token prefix, not 64. Each row's tokens
+  before its last message: system prompt, few-shot turns) is computed once per batch and its keys
+  and values are kept once, not copied to every row (`prefix_attention.py`: attention over the
+  prefix is one matrix product for all rows), so 64 few-shot prompts pay for one ~500-token
+  prefix, in the prefill and in every decode step. Each row's tokens
   sit at cache columns equal to their positions (padding after them); the KV cache is
   preallocated and written in place, and finished rows are dropped from the batch as they
   finish, so short answers do not pay for long ones.
@@ -25,16 +27,16 @@ the factory needs things `generate` does not give together:
 
 Prompts go through the model's chat template.
 
-Speed (bench/engine_throughput.py): on a CPU shared with other busy processes, two torch threads
-are much slower than one (every small matmul waits a scheduler slice for the second thread: 8-16
-ms per op instead of 1), so `num_threads=None` uses one thread when the load average says the
-CPUs are oversubscribed, and torch's default otherwise, decided again at every `generate` call
-(torch's thread count is process-wide: this engine is the process's heavy torch user). float32 stays the default dtype: bfloat16 is ~2.5x
-faster here (avx512_bf16 matmuls), but its rounding makes a seeded sample depend on its batch
-(5 of 18 samples changed between alone and batched), because the attention kernels sum a row
-differently depending on the batch's padded length (bf16 matmuls inside a float32 model were
-tried too: 2 of 18 changed). Pass dtype="bfloat16" where throughput matters more than
-batch-independent reproducibility.
+Precision and threads (`infra/engines/cpu.py`): `dtype="auto"` loads the model in bfloat16 where
+the CPU computes bf16 natively (AVX512_BF16 or AMX flags), about twice as fast as float32 there,
+and in float32 everywhere else (emulated bf16 is about three times slower than float32). bf16
+rounding can make a seeded sample depend on its batch's padded length (the attention kernels sum
+a row differently); float32 keeps seeded samples identical alone and in any batch. `identity`
+names the precision when it is not float32, so cached responses of one precision are never served
+for another. `num_threads=None` uses the CPUs the process may run on (affinity), and one thread
+when the load average says they are oversubscribed (every small matmul would wait a scheduler
+slice for the second thread), decided again at every `generate` call (torch's thread count is
+process-wide: this engine is the process's heavy torch user).
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from infra.engines.base import ChatRequest, ChatResponse, Completion, schema_error
+from infra.engines.cpu import choose_dtype, log_choice_once, read_cpu_info, usable_cpus
+from infra.engines.prefix_attention import Cursor as _Cursor
+from infra.engines.prefix_attention import PrefixLayer as _PreallocatedLayer
+from infra.engines.prefix_attention import active_cache
+from infra.engines.prefix_attention import register as register_prefix_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A shared prefix (system prompt + few-shot turns) shorter than this is not computed separately.
@@ -59,16 +65,16 @@ MIN_SHARED_PREFIX = 32
 TOP_P_CANDIDATES = 512
 
 
-def auto_threads(load: float | None = None, cpus: int | None = None) -> int | None:
-    """1 when the CPUs are oversubscribed (load average > CPUs), else None (torch default).
+def auto_threads(load: float | None = None, cpus: int | None = None) -> int:
+    """The CPUs this process may use (affinity), or 1 when they are oversubscribed (load > CPUs).
 
     torch's thread pool synchronises after every op; when the second thread is descheduled by
     other work, each of the ~250 ops of a decode step waits a scheduler slice.
     """
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     if load is None:
         load = os.getloadavg()[0]
-    return 1 if cpus > 1 and load > cpus else None
+    return 1 if cpus > 1 and load > cpus else cpus
 
 
 def row_seed(seed: int, sample: int, attempt: int) -> int:
@@ -112,27 +118,31 @@ class EmbeddedEngine:
         from infra.models import resolve_model
 
         resolved = resolve_model(model)
-        if dtype == "auto":
-            # float32: bf16 rounding depends on the batch's shape enough to flip seeded samples
-            # (the same request gave a different text alone and in a batch), which breaks the
-            # reproducibility promised above. bf16 stays available for throughput runs.
-            dtype = "float32"
-        if dtype not in DTYPES:
+        if dtype not in ("auto", *DTYPES):
             raise ValueError(
-                f"embedded engine dtype must be one of {sorted(DTYPES)}, got {dtype!r}"
+                f"embedded engine dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}"
             )
+        cpu = read_cpu_info()
+        dtype, why = choose_dtype(dtype, cpu)
         # None: decided again at every `generate` call, as the machine's load changes.
         self._auto_threads = num_threads is None
-        self._default_threads = torch.get_num_threads()
         if num_threads:
             torch.set_num_threads(num_threads)
         self._pick_threads()
+        log_choice_once(
+            "embedded",
+            f"embedded engine: torch {dtype} ({why}) on {cpu.model}, "
+            f"{'auto' if self._auto_threads else num_threads} threads of {usable_cpus()} usable",
+        )
         self.dtype = dtype
         self.batch_size = batch_size
         self.json_retries = json_retries
-        self._identity = resolved.identity
+        # float32 is the reference precision; any other changes outputs, so it is named.
+        self._identity = resolved.identity + ("" if dtype == "float32" else f"+torch-{dtype}")
         self.tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-        self.model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=DTYPES[dtype])
+        self.model = AutoModelForCausalLM.from_pretrained(
+            resolved.path, dtype=DTYPES[dtype], attn_implementation=register_prefix_attention()
+        )
         self.model.eval()
         self._lock = threading.Lock()
         gen_eos = self.model.generation_config.eos_token_id
@@ -165,7 +175,7 @@ class EmbeddedEngine:
 
     def _pick_threads(self) -> None:
         if self._auto_threads:
-            torch.set_num_threads(auto_threads() or self._default_threads)
+            torch.set_num_threads(auto_threads())
 
     def _generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
         start = time.perf_counter()
@@ -323,8 +333,9 @@ class EmbeddedEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
+            # The prefix's keys and values stay one row; `prefix_attention` reads them for all.
             for layer in cache.layers:
-                layer.expand_batch(rows)
+                layer.share_prefix(rows)
             valid[:, :shared] = True
         input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
         ends = torch.empty(rows, dtype=torch.long)
@@ -334,13 +345,16 @@ class EmbeddedEngine:
             ends[k] = shared + len(suffix) - 1
         columns = torch.arange(shared, shared + width)
         causal = columns.unsqueeze(1) >= torch.arange(shared + width).unsqueeze(0)
-        hidden = self.model.get_decoder()(
-            input_ids=input_ids,
-            attention_mask=(causal.unsqueeze(0) & valid[:, None, : shared + width]).unsqueeze(1),
-            position_ids=columns.expand(rows, width),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
+        with active_cache(cache):
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids,
+                attention_mask=(causal.unsqueeze(0) & valid[:, None, : shared + width]).unsqueeze(
+                    1
+                ),
+                position_ids=columns.expand(rows, width),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
         # Each row's first logits come from its last prompt token, not the batch's last column;
         # only those go through the output layer (49k words: a fifth of this model's weights).
         last = hidden[torch.arange(rows), ends - shared]
@@ -373,13 +387,14 @@ class EmbeddedEngine:
             kv_length = max(kv_length, int(positions.max()) + 1)
             cursor.positions = positions
             cursor.length = kv_length
-            out = self.model(
-                input_ids=torch.tensor(next_tokens).unsqueeze(1),
-                attention_mask=valid[:, None, None, :kv_length],
-                position_ids=positions.unsqueeze(1),
-                past_key_values=cache,
-                use_cache=True,
-            )
+            with active_cache(cache):
+                out = self.model(
+                    input_ids=torch.tensor(next_tokens).unsqueeze(1),
+                    attention_mask=valid[:, None, None, :kv_length],
+                    position_ids=positions.unsqueeze(1),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
             logits = out.logits[:, -1, : self._vocab].float()
             positions = positions + 1
         for k in active:
@@ -506,80 +521,3 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = cumulative - sorted_probs >= top_p
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-
-
-class _Cursor:
-    """Where the decode step writes: one column per row (None: append a block, as in prefill)."""
-
-    def __init__(self):
-        self.positions: torch.Tensor | None = None
-        self.length = 0
-
-
-class _PreallocatedLayer(DynamicLayer):
-    """A KV-cache layer with room for `capacity` columns, written in place.
-
-    transformers' `DynamicLayer` concatenates every step, copying the whole cache (a quarter of
-    the decode time at batch 64). This one allocates once (zeros: unwritten columns are masked,
-    but a NaN bit pattern there would still poison the attention sums) and hands attention a
-    view of the used columns. In a decode step each row writes its own column
-    (`cursor.positions`), so rows of different lengths need no left padding.
-    """
-
-    def __init__(self, capacity: int, cursor: _Cursor):
-        super().__init__()
-        self.capacity = capacity
-        self.cursor = cursor
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        rows, heads, _, dim = key_states.shape
-        self._keys = key_states.new_zeros((rows, heads, self.capacity, dim))
-        self._values = value_states.new_zeros((rows, heads, self.capacity, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        positions = self.cursor.positions
-        if positions is None:
-            end = self.length + key_states.shape[-2]
-            if end > self.capacity:
-                raise RuntimeError(f"KV cache full: {end} columns > capacity {self.capacity}")
-            self._keys[:, :, self.length : end].copy_(key_states)
-            self._values[:, :, self.length : end].copy_(value_states)
-        else:
-            end = max(self.length, self.cursor.length)
-            rows = torch.arange(positions.shape[0])
-            self._keys[rows, :, positions] = key_states[:, :, 0]
-            self._values[rows, :, positions] = value_states[:, :, 0]
-        self.length = end
-        self.keys = self._keys[:, :, :end]
-        self.values = self._values[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def _reshape(self, select) -> None:
-        keys = select(self._keys[:, :, : self.length])
-        values = select(self._values[:, :, : self.length])
-        self._keys = keys.new_zeros((keys.shape[0], *self._keys.shape[1:]))
-        self._values = values.new_zeros((values.shape[0], *self._values.shape[1:]))
-        self._keys[:, :, : self.length].copy_(keys)
-        self._values[:, :, : self.length].copy_(values)
-        self.keys = self._keys[:, :, : self.length]
-        self.values = self._values[:, :, : self.length]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._reshape(lambda t: t[indices])
-
-    def expand_batch(self, rows: int) -> None:
-        """Copy a one-row cache (a shared prefix) to `rows` rows."""
-        if self.is_initialized:
-            self._reshape(lambda t: t.expand(rows, -1, -1, -1))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -92,8 +93,9 @@ class DedupParams(BaseModel):
     # The text of a row is the first of these columns present in its file (seeds: `question`).
     text_columns: tuple[str, ...] = ("text", "question")
     id_column: str = "id"
-    # DuckDB resources for dedup_and_decontaminate's own connection (None: DuckDB's defaults);
-    # it spills to `EVOLFORGE_HOME/tmp/duckdb` beyond the memory limit.
+    # DuckDB resources for dedup_and_decontaminate's connection (memory None: DuckDB's default;
+    # threads None: the CPUs this process may run on); it spills to `EVOLFORGE_HOME/tmp/duckdb`
+    # beyond the memory limit.
     memory_limit: str | None = None
     threads: int | None = Field(None, ge=1)
 
@@ -493,8 +495,17 @@ def configure(con: duckdb.DuckDBPyConnection, cfg: DedupParams) -> None:
     con.execute("SET preserve_insertion_order = false")
     if cfg.memory_limit:
         con.execute("SET memory_limit = $m", {"m": cfg.memory_limit})
-    if cfg.threads:
-        con.execute(f"SET threads = {int(cfg.threads)}")
+    # DuckDB sizes its pool from the machine's core count and cgroup quota, not the affinity
+    # mask, and has been seen at one thread on a 2-core machine: say it explicitly.
+    con.execute(f"SET threads = {int(cfg.threads or usable_cpus())}")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def dedup_and_decontaminate(

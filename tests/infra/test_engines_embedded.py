@@ -129,12 +129,14 @@ def test_batch_of_mixed_lengths_keeps_order(engine):
 # -- speed machinery: pure helpers ----------------------------------------------------------
 
 
-def test_auto_threads_uses_one_thread_only_on_an_oversubscribed_machine():
-    from infra.engines.embedded import auto_threads
+def test_auto_threads_uses_the_usable_cpus_unless_oversubscribed(monkeypatch):
+    import infra.engines.embedded as embedded
 
-    assert auto_threads(load=5.2, cpus=2) == 1
-    assert auto_threads(load=1.0, cpus=2) is None
-    assert auto_threads(load=9.0, cpus=1) is None  # one CPU: nothing to give up
+    assert embedded.auto_threads(load=5.2, cpus=2) == 1
+    assert embedded.auto_threads(load=1.0, cpus=2) == 2
+    assert embedded.auto_threads(load=9.0, cpus=1) == 1  # one CPU: nothing to give up
+    monkeypatch.setattr(embedded, "usable_cpus", lambda: 3)  # e.g. taskset -c 0-2
+    assert embedded.auto_threads(load=0.5) == 3
 
 
 def test_common_prefix_counts_equal_leading_tokens():
@@ -273,9 +275,38 @@ def test_threads_follow_the_load_when_not_fixed(engine, monkeypatch):
         monkeypatch.setattr(embedded, "auto_threads", lambda: 1)
         engine.generate([_ask("Hi", max_tokens=2)])
         assert torch.get_num_threads() == 1
-        monkeypatch.setattr(embedded, "auto_threads", lambda: None)
+        monkeypatch.setattr(embedded, "auto_threads", lambda: 2)
         engine.generate([_ask("Hi", max_tokens=2)])
-        assert torch.get_num_threads() == engine._default_threads
+        assert torch.get_num_threads() == 2
     finally:
         engine._auto_threads = auto
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_auto_dtype_follows_the_cpu_and_names_its_precision(model_home, monkeypatch, caplog):
+    import logging
+
+    import infra.engines.cpu as cpu
+    from infra.engines.embedded import EmbeddedEngine
+
+    monkeypatch.setenv("EVOLFORGE_MODELS", str(model_home / "models"))
+    reference = None
+    for flags, expected in (("avx2 fma", "float32"), ("avx2 avx512f avx512_bf16", "bfloat16")):
+        fake = cpu.CpuInfo("Faked CPU", frozenset(flags.split()))
+        monkeypatch.setattr("infra.engines.embedded.read_cpu_info", lambda fake=fake: fake)
+        with caplog.at_level(logging.INFO, logger="evolforge.engines"):
+            engine = EmbeddedEngine(batch_size=4, dtype="auto")
+        assert engine.dtype == expected
+        assert next(engine.model.parameters()).dtype == getattr(torch, expected)
+        assert any(
+            f"torch {expected}" in r.getMessage() and "Faked CPU" in r.getMessage()
+            for r in caplog.records
+        )
+        if expected == "float32":
+            reference = engine.identity
+        else:
+            # Another precision gives other outputs: its cached responses must not be shared.
+            assert engine.identity == reference + "+torch-bfloat16"
+        (response,) = engine.generate([_ask("What is 2+3?", max_tokens=8)])
+        assert response.ok and response.completions[0].completion_tokens > 0

@@ -329,7 +329,7 @@ class EmbeddedEngine:
             self.model(
                 input_ids=prefix,
                 position_ids=torch.arange(shared).unsqueeze(0),
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -352,7 +352,7 @@ class EmbeddedEngine:
                     1
                 ),
                 position_ids=columns.expand(rows, width),
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             ).last_hidden_state
         # Each row's first logits come from its last prompt token, not the batch's last column;
@@ -392,7 +392,7 @@ class EmbeddedEngine:
                     input_ids=torch.tensor(next_tokens).unsqueeze(1),
                     attention_mask=valid[:, None, None, :kv_length],
                     position_ids=positions.unsqueeze(1),
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                 )
             logits = out.logits[:, -1, : self._vocab].float()

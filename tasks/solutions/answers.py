@@ -472,6 +472,9 @@ _LOOSE_LETTER = re.compile(
 )
 
 
+_BARE_LETTER = re.compile(r"^\(?([A-J])\)?[.:]?$")
+
+
 def option_letter(answer: str | None, choices: list[str] | tuple[str, ...]) -> str | None:
     """The option an answer names, decided in process, or None.
 
@@ -505,11 +508,15 @@ def _spaced(text: str) -> str:
 
 
 def extract_choice(text: str | None) -> str | None:
-    """The answer of a multiple-choice completion: `extract_answer`, else the last letter the
-    text names as its answer ("Answer: C", "the correct option is (C)")."""
+    """The answer of a multiple-choice completion: `extract_answer`, else a completion that is
+    only a letter ("B", "(B)"), else the last letter the text names as its answer ("Answer: C",
+    "the correct option is (C)")."""
     found = extract_answer(text)
     if found is not None or not text:
         return found
+    alone = _BARE_LETTER.match(text.strip())
+    if alone:
+        return alone.group(1)
     last = _last_match(_LOOSE_LETTER, text)
     return (last.group(1) or last.group(2)) if last else None
 

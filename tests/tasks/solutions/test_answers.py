@@ -258,6 +258,7 @@ def test_option_text_ties_name_no_option():
 def test_extract_choice_reads_loose_letters_when_there_is_no_final_answer():
     assert extract_choice("so the correct option is (C).") == "C"
     assert extract_choice("Answer: B") == "B"
+    assert extract_choice(" (D) ") == "D"
     assert extract_choice("The answer is: 12") == "12"
     assert extract_choice("I think A-B testing is fun") is None
     assert extract_choice(None) is None

@@ -58,6 +58,7 @@ class EvaluationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    enabled: bool = Field(True, description="evaluate at the end of a factory run")
     models: list[str] = Field(
         default_factory=lambda: ["base"],
         min_length=1,

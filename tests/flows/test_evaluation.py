@@ -195,3 +195,25 @@ def test_cli_parameters(tmp_path):
         eval_params_from_cli(["base"], ["gsm8k"], ["maj@k", "maj@8"], 5)
     with pytest.raises(ConfigError, match="no such config file"):
         eval_params_from_cli(["base"], ["gsm8k"], ["cot"], 5, config=tmp_path / "nope.yaml")
+
+
+def test_benchmarks_can_come_from_a_local_file_or_the_hub(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
+    params = EvaluationParams(
+        benchmarks=["mine", "math500"],
+        sources=[
+            {"name": "mine", "format": "gsm8k", "path": str(path)},
+            {"name": "math500", "hub": "HuggingFaceH4/MATH-500"},
+        ],
+    )
+    mine, math500 = params.benchmark_sources()
+    assert (mine.path, mine.layout) == (str(path), "gsm8k")
+    assert (math500.hub, math500.path) == ("HuggingFaceH4/MATH-500", None)
+    assert EvaluationParams(benchmarks=["svamp"]).benchmark_sources()[0].resolved_path().name == (
+        "svamp.jsonl"
+    )
+    with pytest.raises(ValueError, match=r"unknown benchmark\(s\) mine"):
+        EvaluationParams(benchmarks=["mine"])
+    with pytest.raises(ValueError, match="benchmarks repeat"):
+        EvaluationParams(benchmarks=["gsm8k", "gsm8k"])

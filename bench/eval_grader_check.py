@@ -13,6 +13,9 @@
      extraction over the whole completion.
    and, to separate extraction from equivalence, math-verify on our extracted answer
    (`verify(parse("$<reference>$"), parse("$<extracted>$"))`). Every disagreement is listed.
+3. The same comparison on the reference solutions of GSM8K test and MATH500 as completions,
+   each graded against its own answer (should be correct) and against the next item's answer
+   (should be wrong): the small model is rarely right, these cover the "correct" side.
 
     .venv/bin/python bench/eval_grader_check.py [--gsm8k 200] [--math500 100]
         [--max-tokens 512] [--dtype bfloat16] [--home bench/out/eval-throughput]
@@ -154,6 +157,65 @@ def agreement(args: argparse.Namespace) -> None:
     )
 
 
+def _compare(judged: pl.DataFrame, ours: str, theirs: str, what: str, show: int = 40) -> None:
+    n = judged.height
+    agree = judged.filter(pl.col(ours) == pl.col(theirs)).height
+    wider = judged.filter(pl.col(ours) & ~pl.col(theirs).fill_null(False))
+    stricter = judged.filter(~pl.col(ours).fill_null(False) & pl.col(theirs))
+    print(f"\nvs {what}: agree on {agree} of {n} ({100 * agree / n:.2f}%)")
+    for label, part in (
+        ("ours wider (we: correct, math-verify: not)", wider),
+        ("ours stricter (math-verify: correct, we: not)", stricter),
+    ):
+        print(f"  {label}: {part.height}")
+        for r in part.head(show).iter_rows(named=True):
+            tail = (r["text"] or "")[-120:].replace("\n", " ⏎ ")
+            print(f"    {r['where']} ours {r['extracted']!r} vs ref {r['reference']!r}: …{tail}")
+
+
+def reference_agreement() -> None:
+    """Reference solutions as completions: graded against their own answers (correct ones) and
+    against the next item's answer (wrong ones), by us and by math-verify."""
+    from tasks.benchmarks import benchmark_source, read_items
+    from tasks.solutions.answers import check_equivalence, equivalence_pool, extract_answer
+
+    items = pl.concat([read_items(benchmark_source(b)) for b in ("gsm8k", "math500")])
+    rows = []
+    for bench in ("gsm8k", "math500"):
+        part = items.filter(pl.col("benchmark") == bench).to_dicts()
+        for i, item in enumerate(part):
+            other = part[(i + 1) % len(part)]["answer"]
+            for kind, reference in (("own", item["answer"]), ("next", other)):
+                rows.append(
+                    {
+                        "where": f"{bench}:{item['id']} ({kind} answer)",
+                        "text": item["solution"],
+                        "extracted": extract_answer(item["solution"]),
+                        "reference": reference,
+                    }
+                )
+    t0 = time.perf_counter()
+    with equivalence_pool(workers=2) as pool:
+        ours = check_equivalence(
+            [r["extracted"] for r in rows], [r["reference"] for r in rows], pool
+        )
+    for r, verdict in zip(rows, ours, strict=True):
+        r["ours"] = verdict
+        r["mv"] = _math_verify(r["reference"], r["text"])
+    judged = pl.DataFrame(rows)
+    print(
+        f"\n== 3. agreement with math-verify on {judged.height} reference solutions of GSM8K test "
+        f"and MATH500, each graded against its own answer and the next item's "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    print(
+        f"ours correct {int(judged['ours'].fill_null(False).sum())}, math-verify correct "
+        f"{int(judged['mv'].fill_null(False).sum())}, math-verify could not parse the reference "
+        f"{judged['mv'].null_count()}"
+    )
+    _compare(judged, "ours", "mv", "math-verify's own extraction and verify on the solution")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gsm8k", type=int, default=200)
@@ -174,6 +236,7 @@ def main() -> None:
         reference_check()
     if not args.skip_agreement:
         agreement(args)
+        reference_agreement()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,18 @@ import time
 from pathlib import Path
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (sandbox, verifier workers): what the
+    run costs whatever else the shared machine is doing."""
+    import resource
+
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -32,6 +44,12 @@ def cpu_model() -> str:
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main() -> None:
@@ -73,14 +91,14 @@ def main() -> None:
     plan = plan_evaluation.run(
         eval_items=items["eval_items"], models=targets, modes=[args.mode], k=8
     )
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), cpu_seconds()
     result = evaluate_batch.run(
         eval_requests=plan["eval_requests"],
         engine=engine,
         decoding=decoding,
         sandbox=SandboxParams(workers=2),
     )
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), cpu_seconds()
     scores = score_evaluation.run(eval_results=result["eval_results"], eval_contamination=None)
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()[0]
@@ -98,7 +116,10 @@ def main() -> None:
     )
     print(f"load average: {load_before:.2f} before, {load_after:.2f} after")
     print(f"wall, whole run (model load included): {wall:.1f} s")
-    print(f"wall, evaluate stage: {t2 - t1:.1f} s; engine time {stats['engine_seconds']:.1f} s")
+    print(
+        f"wall, evaluate stage: {t2 - t1:.1f} s; engine time {stats['engine_seconds']:.1f} s; "
+        f"CPU time {c2 - c1:.1f} s (torch threads: {torch_threads()})"
+    )
     print(f"requests: {stats['requests']} ({stats['misses']} to the engine)")
     print(
         f"output tokens: {tokens} ({tokens / max(1, results.height):.0f} per item; "

@@ -94,9 +94,17 @@ class EvaluationParams(BaseModel):
         default_factory=EngineConfig,
         description="the engine every model runs on (its `model` is the base)",
     )
-    decoding: DecodingParams = Field(default_factory=DecodingParams)
-    sandbox: SandboxParams = Field(default_factory=SandboxParams)
-    contamination: GuardParams = Field(default_factory=GuardParams)
+    decoding: DecodingParams = Field(
+        default_factory=DecodingParams,
+        description="token budgets of cot and pot (greedy), sampling of maj@k",
+    )
+    sandbox: SandboxParams = Field(
+        default_factory=SandboxParams, description="limits of the sandbox PoT programs run in"
+    )
+    contamination: GuardParams = Field(
+        default_factory=GuardParams,
+        description="the decontamination n-gram rule applied to items vs each model's training sets",
+    )
     skip_missing_models: bool = Field(
         False, description="leave out model specs that name nothing instead of failing"
     )

@@ -155,7 +155,10 @@ def plot_scores(scores: pl.DataFrame, path: Path, title: str = "evaluation") -> 
                 ys.append(100 * r["accuracy"])
                 lo.append(max(0.0, 100 * (r["accuracy"] - r["ci_low"])))
                 hi.append(max(0.0, 100 * (r["ci_high"] - r["accuracy"])))
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=model, color=colors(m % 10))
+            bars = ax.bar(
+                xs, ys, width, yerr=[lo, hi], capsize=3, label=model, color=colors(m % 10)
+            )
+            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
         ax.set_xticks(range(len(modes)))
         ax.set_xticklabels(modes)
         n = part["n"].max() if part.height else 0

@@ -13,11 +13,16 @@ It runs in two tiers:
 
 1. In process, cheap: both answers are normalised (LaTeX spacing, `\\dfrac`, `\\left`, units such
    as `\\text{ cm}` or "5 dollars", `$`, `%`, degrees, `x =` prefixes, thousands separators) and
-   compared as strings, then as exact numbers (integers, decimals, `a/b`, `\\frac{a}{b}`). Most
-   pairs (GSM8K numbers, simple MATH answers) are decided here without any symbolic work.
+   compared as strings, then as exact numbers (integers, decimals, `a/b`, `\\frac{a}{b}`), and
+   word answers ("Yes", "Mrs. Hilt") without case. Most pairs (GSM8K numbers, simple MATH
+   answers) are decided here without any symbolic work.
 2. Everything else goes to `math-verify` (LaTeX and plain-expression parsing into sympy, then
    symbolic/numeric comparison: `\\frac{\\sqrt2}{2}` vs `\\sqrt{2}/2`, intervals, tuples, sets,
    `y = 2x + 1` vs `2x + 1`).
+
+Multiple choice (`option_letter`, `choose_options`, `extract_choice`): an answer names an option
+by its letter (`B`, `(B)`, `B) 42`, `option B`) or by the option's text, exactly or (batch) by
+math equivalence; the grade is then the letter's equality with the reference letter.
 
 Tier 2 runs in `infra.verifier`'s killable worker processes (sympy can hang in C code that no
 signal interrupts, and math-verify's SIGALRM timeouts need a main thread): `judge_pair` is the
@@ -288,6 +293,11 @@ def _numbers_equal(a: Fraction, b: Fraction, a_text: str, b_text: str) -> bool:
     return False
 
 
+# A word answer (ASDiv's "Yes", "Mrs. Hilt"; MATH's "Monday"), compared without case: it holds a
+# run of three letters and nothing but letters, apostrophes, periods and hyphens.
+_WORDY = re.compile(r"[A-Za-z'.\-]*[A-Za-z]{3}[A-Za-z'.\-]*")
+
+
 def quick_equivalence(prediction: str, reference: str) -> bool | None:
     """Decide a pair in process when it is easy; None means "ask math-verify"."""
     p, r = normalize_answer(prediction), normalize_answer(reference)
@@ -295,6 +305,8 @@ def quick_equivalence(prediction: str, reference: str) -> bool | None:
         return None
     if p == r:
         return True
+    if _WORDY.fullmatch(p) and _WORDY.fullmatch(r) and p.casefold() == r.casefold():
+        return True  # "yes" = "Yes", "mrs. hilt" = "Mrs. Hilt" (math-verify: products of symbols)
     pn, rn = as_number(p), as_number(r)
     if pn is not None and rn is not None:
         return _numbers_equal(pn, rn, p, r)
@@ -441,3 +453,97 @@ def check_completions(
 
 def is_equivalent(prediction: str | None, reference: str | None) -> bool | None:
     return check_equivalence([prediction], [reference])[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice: option letters
+# ---------------------------------------------------------------------------------------------
+
+LETTERS = "ABCDEFGHIJ"
+# "B", "B.", "B)", "B: 42", "(B)", "(B) 42", "option B": a letter that names an option. "A cat" is
+# not one (the article), "(A) cat" and "A) cat" are.
+_PAREN_LETTER = re.compile(r"^\(([A-J])\)(?:\s.*)?$", re.DOTALL)
+_MARKED_LETTER = re.compile(r"^([A-J])(?:[.:)](?:\s.*)?)?$", re.DOTALL)
+_NAMED_LETTER = re.compile(r"^(?:[Oo]ption|[Cc]hoice)\s*\(?([A-J])\)?[.:]?$")
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
+# In a completion without a final-answer marker: the last "answer is (C)", "Answer: C", "option C".
+_LOOSE_LETTER = re.compile(
+    r"(?:[Aa]nswer|[Oo]ption|[Cc]hoice)\s*(?:is|:)?\s*(?:\(([A-J])\)|([A-J])\b(?![-'’]))"
+)
+
+
+_BARE_LETTER = re.compile(r"^\(?([A-J])\)?[.:]?$")
+
+
+def option_letter(answer: str | None, choices: list[str] | tuple[str, ...]) -> str | None:
+    """The option an answer names, decided in process, or None.
+
+    An answer equal to exactly one option's text names that option (compared as written with
+    spaces collapsed, then without case, then after `normalize_answer`; the first comparison
+    that matches any option decides, so two options equal under it name none); else a letter of an existing option written as `B`, `B.`, `B)`, `(B)`,
+    `(B) <text>`, `B: <text>`, `option B`, `\\text{(B)}`.
+    """
+    s = clean_answer(answer)
+    if not s or not choices:
+        return None
+    # From the strictest comparison to the loosest; the first that matches anything decides (a
+    # tie between two options is no answer: "Bb Bb" must not match "BB BB" by case folding).
+    for key in (_spaced, lambda t: _spaced(t).casefold(), lambda t: normalize_answer(t).casefold()):
+        mine = key(s)
+        same = [i for i, c in enumerate(choices[: len(LETTERS)]) if mine and key(c) == mine]
+        if same:
+            if len(same) == 1:
+                return LETTERS[same[0]]
+            break
+    s = _TEXT_WRAP.sub(r"\1", s).strip()
+    for pattern in (_PAREN_LETTER, _MARKED_LETTER, _NAMED_LETTER):
+        m = pattern.match(s)
+        if m and LETTERS.index(m.group(1)) < len(choices):
+            return m.group(1)
+    return None
+
+
+def _spaced(text: str) -> str:
+    return " ".join((clean_answer(text) or "").split())
+
+
+def extract_choice(text: str | None) -> str | None:
+    """The answer of a multiple-choice completion: `extract_answer`, else a completion that is
+    only a letter ("B", "(B)"), else the last letter the text names as its answer ("Answer: C",
+    "the correct option is (C)")."""
+    found = extract_answer(text)
+    if found is not None or not text:
+        return found
+    alone = _BARE_LETTER.match(text.strip())
+    if alone:
+        return alone.group(1)
+    last = _last_match(_LOOSE_LETTER, text)
+    return (last.group(1) or last.group(2)) if last else None
+
+
+def choose_options(
+    answers: list[str | None],
+    choices: list[list[str] | tuple[str, ...]],
+    pool: VerifierPool | None = None,
+) -> list[str | None]:
+    """The option letter each answer names: `option_letter`, else the one option whose text is
+    math-equivalent to the answer (a model that answers `0.5` to the options `1/2`, `1/3`).
+    None when no option, or more than one, matches."""
+    if len(answers) != len(choices):
+        raise ValueError(f"choose_options: {len(answers)} answers vs {len(choices)} choice lists")
+    letters = [option_letter(a, c) for a, c in zip(answers, choices, strict=True)]
+    pairs: list[tuple[int, int]] = []
+    for i, (answer, options) in enumerate(zip(answers, choices, strict=True)):
+        if letters[i] is None and clean_answer(answer):
+            pairs += [(i, j) for j in range(min(len(options), len(LETTERS)))]
+    verdicts = check_equivalence(
+        [answers[i] for i, _ in pairs], [choices[i][j] for i, j in pairs], pool
+    )
+    matches: dict[int, list[int]] = {}
+    for (i, j), verdict in zip(pairs, verdicts, strict=True):
+        if verdict is True:
+            matches.setdefault(i, []).append(j)
+    for i, found in matches.items():
+        if len(found) == 1:
+            letters[i] = LETTERS[found[0]]
+    return letters

@@ -10,11 +10,14 @@ import pytest
 from tasks.solutions.answers import (
     check_completions,
     check_equivalence,
+    choose_options,
     extract_answer,
     extract_boxed,
+    extract_choice,
     extract_gsm8k,
     extract_program_answer,
     normalize_answer,
+    option_letter,
     quick_equivalence,
 )
 
@@ -204,3 +207,68 @@ def test_pathological_strings_return_within_the_time_limit(pool):
 def test_check_completions_extracts_first(pool):
     completions = ["Step 1 ...\nThe answer is: \\frac{2}{4}", "#### 7", "I am not sure."]
     assert check_completions(completions, ["0.5", "8", "1"], pool) == [True, False, False]
+
+
+# --- word answers and option letters ----------------------------------------------------------
+
+
+def test_word_answers_compare_without_case():
+    assert quick_equivalence("yes", "Yes") is True
+    assert quick_equivalence("mrs. hilt", "Mrs. Hilt") is True
+    assert quick_equivalence("Purple", "purple.") is True
+    # Not words: left to the numeric rules and math-verify as before.
+    assert quick_equivalence("x", "X") is None
+    assert quick_equivalence("No", "Yes") is None
+
+
+OPTIONS = ["12", "1/2", "a base pair is inserted", "None of these"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "letter"),
+    [
+        ("B", "B"),
+        ("(B)", "B"),
+        ("B)", "B"),
+        ("B.", "B"),
+        ("B: 1/2", "B"),
+        ("(C) a base pair is inserted", "C"),
+        ("option D", "D"),
+        ("\\text{(A)}", "A"),
+        ("$12$", "A"),  # the option's text
+        ("A base pair is inserted", "C"),  # text, not the article "A"
+        ("none of these", "D"),  # text, without case
+        ("E", None),  # no fifth option
+        ("A cat", None),  # an article, not a letter
+        ("", None),
+        (None, None),
+    ],
+)
+def test_option_letter(answer, letter):
+    assert option_letter(answer, OPTIONS) == letter
+
+
+def test_option_text_ties_name_no_option():
+    # Options equal only without case: the exact one wins; two identical options: none.
+    assert option_letter("Bb Bb", ["BB BB", "BB Bb", "Bb Bb", "Bb bb"]) == "C"
+    assert option_letter("About 6 meters", ["About 6 meters", "About 6 feet"]) == "A"
+    assert option_letter("687", ["687", "687", "1,493"]) is None
+
+
+def test_extract_choice_reads_loose_letters_when_there_is_no_final_answer():
+    assert extract_choice("so the correct option is (C).") == "C"
+    assert extract_choice("Answer: B") == "B"
+    assert extract_choice(" (D) ") == "D"
+    assert extract_choice("The answer is: 12") == "12"
+    assert extract_choice("I think A-B testing is fun") is None
+    assert extract_choice(None) is None
+
+
+def test_choose_options_maps_equivalent_text_to_its_letter(pool):
+    choices = [["0.5", "1/3", "2"], ["1", "2", "3"], ["x", "y"], ["2", "2.0", "3"]]
+    answers = ["\\frac{1}{2}", "(B)", "z", "2.00"]
+    # 1/2 = 0.5 (option A); a letter; nothing; two options equal to 2.00 (ambiguous: none).
+    assert choose_options(answers, choices, pool) == ["A", "B", None, None]
+    assert choose_options(["2"], [["2", "2.0", "3"]], pool) == ["A"]  # the same text first
+    with pytest.raises(ValueError, match="2 answers vs 1 choice lists"):
+        choose_options(["A", "B"], [["x"]], pool)

@@ -1,0 +1,483 @@
+"""Decoding modes and grading: the `eval_requests` plan and the `evaluate` stage.
+
+Modes (WizardMath and MAmmoTH evaluation protocols):
+
+- `cot`: the question in the prompt format with " Let's think step by step." (Alpaca:
+  `eval_alpaca_cot`, WizardMath's evaluation prompt; chat: `eval_chat_cot`, the question and
+  "Please reason step by step, and put your final answer within \\boxed{}" through the model's
+  chat template), greedy; the answer is the last "The answer is: X" / `\\boxed{}` / `#### X`.
+- `pot`: MAmmoTH's "Let's write a program." trigger (`eval_*_pot`), greedy; the program runs only
+  in the sandbox and its last printed line is the answer. A missing program, an error, a
+  timeout or no output is no answer.
+- `hybrid`: pot, falling back to the greedy cot answer when the program is missing, fails, times
+  out or prints nothing usable (the fallback request is the cot mode's own request, so with both
+  modes it comes from the request cache).
+- `maj@k`: self-consistency over k sampled cot answers (`tasks.solutions.voting`): answers are
+  grouped by math equivalence, the largest group wins and ties go to the group sampled first.
+
+Multiple-choice items (SAT-Math, MMLU-STEM) list their options as "Answer Choices: (A) ... (B) ..."
+(MAmmoTH's format); an answer names an option by letter or by the option's text
+(`tasks.solutions.answers.choose_options`) and is graded by letter. Open answers are graded by
+`check_equivalence`, the factory's own answer checker. A failed engine request leaves the item
+unjudged (`correct` null, `error` set); a completion without an answer is wrong.
+
+The plan (`eval_requests`, one row per model x benchmark x item x mode, sorted by model) lets the
+`evaluate` stage shard by model: a shard's rows belong to one model, and a model added to a
+later run only adds shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.engines import EngineConfig
+from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
+from infra.verifier import VerifierPool
+from tasks.evaluation.models import ModelTarget
+from tasks.frames import require_columns
+from tasks.solutions.answers import (
+    LETTERS,
+    check_equivalence,
+    choose_options,
+    extract_answer,
+    extract_choice,
+    extract_program_answer,
+)
+from tasks.solutions.programs import ProgramRunner, extract_program, program_failure
+from tasks.solutions.solve import SandboxParams
+from tasks.solutions.voting import majority_votes
+from tasks.stage import Shard, StageContext, StageOutput, stage
+from tasks.templates import Template, load_template
+
+MODE_PATTERN = re.compile(r"^(cot|pot|hybrid|maj@(k|\d+))$")
+# Alpaca-trained models may run on into a new "### Instruction"; cut there.
+ALPACA_STOPS = ("\n### Instruction", "\n### Response")
+
+
+class DecodingParams(BaseModel):
+    """Token budgets of the greedy modes and the sampling of maj@k."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cot_max_tokens: int = Field(512, ge=16, description="new tokens of a chain of thought")
+    pot_max_tokens: int = Field(512, ge=16, description="new tokens of a program")
+    temperature: float = Field(0.7, gt=0, description="maj@k sampling temperature")
+    top_p: float = Field(0.95, gt=0, le=1, description="maj@k nucleus")
+    seed: int = Field(0, description="maj@k sampling seed")
+
+
+def parse_mode(mode: str, k: int) -> tuple[str, int]:
+    """`cot` → ("cot", 1); `maj@k` → ("maj", k); `maj@16` → ("maj", 16)."""
+    m = MODE_PATTERN.match(mode)
+    if not m:
+        raise ValueError(f"unknown mode {mode!r} (cot, pot, hybrid, maj@k or maj@<n>)")
+    if not mode.startswith("maj@"):
+        return mode, 1
+    samples = k if m.group(2) == "k" else int(m.group(2))
+    if samples < 1:
+        raise ValueError(f"mode {mode!r}: maj@ needs at least one sample")
+    return "maj", samples
+
+
+def mode_label(mode: str, k: int) -> str:
+    kind, samples = parse_mode(mode, k)
+    return f"maj@{samples}" if kind == "maj" else kind
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+PLAN_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String,  # model|benchmark|item|mode
+    "model": pl.String,
+    "model_ref": pl.String,  # the checkpoint's name@version, or the folder / served name
+    "engine_model": pl.String,  # the engine's `model` setting (null: the engine's default)
+    "model_identity": pl.String,
+    "prompt_format": pl.String,
+    "benchmark": pl.String,
+    "item_id": pl.String,
+    "mode": pl.String,  # cot | pot | hybrid | maj@<k>
+    "samples": pl.Int64,
+    "question": pl.String,
+    "answer": pl.String,
+    "choices": pl.List(pl.String),
+}
+
+
+def plan_requests(
+    items: pl.DataFrame, models: list[ModelTarget], modes: list[str], k: int
+) -> pl.DataFrame:
+    """One row per model x item x mode, grouped by model (the `evaluate` shards split there)."""
+    require_columns(items, ["benchmark", "id", "question", "answer", "choices"], "eval items")
+    labels = [mode_label(m, k) for m in modes]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"modes repeat: {modes}")
+    rows: list[dict[str, Any]] = []
+    item_rows = items.to_dicts()
+    for model in models:
+        for item in item_rows:
+            for mode in modes:
+                _, samples = parse_mode(mode, k)
+                label = mode_label(mode, k)
+                rows.append(
+                    {
+                        "id": f"{model.label}|{item['benchmark']}|{item['id']}|{label}",
+                        "model": model.label,
+                        "model_ref": model.artifact or model.model,
+                        "engine_model": model.model,
+                        "model_identity": model.identity,
+                        "prompt_format": model.prompt_format,
+                        "benchmark": item["benchmark"],
+                        "item_id": item["id"],
+                        "mode": label,
+                        "samples": samples,
+                        "question": item["question"],
+                        "answer": item["answer"],
+                        "choices": item["choices"],
+                    }
+                )
+    return pl.DataFrame(rows, schema=PLAN_SCHEMA)
+
+
+@stage(name="eval_requests", outputs=["eval_requests"])
+def plan_evaluation(
+    eval_items: pl.DataFrame, models: list[ModelTarget], modes: list[str], k: int
+) -> StageOutput:
+    """Plan the evaluation: one request row per model x benchmark item x decoding mode."""
+    plan = plan_requests(eval_items, models, modes, k)
+    return StageOutput(
+        {"eval_requests": plan},
+        {
+            "requests": plan.height,
+            "models": len(models),
+            "modes": [mode_label(m, k) for m in modes],
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String,
+    "model": pl.String,
+    "model_ref": pl.String,
+    "engine_identity": pl.String,
+    "benchmark": pl.String,
+    "item_id": pl.String,
+    "mode": pl.String,
+    "prompt_format": pl.String,
+    "prompt_version": pl.String,  # template version of `completion`
+    "completion": pl.String,  # the first request's text: the CoT, the PoT, maj's winning sample
+    "finish_reason": pl.String,
+    "program": pl.String,
+    "program_output": pl.String,
+    "program_error": pl.String,  # why the program gave no answer
+    "fallback": pl.Boolean,  # hybrid: whether the CoT answer was used (null in other modes)
+    "fallback_completion": pl.String,
+    "fallback_prompt_version": pl.String,
+    "raw_answer": pl.String,  # multiple choice: the answer before it was mapped to an option
+    "extracted_answer": pl.String,  # the graded answer (an option letter for choices)
+    "samples": pl.List(pl.String),  # maj@k: every sample's answer
+    "agreement": pl.Float64,  # maj@k: winning group size / k
+    "reference": pl.String,
+    "correct": pl.Boolean,  # null: could not be judged (engine error, checker timeout)
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "error": pl.String,
+}
+
+
+def instruction_text(question: str, choices: list[str] | None) -> str:
+    """The question, with MAmmoTH's "Answer Choices: (A) ... (B) ..." line for choices."""
+    if not choices:
+        return question
+    listed = " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
+    return f"{question}\nAnswer Choices: {listed}"
+
+
+def prompt_templates(prompt_format: str) -> dict[str, Template]:
+    if prompt_format not in ("alpaca", "chat"):
+        raise ValueError(f"unknown prompt format {prompt_format!r} (alpaca, chat)")
+    return {kind: load_template(f"eval_{prompt_format}_{kind}") for kind in ("cot", "pot")}
+
+
+def _request(template: Template, text: str, sampling: SamplingParams) -> ChatRequest:
+    return ChatRequest(
+        messages=tuple(template.messages(instruction=text)),
+        sampling=sampling,
+        template_version=template.version,
+    )
+
+
+def _tokens(response: ChatResponse) -> tuple[int, int]:
+    return response.prompt_tokens, sum(c.completion_tokens for c in response.completions)
+
+
+def _first(response: ChatResponse) -> tuple[str | None, str | None]:
+    if not response.completions:
+        return None, "error"
+    return response.completions[0].text, response.completions[0].finish_reason
+
+
+def vote_letters(letters: list[str | None]) -> tuple[str | None, float]:
+    """The most frequent option letter and its share of all samples; ties go to the letter
+    sampled first (as `majority_votes` does for open answers)."""
+    counts = Counter(x for x in letters if x)
+    if not counts:
+        return None, 0.0
+    top = max(counts.values())
+    winner = next(x for x in letters if x and counts[x] == top)
+    return winner, top / len(letters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_requests(
+    requests: pl.DataFrame,
+    engine: Engine,
+    sandbox: ProgramRunner | None,
+    decoding: DecodingParams = DecodingParams(),
+    pool: VerifierPool | None = None,
+) -> pl.DataFrame:
+    """Answer and grade every planned request (`PLAN_SCHEMA` rows) with one engine.
+
+    Returns one `RESULT_SCHEMA` row per request, in order. All first requests go to the engine
+    as one batch, programs to the sandbox as one batch, hybrid fallbacks as a second batch.
+    """
+    require_columns(requests, list(PLAN_SCHEMA), "evaluate_requests")
+    rows = requests.to_dicts()
+    greedy: dict[str, dict[str, SamplingParams]] = {}
+    templates: dict[str, dict[str, Template]] = {}
+    for fmt in {r["prompt_format"] for r in rows}:
+        templates[fmt] = prompt_templates(fmt)
+        stop = ALPACA_STOPS if fmt == "alpaca" else ()
+        greedy[fmt] = {
+            "cot": SamplingParams(temperature=0.0, max_tokens=decoding.cot_max_tokens, stop=stop),
+            "pot": SamplingParams(temperature=0.0, max_tokens=decoding.pot_max_tokens, stop=stop),
+        }
+
+    def cot_request(row: dict[str, Any]) -> ChatRequest:
+        text = instruction_text(row["question"], row["choices"])
+        fmt = row["prompt_format"]
+        return _request(templates[fmt]["cot"], text, greedy[fmt]["cot"])
+
+    first: list[ChatRequest] = []
+    for row in rows:
+        fmt, mode = row["prompt_format"], row["mode"]
+        text = instruction_text(row["question"], row["choices"])
+        if mode in ("pot", "hybrid"):
+            first.append(_request(templates[fmt]["pot"], text, greedy[fmt]["pot"]))
+        elif mode.startswith("maj@"):
+            sampling = replace(
+                greedy[fmt]["cot"],
+                temperature=decoding.temperature,
+                top_p=decoding.top_p,
+                n=row["samples"],
+                seed=decoding.seed,
+            )
+            first.append(_request(templates[fmt]["cot"], text, sampling))
+        else:
+            first.append(cot_request(row))
+    responses = engine.generate(first) if first else []
+
+    out: list[dict[str, Any]] = []
+    for row, request, response in zip(rows, first, responses, strict=True):
+        text, finish = _first(response)
+        prompt_tokens, completion_tokens = _tokens(response)
+        out.append(
+            {
+                "id": row["id"],
+                "model": row["model"],
+                "model_ref": row["model_ref"],
+                "engine_identity": engine.identity,
+                "benchmark": row["benchmark"],
+                "item_id": row["item_id"],
+                "mode": row["mode"],
+                "prompt_format": row["prompt_format"],
+                "prompt_version": request.template_version,
+                "completion": text,
+                "finish_reason": finish,
+                "reference": row["answer"],
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "error": response.error,
+                "fallback": False if row["mode"] == "hybrid" else None,
+                "_choices": row["choices"],
+                "_texts": [c.text for c in response.completions],
+            }
+        )
+
+    # Programs: every pot/hybrid completion's program, run in the sandbox in one batch.
+    program_rows = [r for r in out if r["mode"] in ("pot", "hybrid")]
+    for r in program_rows:
+        r["program"] = extract_program(r["completion"])
+        if r["completion"] is None:
+            r["program_error"] = "engine error"
+        elif r["program"] is None:
+            r["program_error"] = "no program in completion"
+    to_run = [r for r in program_rows if r.get("program")]
+    if to_run:
+        if sandbox is None:
+            raise ValueError("pot and hybrid modes need a sandbox to run programs")
+        results = sandbox.run_many([r["program"] for r in to_run])
+        if len(results) != len(to_run):
+            raise RuntimeError(f"sandbox returned {len(results)} results for {len(to_run)}")
+        for r, result in zip(to_run, results, strict=True):
+            r["program_output"] = result.stdout
+            r["program_error"] = program_failure(result)
+            if r["program_error"] is None:
+                r["raw_answer"] = extract_program_answer(result.stdout)
+
+    # Hybrid: a program that gave no answer falls back to the greedy CoT answer.
+    by_id = {row["id"]: row for row in rows}
+    fallbacks = [r for r in out if r["mode"] == "hybrid" and r.get("program_error")]
+    if fallbacks:
+        fb_requests = [cot_request(by_id[r["id"]]) for r in fallbacks]
+        for r, request, response in zip(
+            fallbacks, fb_requests, engine.generate(fb_requests), strict=True
+        ):
+            text, finish = _first(response)
+            p_tokens, c_tokens = _tokens(response)
+            r.update(
+                fallback=True,
+                fallback_completion=text,
+                fallback_prompt_version=request.template_version,
+                finish_reason=finish,
+                error=response.error,
+                prompt_tokens=r["prompt_tokens"] + p_tokens,
+                completion_tokens=r["completion_tokens"] + c_tokens,
+            )
+            r["raw_answer"] = (
+                (extract_choice(text) if r["_choices"] else extract_answer(text))
+                if text is not None
+                else None
+            )
+
+    # CoT answers (and maj@k samples).
+    for r in out:
+        if r["mode"] == "cot" and r["completion"] is not None:
+            r["raw_answer"] = (
+                extract_choice(r["completion"])
+                if r["_choices"]
+                else extract_answer(r["completion"])
+            )
+        if r["mode"].startswith("maj@"):
+            extract = extract_choice if r["_choices"] else extract_answer
+            r["samples"] = [extract(t) for t in r["_texts"]]
+
+    _choose_options(out, pool)
+    _vote(out, pool)
+    _grade(out, pool)
+    for r in out:
+        r.pop("_choices")
+        r.pop("_texts")
+    return pl.DataFrame(out, schema=RESULT_SCHEMA)
+
+
+def _choose_options(out: list[dict[str, Any]], pool: VerifierPool | None) -> None:
+    """Map multiple-choice answers (single answers and maj@k samples) to option letters."""
+    answers: list[str | None] = []
+    choices: list[list[str]] = []
+    slots: list[tuple[dict[str, Any], int | None]] = []
+    for r in out:
+        if not r["_choices"]:
+            continue
+        if r["mode"].startswith("maj@"):
+            for i, a in enumerate(r["samples"]):
+                answers.append(a)
+                choices.append(r["_choices"])
+                slots.append((r, i))
+        else:
+            answers.append(r.get("raw_answer"))
+            choices.append(r["_choices"])
+            slots.append((r, None))
+    letters = choose_options(answers, choices, pool) if answers else []
+    for (r, i), letter in zip(slots, letters, strict=True):
+        if i is None:
+            r["extracted_answer"] = letter
+        else:
+            r["samples"][i] = letter
+
+
+def _vote(out: list[dict[str, Any]], pool: VerifierPool | None) -> None:
+    """maj@k: the winning answer, its agreement, and the completion of its first sample."""
+    open_rows = [r for r in out if r["mode"].startswith("maj@") and not r["_choices"]]
+    votes = majority_votes([r["samples"] for r in open_rows], pool) if open_rows else []
+    for r, vote in zip(open_rows, votes, strict=True):
+        r["extracted_answer"] = vote.answer
+        r["agreement"] = vote.agreement
+        if vote.winner is not None:
+            r["completion"] = r["_texts"][vote.groups[vote.winner][0]]
+    for r in out:
+        if r["mode"].startswith("maj@") and r["_choices"]:
+            letter, agreement = vote_letters(r["samples"])
+            r["extracted_answer"], r["agreement"] = letter, agreement
+            if letter is not None:
+                r["completion"] = r["_texts"][r["samples"].index(letter)]
+
+
+def _grade(out: list[dict[str, Any]], pool: VerifierPool | None) -> None:
+    """`correct`: the letter's equality for choices, `check_equivalence` for open answers."""
+    open_rows = []
+    for r in out:
+        if not r["_choices"] and not r["mode"].startswith("maj@"):
+            r["extracted_answer"] = r.get("raw_answer")
+            r["raw_answer"] = None
+        if r.get("error") is not None:
+            r["correct"] = None  # the engine failed: nothing to judge
+        elif r["_choices"]:
+            r["correct"] = r.get("extracted_answer") == r["reference"]
+        else:
+            open_rows.append(r)
+    verdicts = check_equivalence(
+        [r.get("extracted_answer") for r in open_rows], [r["reference"] for r in open_rows], pool
+    )
+    for r, verdict in zip(open_rows, verdicts, strict=True):
+        r["correct"] = verdict
+
+
+@stage(
+    name="evaluate",
+    outputs=["eval_results"],
+    shard=Shard("eval_requests", rows=256, split_on="model"),
+)
+def evaluate_batch(
+    ctx: StageContext,
+    eval_requests: pl.DataFrame,
+    engine: EngineConfig,
+    decoding: DecodingParams,
+    sandbox: SandboxParams,
+) -> StageOutput:
+    """Answer and grade planned requests with one model (programs in the sandbox)."""
+    from infra.sandbox import Sandbox, SandboxLimits
+
+    models = eval_requests["engine_model"].unique().to_list()
+    if len(models) > 1:
+        raise ValueError(f"an evaluate shard holds several models: {models}")
+    config = engine.model_copy(update={"model": models[0] if models else engine.model})
+    needs_programs = eval_requests["mode"].is_in(["pot", "hybrid"]).any()
+    limits = SandboxLimits(cpu_s=sandbox.cpu_s, wall_s=sandbox.wall_s, memory_mb=sandbox.memory_mb)
+    runner = (
+        Sandbox(limits, workers=sandbox.workers, allow_unsafe=sandbox.allow_unsafe)
+        if needs_programs
+        else contextlib.nullcontext(None)
+    )
+    with runner as programs:
+        results = evaluate_requests(eval_requests, ctx.engine(config), programs, decoding)
+    stats = {
+        "requests": results.height,
+        "correct": int(results["correct"].fill_null(False).sum()),
+        "unjudged": int(results["correct"].null_count()),
+        "fallbacks": int(results["fallback"].fill_null(False).sum()),
+    }
+    return StageOutput({"eval_results": results}, stats)

@@ -54,7 +54,8 @@ def run(home: Path, server: ScriptedServer, rounds: int) -> tuple[str, float]:
         "engine.max_concurrency": 4,
         "evolution.rounds": rounds,
     }
-    args = [sys.executable, "-m", "flows.cli", "run", "--config", "configs/nightly.yaml"]
+    args = [sys.executable, "-m", "flows.cli", "run", "--flow", "data"]
+    args += ["--config", "configs/nightly.yaml"]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
     start = time.monotonic()

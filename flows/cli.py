@@ -28,7 +28,7 @@ from storage.errors import UserError
 EXIT_ERROR = 2
 # The flows `evolforge run --flow` knows (flows/registry.py; listed here so that `sql` and
 # `datasets` start without importing Prefect).
-FLOW_NAMES = ["factory", "data", "rewards", "training_sets", "training"]
+FLOW_NAMES = ["factory", "data", "rewards", "training_sets", "training", "evaluation"]
 EPHEMERAL_STARTUP_TIMEOUT_S = 180
 
 
@@ -314,6 +314,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from flows.evaluation import eval_params_from_cli, evaluation
+    from tasks.evaluation.report import render_evaluation_summary
+
+    def split(text: str | None) -> list[str]:
+        return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+    params = eval_params_from_cli(
+        [model for spec in args.models for model in split(spec)],
+        split(args.benchmarks),
+        split(args.modes),
+        args.limit,
+        seed=args.seed,
+        k=args.k,
+        prompt_format=args.prompt_format,
+        config=args.config,
+        overrides=args.set or [],
+    )
+    print(render_evaluation_summary(evaluation(params=params)))
+    return 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from storage.catalog import Catalog
     from storage.settings import home
@@ -383,6 +405,29 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     ds.add_argument("--format", choices=["table", "csv", "json"], default="table")
     ds.set_defaults(func=cmd_datasets)
+
+    ev = sub.add_parser("eval", help="evaluate models on math benchmarks")
+    ev.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        default=[],
+        metavar="SPEC",
+        help="base | HF folder | sft_model[@version] | label=spec (repeat it, or a,b)",
+    )
+    ev.add_argument(
+        "--benchmarks", default="", help="gsm8k,math500,svamp,asdiv,mawps,sat_math,mmlu_stem"
+    )
+    ev.add_argument("--modes", default="", help="cot,pot,hybrid,maj@k")
+    ev.add_argument("--limit", type=int, help="a seeded subset of N items per benchmark")
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--k", type=int, help="samples of maj@k")
+    ev.add_argument("--prompt-format", choices=["auto", "alpaca", "chat"])
+    ev.add_argument("--config", help="run profile; its `evaluation:` section is the base")
+    ev.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override an evaluation parameter"
+    )
+    ev.set_defaults(func=cmd_eval)
 
     catalog = sub.add_parser("catalog", help="rebuild the DuckDB catalog from the manifests")
     catalog.add_argument("action", choices=["rebuild"])

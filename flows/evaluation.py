@@ -30,11 +30,12 @@ from pydantic import (
     model_validator,
 )
 
-from flows.params import ConfigError, _set_dotted, validation_message
+from flows.overrides import ConfigError, set_dotted, validation_message
 from flows.state import FlowState
 from infra.engines import EngineConfig
 from storage.datasets import Ref
-from storage.settings import shard_workers
+from storage.locks import run_lock
+from storage.settings import home, shard_workers
 from tasks.benchmarks import REGISTRY, BenchmarkSource, benchmark_source
 from tasks.evaluation.evaluate import (
     DecodingParams,
@@ -156,6 +157,27 @@ class EvaluationState(FlowState):
 @flow(name="evaluation", log_prints=True, validate_parameters=True, task_runner=RUNNER)
 def evaluation(params: EvaluationParams = EvaluationParams()) -> EvaluationState:
     """Evaluate models on math benchmarks (greedy CoT, PoT, hybrid PoT→CoT, maj@k)."""
+    with run_lock(home(), "evaluation"):
+        return _evaluate(params)
+
+
+def pinned(params: EvaluationParams, trained: FlowState | None) -> EvaluationParams:
+    """The parameters with each model named only by its name (`sft_model`) pinned to the version
+    the run just trained (`sft_model@<version>`), so a factory run evaluates its own models."""
+    if trained is None:
+        return params
+    refs = trained.refs()
+    models = []
+    for spec in params.models:
+        label, sep, target = spec.rpartition("=")
+        name = target.strip()
+        if name in refs and "@" not in name:
+            target = refs[name]
+        models.append(f"{label}{sep}{target}")
+    return params.model_copy(update={"models": models})
+
+
+def _evaluate(params: EvaluationParams) -> EvaluationState:
     items = load_eval_items(
         benchmarks=params.benchmark_sources(), limit=params.limit, seed=params.seed
     )
@@ -233,7 +255,7 @@ def eval_params_from_cli(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        _set_dotted(
+        set_dotted(
             data, key.strip().removeprefix("evaluation."), yaml.safe_load(raw) if raw else ""
         )
     try:

@@ -10,6 +10,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows.data import data
+from flows.evaluation import EvaluationState, evaluation, pinned
 from flows.params import FactoryParams
 from flows.rewards import RewardState, rewards
 from flows.state import DataState
@@ -27,6 +28,7 @@ class FactoryState(BaseModel):
     rewards: RewardState | None = None
     training_sets: TrainingSetsState | None = None
     training: TrainingState | None = None
+    evaluation: EvaluationState | None = None
 
 
 @flow(name="factory", log_prints=True, validate_parameters=True)
@@ -43,8 +45,17 @@ def factory(params: FactoryParams = FactoryParams()) -> FactoryState:
         trained = training(
             params=params.for_flow(TrainingParams), inputs=TrainingState.from_states(sets)
         )
+        evaluated = (
+            evaluation(params=pinned(params.evaluation, trained))
+            if params.evaluation.enabled
+            else None
+        )
         state = FactoryState(
-            data=data_state, rewards=reward_state, training_sets=sets, training=trained
+            data=data_state,
+            rewards=reward_state,
+            training_sets=sets,
+            training=trained,
+            evaluation=evaluated,
         )
         publish_factory_report(state=state)
         return state

@@ -11,7 +11,6 @@ the key and the nearest valid one.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flows.evaluation import EvaluationParams
+from flows.overrides import ConfigError, set_dotted, validation_message
 from flows.rewards import RewardParams
 from flows.training import TrainingParams
 from flows.training_sets import TrainingSetsParams
 from infra.engines import EngineConfig
-from storage.errors import UserError
 from tasks.evolution.dedup import DecontamParams, DedupParams
 from tasks.evolution.eliminate import EliminationParams
 from tasks.evolution.evolve import EvolutionParams
@@ -99,6 +99,11 @@ class FactoryParams(DataParams):
         title="Training",
         description="Base model and the SFT, IRM, PRM and RL trainers (steps, batch, lengths).",
     )
+    evaluation: EvaluationParams = Field(
+        default_factory=EvaluationParams,
+        title="Evaluation",
+        description="Models (base, trained checkpoints), benchmarks, cot/pot/hybrid/maj@k modes.",
+    )
 
     def for_flow(self, model: type[BaseModel]) -> BaseModel:
         """The part of these parameters that `model` (a flow's own parameter model) reads."""
@@ -117,40 +122,8 @@ FLOW_PARAMS: dict[str, Callable[[FactoryParams], BaseModel]] = {
     "rewards": lambda full: full.rewards,
     "training_sets": lambda full: full.for_flow(TrainingSetsParams),
     "training": lambda full: full.for_flow(TrainingParams),
+    "evaluation": lambda full: full.evaluation,
 }
-
-
-class ConfigError(UserError):
-    """A run profile or override that does not fit the parameter model."""
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node: Any = data
-    for position, key in enumerate(keys):
-        last = position == len(keys) - 1
-        where = ".".join(keys[: position + 1])
-        if isinstance(node, list):
-            if not key.isdigit():
-                raise ConfigError(f"--set {dotted}: {where!r} is a list: use an index (0, 1, ...)")
-            index = int(key)
-            if index > len(node):
-                raise ConfigError(
-                    f"--set {dotted}: {where!r}: index {index} past the end (list has {len(node)})"
-                )
-            if index == len(node):
-                node.append({})
-            if last:
-                node[index] = value
-            else:
-                node = node[index]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {keys[position - 1]!r} is not a group of settings")
-        if last:
-            node[key] = value
-        else:
-            node = node.setdefault(key, {})
 
 
 def _defaults_for(data: dict[str, Any], model: type[BaseModel]) -> None:
@@ -168,60 +141,50 @@ def _defaults_for(data: dict[str, Any], model: type[BaseModel]) -> None:
                 data[name] = [item.model_dump(exclude_unset=True) for item in default]
 
 
-def _nearest(model: type[BaseModel], loc: tuple[Any, ...], key: str) -> str | None:
-    """The nearest field name to `key` in the model found at `loc`."""
-    node: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(node, "model_fields", None)
-        if not fields or part not in fields:
-            break
-        annotation = fields[part].annotation
-        args = getattr(annotation, "__args__", None)
-        if args:  # list[Model] or Model | None
-            annotation = next((a for a in args if isinstance(a, type)), annotation)
-        node = annotation
-    fields = getattr(node, "model_fields", None) or {}
-    match = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-    return match[0] if match else None
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, groups merged key by key (lists and values replaced)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
-def validation_message(exc: ValidationError, model: type[BaseModel], where: str) -> str:
-    """One line for the first error: the dotted key, what is wrong, the nearest valid key."""
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        nearest = _nearest(model, loc[:-1], str(loc[-1]))
-        parent = ".".join(str(p) for p in loc[:-1])
-        hint = f"; did you mean {'.'.join(filter(None, [parent, nearest]))!r}?" if nearest else ""
-        return f"{where}: unknown key {key!r}{hint}"
-    return f"{where}: {key}: {err['msg']}"
+def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A run profile as a dict. `extends: other.yaml` (relative to the profile) starts from
+    another profile and changes only what this one sets."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: profiles extend each other in a circle")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameters at the top level")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected a profile file name")
+    return _merge(read_profile(path.parent / parent, (*seen, path.resolve())), data)
 
 
 def load_params(
     config: str | Path | None, overrides: list[str], flow: str = "factory"
 ) -> BaseModel:
     """A flow's parameters from a run profile and `--set` overrides."""
-    data: dict[str, Any] = {}
-    if config:
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of parameters at the top level")
+    data = read_profile(Path(config)) if config else {}
     if overrides:
         _defaults_for(data, FactoryParams)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
+        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
     try:
         full = FactoryParams.model_validate(data)
     except ValidationError as exc:

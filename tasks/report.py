@@ -198,12 +198,16 @@ def factory_summary(state: Any) -> str:
         parts.append(rewards_summary(state.rewards))
     if state.training is not None and state.training.steps:
         parts.append(render_training_summary(state.training))
+    if state.evaluation is not None and state.evaluation.steps:
+        from tasks.evaluation.report import render_evaluation_summary
+
+        parts.append(render_evaluation_summary(state.evaluation))
     return "\n".join(parts)
 
 
 def factory_report_markdown(state: Any) -> str:
     lines = [data_report_markdown(state.data)]
-    for name in ("rewards", "training_sets", "training"):
+    for name in ("rewards", "training_sets", "training", "evaluation"):
         sub = getattr(state, name, None)
         if sub is not None and sub.steps:
             lines += ["", f"## {name}", ""] + [f"- `{k}`: `{v}`" for k, v in sub.refs().items()]

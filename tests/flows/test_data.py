@@ -76,6 +76,7 @@ def small_params(**overrides) -> FactoryParams:
         "rewards": {"enabled": False},
         "training_sets": {"enabled": False},
         "training": {"enabled": False},
+        "evaluation": {"enabled": False},
     }
     data.update(overrides)
     return FactoryParams.model_validate(data)

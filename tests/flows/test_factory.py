@@ -16,6 +16,7 @@ def test_rerun_is_a_cache_hit_with_no_new_version(prefect_harness, evolforge_hom
             "rewards": {"enabled": False},
             "training_sets": {"enabled": False},
             "training": {"enabled": False},
+            "evaluation": {"enabled": False},
         }
     )
     first = factory(params).data

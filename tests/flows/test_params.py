@@ -39,3 +39,14 @@ def test_profiles_load_for_the_factory_and_for_each_flow():
     assert data.engine == full.engine
     paper = load_params(PROJECT_ROOT / "configs" / "paper.yaml", [])
     assert paper.engine.kind == "vllm"
+
+
+def test_a_profile_extends_another(tmp_path):
+    nightly = load_params(PROJECT_ROOT / "configs" / "nightly.yaml", [])
+    demo = load_params(PROJECT_ROOT / "configs" / "demo.yaml", [])
+    assert nightly.training == demo.training and nightly.evolution == demo.evolution
+    assert [s.kind for s in nightly.seeds.sources] == ["sample", "file"]
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nevolution: {rounds: 3}\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="in a circle"):
+        load_params(tmp_path / "a.yaml", [])

@@ -75,7 +75,7 @@ with get_client(sync_client=True) as client:
     }))
 good = {"seeds": {"sources": [{"kind": "sample", "limit": 4}]}, "sft": {"enabled": False},
         "rewards": {"enabled": False}, "training_sets": {"enabled": False},
-        "training": {"enabled": False},
+        "training": {"enabled": False}, "evaluation": {"enabled": False},
         "solutions": {"enabled": False}, "evolution": {"rounds": 1, "max_tokens": 48},
         "elimination": {"equal_judge": False, "solvable_judge": False, "probe_max_tokens": 16}}
 run = run_deployment("factory/adhoc", parameters={"params": good}, timeout=900)
@@ -155,6 +155,7 @@ def test_deployments_ui_adhoc_run_and_a_failed_run(tmp_path, evolforge_home, mod
         info, good, bad = [json.loads(x) for x in trigger.stdout.splitlines() if x.startswith("{")]
         assert info["names"] == [
             "data/adhoc",
+            "evaluation/adhoc",
             "factory/adhoc",
             "factory/nightly",
             "rewards/adhoc",

@@ -32,10 +32,45 @@ class IrmTrainParams(TrainerParams):
     margin_scale: float = Field(1.0, ge=0, description="margins are multiplied by this")
 
 
-def preference_dataset(rows: pl.DataFrame, params: IrmTrainParams) -> Any:
-    """trl's preference format with an explicit prompt (and a margin column when used)."""
+# Tokens kept free under max_length: special tokens, and re-tokenising decoded text may differ.
+FIT_SLACK = 8
+
+
+def fit_pairs(rows: pl.DataFrame, tokenizer: Any, max_length: int) -> pl.DataFrame:
+    """Shorten pairs to fit `max_length` tokens instead of losing them: trl's RewardTrainer drops
+    every pair longer than that. Each evolution keeps its beginning (up to half the budget
+    when both do not fit) and the prompt keeps its end, where the evolution follows."""
+    budget = max(16, max_length - FIT_SLACK)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out = []
+    for row in rows.to_dicts():
+        prompt, chosen, rejected = ids(row["prompt"]), ids(row["chosen"]), ids(row["rejected"])
+        if len(prompt) + max(len(chosen), len(rejected)) > budget:
+            room = max(budget - len(prompt), budget // 2)
+            chosen, rejected = chosen[:room], rejected[:room]
+            keep = budget - max(len(chosen), len(rejected))
+            prompt = prompt[-keep:] if keep > 0 else []
+            row |= {
+                "prompt": tokenizer.decode(prompt),
+                "chosen": tokenizer.decode(chosen),
+                "rejected": tokenizer.decode(rejected),
+            }
+        out.append(row)
+    return pl.DataFrame(out, schema=rows.schema) if out else rows
+
+
+def preference_dataset(
+    rows: pl.DataFrame, params: IrmTrainParams, tokenizer: Any | None = None
+) -> Any:
+    """trl's preference format with an explicit prompt (and a margin column when used); with a
+    tokenizer, pairs are shortened to fit `max_length` (see `fit_pairs`)."""
     from datasets import Dataset
 
+    if tokenizer is not None and params.max_length:
+        rows = fit_pairs(rows, tokenizer, params.max_length)
     columns = [pl.col("prompt"), pl.col("chosen"), pl.col("rejected")]
     if params.use_margin:
         columns.append((pl.col("margin").fill_null(0.0) * params.margin_scale).alias("margin"))
@@ -91,7 +126,7 @@ def train_irm(
     trainer = RewardTrainer(
         model=model,
         args=args,
-        train_dataset=preference_dataset(train, params),
+        train_dataset=preference_dataset(train, params, tokenizer),
         processing_class=tokenizer,
         peft_config=common.peft_config(params, "SEQ_CLS"),
         callbacks=[common.stage_progress(ctx)],

@@ -266,6 +266,29 @@ def test_trl_reward_trainer_reads_the_irm_set_with_margins(data, tiny, tmp_path)
     assert batch["margin"].tolist() == [1.0, 1.0]
 
 
+def test_long_irm_pairs_are_shortened_not_dropped_by_trl(data, tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from tasks.training.irm import IrmTrainParams, preference_dataset
+
+    frame, _ = sets.irm_set_frame(data["irm_pairs"], data["instructions"], frozenset())
+    long = frame.with_columns(
+        (pl.col("chosen") + " and then" * 120).alias("chosen"),
+        (pl.col("rejected") + " or else" * 90).alias("rejected"),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    params = IrmTrainParams(max_length=64)
+    trainer = RewardTrainer(
+        model=AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1),
+        args=_args(RewardConfig, tmp_path, max_length=64),
+        train_dataset=preference_dataset(long, params, tokenizer),
+        processing_class=tokenizer,
+    )
+    assert trainer.train_dataset.num_rows == long.height  # trl would have dropped them all
+    assert all(len(row["chosen_ids"]) <= 64 for row in trainer.train_dataset)
+
+
 def test_trl_grpo_trainer_reads_the_rl_prompts(data, tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer

@@ -45,20 +45,33 @@ class ChatRequest:
     json_schema: dict[str, Any] | None = None
     # Version of the prompt template that produced the messages; part of the cache key.
     template_version: str = ""
+    # A raw prompt: the one message's text goes to the model as it is, without the model's chat
+    # template (a model fine-tuned on plain prompts, such as WizardMath's Alpaca format).
+    raw: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+        if self.raw and len(self.messages) != 1:
+            raise ValueError(f"a raw prompt is one message, got {len(self.messages)}")
+
+    @property
+    def prompt(self) -> str:
+        """The text of a raw request's prompt."""
+        return self.messages[0]["content"]
 
     def key(self, model_identity: str) -> str:
         """Cache key: hash of (model identity, messages, sampling, schema, template version)."""
+        fields: dict[str, Any] = {
+            "model": model_identity,
+            "messages": list(self.messages),
+            "sampling": asdict(self.sampling),
+            "schema": self.json_schema,
+            "template": self.template_version,
+        }
+        if self.raw:  # only when set, so every chat request keeps the key it always had
+            fields["raw"] = True
         payload = json.dumps(
-            {
-                "model": model_identity,
-                "messages": list(self.messages),
-                "sampling": asdict(self.sampling),
-                "schema": self.json_schema,
-                "template": self.template_version,
-            },
+            fields,
             sort_keys=True,
             ensure_ascii=False,
             separators=(",", ":"),

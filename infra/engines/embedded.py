@@ -264,6 +264,8 @@ class EmbeddedEngine:
         depends on the request alone, never on its batch, so a request is always split at the
         same place and its prefix keys/values are always computed the same way.
         """
+        if request.raw:
+            return list(self.tokenizer(request.prompt)["input_ids"]), 0
         messages = list(request.messages)
         ids = list(
             self.tokenizer.apply_chat_template(

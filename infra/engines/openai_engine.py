@@ -106,10 +106,12 @@ class OpenAIEngine:
             wait: float | None = None
             async with semaphore:
                 try:
-                    raw = await asyncio.wait_for(
-                        client.chat.completions.create(**self._payload(request)),
-                        timeout=self.timeout_s,
+                    call = (
+                        client.completions.create(**self._payload(request))
+                        if request.raw
+                        else client.chat.completions.create(**self._payload(request))
                     )
+                    raw = await asyncio.wait_for(call, timeout=self.timeout_s)
                     response = self._response(request, raw)
                     response.latency_s = time.perf_counter() - start
                     return response
@@ -145,7 +147,8 @@ class OpenAIEngine:
         s = request.sampling
         payload: dict[str, Any] = {
             "model": self.model,
-            "messages": list(request.messages),
+            # a raw prompt goes to the completions endpoint, without the chat template
+            **({"prompt": request.prompt} if request.raw else {"messages": list(request.messages)}),
             "temperature": s.temperature,
             "top_p": s.top_p,
             "max_tokens": s.max_tokens,
@@ -170,7 +173,7 @@ class OpenAIEngine:
         share = completion_tokens // max(1, len(choices))
         completions = [
             Completion(
-                text=choice.message.content or "",
+                text=(choice.text if request.raw else choice.message.content) or "",
                 finish_reason="length" if choice.finish_reason == "length" else "stop",
                 completion_tokens=share,
             )

@@ -94,7 +94,23 @@ class VLLMEngine:
             return []
         start = time.perf_counter()
         params = [sampling_params(r, self._vllm) for r in requests]
-        outputs = self.llm.chat([list(r.messages) for r in requests], params, use_tqdm=False)
+        outputs: list[Any] = [None] * len(requests)
+        chat = [i for i, r in enumerate(requests) if not r.raw]
+        raw = [i for i, r in enumerate(requests) if r.raw]
+        if chat:
+            done = self.llm.chat(
+                [list(requests[i].messages) for i in chat],
+                [params[i] for i in chat],
+                use_tqdm=False,
+            )
+            for i, out in zip(chat, done, strict=True):
+                outputs[i] = out
+        if raw:  # raw prompts skip the chat template: LLM.generate on the text
+            done = self.llm.generate(
+                [requests[i].prompt for i in raw], [params[i] for i in raw], use_tqdm=False
+            )
+            for i, out in zip(raw, done, strict=True):
+                outputs[i] = out
         latency = time.perf_counter() - start
         return [to_response(r, out, latency) for r, out in zip(requests, outputs, strict=True)]
 

@@ -3,7 +3,8 @@
 Modes (WizardMath and MAmmoTH evaluation protocols):
 
 - `cot`: the question in the prompt format with " Let's think step by step." (Alpaca:
-  `eval_alpaca_cot`, WizardMath's evaluation prompt; chat: `eval_chat_cot`, the question and
+  `eval_alpaca_cot`, WizardMath's evaluation prompt, sent raw, without the model's chat
+  template, as the SFT checkpoints learnt it; chat: `eval_chat_cot`, the question and
   "Please reason step by step, and put your final answer within \\boxed{}" through the model's
   chat template), greedy; the answer is the last "The answer is: X" / `\\boxed{}` / `#### X`.
 - `pot`: MAmmoTH's "Let's write a program." trigger (`eval_*_pot`), greedy; the program runs only
@@ -209,11 +210,14 @@ def prompt_templates(prompt_format: str) -> dict[str, Template]:
     return {kind: load_template(f"eval_{prompt_format}_{kind}") for kind in ("cot", "pot")}
 
 
-def _request(template: Template, text: str, sampling: SamplingParams) -> ChatRequest:
+def _request(
+    template: Template, text: str, sampling: SamplingParams, raw: bool = False
+) -> ChatRequest:
     return ChatRequest(
         messages=tuple(template.messages(instruction=text)),
         sampling=sampling,
         template_version=template.version,
+        raw=raw,
     )
 
 
@@ -269,14 +273,14 @@ def evaluate_requests(
     def cot_request(row: dict[str, Any]) -> ChatRequest:
         text = instruction_text(row["question"], row["choices"])
         fmt = row["prompt_format"]
-        return _request(templates[fmt]["cot"], text, greedy[fmt]["cot"])
+        return _request(templates[fmt]["cot"], text, greedy[fmt]["cot"], fmt == "alpaca")
 
     first: list[ChatRequest] = []
     for row in rows:
         fmt, mode = row["prompt_format"], row["mode"]
         text = instruction_text(row["question"], row["choices"])
         if mode in ("pot", "hybrid"):
-            first.append(_request(templates[fmt]["pot"], text, greedy[fmt]["pot"]))
+            first.append(_request(templates[fmt]["pot"], text, greedy[fmt]["pot"], fmt == "alpaca"))
         elif mode.startswith("maj@"):
             sampling = replace(
                 greedy[fmt]["cot"],
@@ -285,7 +289,7 @@ def evaluate_requests(
                 n=row["samples"],
                 seed=decoding.seed,
             )
-            first.append(_request(templates[fmt]["cot"], text, sampling))
+            first.append(_request(templates[fmt]["cot"], text, sampling, fmt == "alpaca"))
         else:
             first.append(cot_request(row))
     responses = engine.generate(first) if first else []

@@ -201,3 +201,14 @@ def test_engine_config_rejects_bad_values(bad):
 def test_engine_config_refuses_a_key_in_api_key_env():
     with pytest.raises(ValueError, match="names an environment variable"):
         EngineConfig(kind="openai", model="m", api_key_env="sk-secret")
+
+
+def test_raw_prompts_are_one_message_and_their_own_cache_entries():
+    message = ({"role": "user", "content": "Below is an instruction."},)
+    chat, raw = ChatRequest(message), ChatRequest(message, raw=True)
+    assert chat.key("m") != raw.key("m")
+    assert raw.prompt == "Below is an instruction."
+    with pytest.raises(ValueError, match="a raw prompt is one message"):
+        ChatRequest(
+            ({"role": "system", "content": "s"}, {"role": "user", "content": "u"}), raw=True
+        )

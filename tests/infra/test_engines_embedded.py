@@ -310,3 +310,17 @@ def test_auto_dtype_follows_the_cpu_and_names_its_precision(model_home, monkeypa
             assert engine.identity == reference + "+torch-bfloat16"
         (response,) = engine.generate([_ask("What is 2+3?", max_tokens=8)])
         assert response.ok and response.completions[0].completion_tokens > 0
+
+
+@pytest.mark.slow
+def test_a_raw_prompt_skips_the_chat_template(engine):
+    prompt = "Below is an instruction.\n\n### Instruction:\nWhat is 2+3?\n\n### Response:"
+    raw = ChatRequest(
+        ({"role": "user", "content": prompt},), SamplingParams(max_tokens=8), raw=True
+    )
+    ids, prefix = engine._encode(raw)
+    assert ids == list(engine.tokenizer(prompt)["input_ids"]) and prefix == 0
+    chat_ids, _ = engine._encode(ChatRequest(({"role": "user", "content": prompt},)))
+    assert len(chat_ids) > len(ids)  # the chat template adds its role markers
+    (response,) = engine.generate([raw])
+    assert response.ok and response.prompt_tokens == len(ids)

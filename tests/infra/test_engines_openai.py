@@ -175,3 +175,11 @@ def test_build_engine_memoises_per_config(monkeypatch):
     config = EngineConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1")
     assert build_engine(config) is build_engine(config)
     assert build_engine(config).identity == "openai:m"
+
+
+def test_a_raw_prompt_uses_the_completions_endpoint():
+    engine = OpenAIEngine("served", base_url="http://127.0.0.1:9/v1", api_key_env="NO_SUCH_KEY")
+    raw = ChatRequest(({"role": "user", "content": "### Instruction:\nx"},), raw=True)
+    payload = engine._payload(raw)
+    assert payload["prompt"] == "### Instruction:\nx" and "messages" not in payload
+    assert "messages" in engine._payload(ChatRequest(({"role": "user", "content": "x"},)))

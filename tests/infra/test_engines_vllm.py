@@ -107,3 +107,33 @@ def test_vllm_engine_generates_on_gpu():
     assert judge.ok, judge.error
     assert len(sampled.completions) == 3
     assert engine.generate(requests[2:])[0].completions == sampled.completions
+
+
+def test_raw_prompts_go_to_generate_and_chats_to_chat_in_request_order():
+    from infra.engines.vllm_engine import VLLMEngine
+
+    calls = []
+
+    def output(text):
+        sample = types.SimpleNamespace(text=text, finish_reason="stop", token_ids=[1, 2])
+        return types.SimpleNamespace(prompt_token_ids=[7], outputs=[sample])
+
+    class FakeLLM:
+        def chat(self, conversations, params, use_tqdm):
+            calls.append(("chat", len(conversations)))
+            return [output(f"chat:{c[-1]['content']}") for c in conversations]
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.append(("generate", len(prompts)))
+            return [output(f"raw:{p}") for p in prompts]
+
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.llm, engine._vllm = FakeLLM(), _fake_vllm(structured=True)
+    requests = [
+        ChatRequest(({"role": "user", "content": "a"},)),
+        ChatRequest(({"role": "user", "content": "### Instruction:\nb"},), raw=True),
+        ChatRequest(({"role": "user", "content": "c"},)),
+    ]
+    texts = [r.text for r in engine.generate(requests)]
+    assert texts == ["chat:a", "raw:### Instruction:\nb", "chat:c"]
+    assert sorted(calls) == [("chat", 2), ("generate", 1)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +84,70 @@ def log_choice_once(what: str, message: str) -> None:
             return
         _logged.add((what, message))
     log.info("%s", message)
+
+
+def _busy_and_own_ticks() -> tuple[int, int] | None:
+    """(CPU ticks all processes spent busy, ticks this process spent), from /proc."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        ticks = [int(f) for f in fields]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(ticks[:8]) - idle, int(own[11]) + int(own[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Contention:
+    """How many cores other processes kept busy since the last look.
+
+    The load average counts this process's own threads, so a rule on it throttles a process for
+    its own work (two busy threads on two cores read as "oversubscribed"). This reads the
+    machine's busy time (`/proc/stat`) minus this process's own (`/proc/self/stat`) between two
+    looks; the first look measures over `first_window_s`.
+    """
+
+    def __init__(
+        self,
+        first_window_s: float = 0.2,
+        read=_busy_and_own_ticks,
+        clock=time.monotonic,
+        hz: int | None = None,
+    ):
+        self.first_window_s = first_window_s
+        self._read, self._clock = read, clock
+        self._hz = hz or os.sysconf("SC_CLK_TCK")
+        self._last: tuple[float, int, int] | None = None
+        self._lock = threading.Lock()
+
+    def others(self) -> float | None:
+        with self._lock:
+            now = self._read()
+            if now is None:
+                return None
+            if self._last is None:
+                self._last = (self._clock(), *now)
+                time.sleep(self.first_window_s)
+                now = self._read() or now
+            start, busy0, own0 = self._last
+            t = self._clock()
+            elapsed = t - start
+            self._last = (t, *now)
+            if elapsed <= 0:
+                return None
+            return max(0.0, ((now[0] - busy0) - (now[1] - own0)) / self._hz / elapsed)
+
+
+_contention = Contention()
+
+
+def contended_threads(cpus: int | None = None, others: float | None = None) -> int:
+    """Threads for torch: every usable CPU, or one when other processes keep at least half a
+    core busy (torch's pool synchronises after every op, and a descheduled second thread makes
+    each of a decode step's ~250 ops wait a scheduler slice)."""
+    cpus = cpus or usable_cpus()
+    if others is None:
+        others = _contention.others()
+    if others is None:  # no /proc: the load average, which counts this process too
+        others = max(0.0, os.getloadavg()[0] - cpus)
+    return 1 if cpus > 1 and others >= 0.5 else cpus

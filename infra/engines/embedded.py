@@ -42,7 +42,6 @@ process-wide: this engine is the process's heavy torch user).
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,7 +51,13 @@ import numpy as np
 import torch
 
 from infra.engines.base import ChatRequest, ChatResponse, Completion, schema_error
-from infra.engines.cpu import choose_dtype, log_choice_once, read_cpu_info, usable_cpus
+from infra.engines.cpu import (
+    choose_dtype,
+    contended_threads,
+    log_choice_once,
+    read_cpu_info,
+    usable_cpus,
+)
 from infra.engines.prefix_attention import Cursor as _Cursor
 from infra.engines.prefix_attention import PrefixLayer as _PreallocatedLayer
 from infra.engines.prefix_attention import active_cache
@@ -65,16 +70,10 @@ MIN_SHARED_PREFIX = 32
 TOP_P_CANDIDATES = 512
 
 
-def auto_threads(load: float | None = None, cpus: int | None = None) -> int:
-    """The CPUs this process may use (affinity), or 1 when they are oversubscribed (load > CPUs).
-
-    torch's thread pool synchronises after every op; when the second thread is descheduled by
-    other work, each of the ~250 ops of a decode step waits a scheduler slice.
-    """
-    cpus = cpus or usable_cpus()
-    if load is None:
-        load = os.getloadavg()[0]
-    return 1 if cpus > 1 and load > cpus else cpus
+def auto_threads(others: float | None = None, cpus: int | None = None) -> int:
+    """The CPUs this process may use (affinity), or 1 when other processes keep half a core
+    busy (`infra.engines.cpu.contended_threads`)."""
+    return contended_threads(cpus, others)
 
 
 def row_seed(seed: int, sample: int, attempt: int) -> int:

@@ -196,25 +196,15 @@ def peft_config(params: TrainerParams, task_type: str) -> Any:
     )
 
 
-_default_threads: int | None = None
-
-
 def pick_threads() -> int:
     """torch's threads for a training stage, decided as the embedded engine decides them: one
-    when the CPUs are oversubscribed (every small op of a decode step would otherwise wait for
-    the descheduled second thread), torch's default otherwise."""
-    global _default_threads
-    import os
-
+    when other processes keep half a core busy (every small op would otherwise wait for the
+    descheduled second thread), every usable CPU otherwise."""
     import torch
 
-    if _default_threads is None:
-        _default_threads = torch.get_num_threads()
-    cpus = os.cpu_count() or 1
-    # The rule of infra.engines.embedded.auto_threads, not imported: the engine's code is not
-    # part of what a checkpoint depends on (its version would follow every engine change).
-    oversubscribed = cpus > 1 and os.getloadavg()[0] > cpus
-    torch.set_num_threads(1 if oversubscribed else _default_threads)
+    from infra.engines.cpu import contended_threads
+
+    torch.set_num_threads(contended_threads())
     return torch.get_num_threads()
 
 

@@ -129,14 +129,27 @@ def test_batch_of_mixed_lengths_keeps_order(engine):
 # -- speed machinery: pure helpers ----------------------------------------------------------
 
 
-def test_auto_threads_uses_the_usable_cpus_unless_oversubscribed(monkeypatch):
+def test_auto_threads_uses_the_usable_cpus_unless_others_are_busy(monkeypatch):
+    import infra.engines.cpu as cpu
     import infra.engines.embedded as embedded
 
-    assert embedded.auto_threads(load=5.2, cpus=2) == 1
-    assert embedded.auto_threads(load=1.0, cpus=2) == 2
-    assert embedded.auto_threads(load=9.0, cpus=1) == 1  # one CPU: nothing to give up
-    monkeypatch.setattr(embedded, "usable_cpus", lambda: 3)  # e.g. taskset -c 0-2
-    assert embedded.auto_threads(load=0.5) == 3
+    assert embedded.auto_threads(others=1.3, cpus=2) == 1
+    assert embedded.auto_threads(others=0.1, cpus=2) == 2
+    assert embedded.auto_threads(others=4.0, cpus=1) == 1  # one CPU: nothing to give up
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 3)  # e.g. taskset -c 0-2
+    assert embedded.auto_threads(others=0.2) == 3
+
+
+def test_contention_does_not_count_this_process_own_work():
+    from infra.engines.cpu import Contention
+
+    # (machine busy ticks, this process's ticks) at 100 ticks a second, one second apart
+    looks = iter([(1000, 400), (1000, 400), (1200, 600), (1350, 650)])
+    times = iter([0.0, 1.0, 2.0, 3.0])
+    probe = Contention(0.0, read=lambda: next(looks), clock=lambda: next(times), hz=100)
+    assert probe.others() == 0.0  # first look: nothing else ran
+    assert probe.others() == 0.0  # two busy cores, both of them this process
+    assert probe.others() == 1.0  # 150 ticks busy, 50 of them ours: one other core
 
 
 def test_common_prefix_counts_equal_leading_tokens():

@@ -1,7 +1,8 @@
 """The sandbox contains adversarial programs, keeps programs apart, and fails closed.
 
-Most tests need bubblewrap with user namespaces (`apt-get install bubblewrap`); they are skipped,
-with the probe's reason, where it is missing. The fail-closed and unsafe-mode tests run anywhere.
+Most tests need bubblewrap with user namespaces (`apt-get install bubblewrap`) and the sandbox
+runtime (`make sandbox-runtime`); they are skipped, with the probe's reason, where it is missing.
+The fail-closed and unsafe-mode tests run anywhere.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import textwrap
 import uuid
 from pathlib import Path
@@ -36,7 +39,7 @@ LIMITS = SandboxLimits(
     wall_s=2.5,
     memory_mb=400,
     file_size_mb=1,
-    max_processes=16,
+    max_processes=8,
     open_files=32,
     max_output_bytes=10_000,
 )
@@ -487,7 +490,7 @@ def test_limits_are_validated():
     with pytest.raises(ValueError, match="memory_mb"):
         SandboxLimits(memory_mb=0)
     with pytest.raises(ValueError, match="max_processes"):
-        SandboxLimits(max_processes=2)
+        SandboxLimits(max_processes=0)
 
 
 def test_fails_closed_without_bubblewrap(monkeypatch):
@@ -501,9 +504,18 @@ def test_fails_closed_without_bubblewrap(monkeypatch):
         run_program("print(1)")
 
 
-def test_fails_closed_when_namespaces_are_refused(monkeypatch, tmp_path):
+@pytest.fixture
+def public_dir():
+    """A folder the sandbox user can reach (pytest's tmp_path is private to the test's user)."""
+    folder = Path(tempfile.mkdtemp(prefix="evolforge-sandbox-test-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_fails_closed_when_namespaces_are_refused(monkeypatch, public_dir):
     # A stand-in bwrap that fails the way bwrap does where user namespaces are disabled.
-    fake = tmp_path / "bwrap"
+    fake = public_dir / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: str(fake))

@@ -4,6 +4,8 @@ Most tests need bubblewrap with user namespaces (`apt-get install bubblewrap`) a
 runtime (`make sandbox-runtime`); they are skipped, with the probe's reason, where it is missing
 (and fail instead when EVOLFORGE_SANDBOX_TESTS_REQUIRED is set). The fail-closed and unsafe-mode
 tests run anywhere. Security tests check the host after the program, not only what it printed.
+CI runs this file as root; `test_suite_passes_as_an_unprivileged_host_user` runs it again as uid
+65534, where the resource bound falls back to rlimits.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from unittest import mock
 
@@ -984,3 +988,83 @@ def test_memory_cap_is_checked_at_start_up(monkeypatch):
         monkeypatch.setattr(sandbox_module, "_current_isolation", lambda: isolation)
         with Sandbox(LIMITS, workers=2) as fits:
             assert fits.bound.startswith("cgroup")  # 2 x 400 MiB in cgroups fits the cap
+
+
+# --- the same suite as an unprivileged host user ------------------------------------------------
+
+UNPRIVILEGED = "65534"
+# Tests that need root or a cgroup, which uid 65534 does not have.
+SKIPPABLE_UNPRIVILEGED = {
+    "test_proc_sys_stays_read_only_for_a_program_mapped_to_root",
+    "test_fails_closed_when_it_cannot_drop_root",
+    "test_memory_of_all_processes_is_bounded_by_the_cgroup",
+    "test_a_program_killed_by_the_cgroup_is_reported_as_memory",
+}
+
+
+def python_for(uid: str, env: dict) -> tuple[str | None, list[str]]:
+    """A Python interpreter `uid` can run with this project's packages, and why others fail."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [os.path.realpath(sys.executable), f"/usr/bin/python{version}"]
+    failures = []
+    probe = (
+        "import os, sys, psutil, pytest, infra.sandbox; print(os.access(sys.executable, os.X_OK))"
+    )
+    for python in dict.fromkeys(candidates):
+        check = [*setpriv(uid), python, "-c", probe]
+        proc = subprocess.run(check, env=env, capture_output=True, text=True, check=False)
+        # setpriv falls back to a PATH search when the path is not executable, keeping the name
+        # in sys.executable: check that the user can execute it (the unsafe-mode test does).
+        if proc.returncode == 0 and proc.stdout.strip() == "True":
+            return python, failures
+        why = (proc.stderr.strip().splitlines() or ["not executable by this user"])[-1]
+        failures.append(f"{python}: {why}")
+    return None, failures
+
+
+def setpriv(uid: str) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+
+
+@needs_bwrap
+@needs_root
+def test_suite_passes_as_an_unprivileged_host_user(public_dir):
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    home = public_dir / "home"
+    home.mkdir()
+    os.chown(home, int(UNPRIVILEGED), int(UNPRIVILEGED))
+    site_packages = next(
+        p for p in sys.path if p.endswith("site-packages") and "sandbox-runtime" not in p
+    )
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": f"{PROJECT_ROOT}:{site_packages}",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HF_HUB_OFFLINE": "1",
+        sandbox_module.sandbox_runtime.RUNTIME_ENV: str(
+            sandbox_module.sandbox_runtime.default_location()
+        ),
+        REQUIRED_ENV: "1",
+    }
+    python, failures = python_for(UNPRIVILEGED, env)
+    if python is None:
+        pytest.skip(f"uid {UNPRIVILEGED} cannot run Python here: {'; '.join(failures)}")
+    report = home / "report.xml"
+    proc = subprocess.run(
+        [
+            *setpriv(UNPRIVILEGED),
+            python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            "--basetemp", str(home / "pytest"), "--junitxml", str(report),
+            "-k", "not unprivileged_host_user",
+            str(Path(__file__).resolve()),
+        ],
+        env=env, cwd=home, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    cases = ET.parse(report).getroot().iter("testcase")
+    skipped = {c.get("name").split("[")[0] for c in cases if c.find("skipped") is not None}
+    assert skipped <= SKIPPABLE_UNPRIVILEGED, skipped
+    assert " passed" in proc.stdout

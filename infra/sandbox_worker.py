@@ -10,7 +10,7 @@ that many bytes of JSON. The worker first sends {"ready": ...}; then, for each r
 folder, applies the rlimits, runs the code with `exec` and exits; the worker collects its stdout
 (capped) and stderr (tail), enforces the wall-clock limit, kills everything the program left
 behind, wipes the temporary files, and answers with one result. Forking from a warm interpreter
-with the common math modules already imported is what makes a program cost about a millisecond
+with the common math modules already imported is what makes a program cost a few milliseconds
 instead of the ~25 ms of a fresh interpreter through bwrap (plus the import of sympy, if used).
 
 If the worker cannot get back to a clean state (a process survives SIGKILL, the temporary folder

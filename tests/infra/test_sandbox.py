@@ -752,6 +752,53 @@ def test_forking_stops_at_max_processes(pool, host_unchanged):
 
 
 @needs_bwrap
+def test_concurrent_programs_do_not_share_the_process_limit(host_secrets, host_unchanged):
+    # All workers run as one host uid. Under rlimits alone each sandbox must still get its own
+    # max_processes (the kernel counts RLIMIT_NPROC per user namespace), or concurrent programs
+    # would starve each other.
+    isolation = without_cgroup(sandbox_module._current_isolation())
+    with mock.patch.object(sandbox_module, "_current_isolation", lambda: isolation):
+        sandbox = Sandbox(LIMITS, workers=2)
+    program = src(
+        f"""
+        import os, time
+        started = 0
+        for _ in range({LIMITS.max_processes + 8}):
+            try:
+                if os.fork() == 0:
+                    time.sleep(1.5)
+                    os._exit(0)
+                started += 1
+            except OSError:
+                break
+        print(started)
+        time.sleep(1.0)
+        """
+    )
+    with sandbox:
+        sandbox.warm_up()
+        peak = [0]
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                with contextlib.suppress(psutil.Error):
+                    peak[0] = max(peak[0], len(sandbox_tree(sandbox)))
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            results = sandbox.run_many([program, program])
+        finally:
+            done.set()
+            watcher.join()
+    assert [r.stdout for r in results] == [f"{LIMITS.max_processes - 1}\n"] * 2, results
+    # Both at once on the host: 2 x (bwrap, init, fork server) + 2 x max_processes.
+    assert peak[0] == 2 * (3 + LIMITS.max_processes), peak
+
+
+@needs_bwrap
 def test_memory_of_all_processes_is_bounded_by_the_cgroup(box, host_unchanged):
     if box.isolation.cgroup is None:
         pytest.skip(f"no cgroup here ({box.isolation.cgroup_reason}): rlimits bound each process")

@@ -6,7 +6,7 @@ nothing from the project, because the project is not visible inside the sandbox.
 
 Protocol, over the worker's stdin/stdout: every message is a 4-byte big-endian length followed by
 that many bytes of JSON. The worker first sends {"ready": ...}; then, for each request
-{"code", "stdin", "limits"}, it forks a child that leads its own process group in a private working
+{"code", "stdin", "limits"}, it forks a child that becomes a session leader in a private working
 folder, applies the rlimits, runs the code with `exec` and exits; the worker collects its stdout
 (capped) and stderr (tail), enforces the wall-clock limit, kills everything the program left
 behind, wipes the temporary files, and answers with one result. Forking from a warm interpreter
@@ -356,14 +356,12 @@ def set_limits(limits, nproc):
 
 
 def run_child(request, workdir, out_w, err_w, preloaded, config, nproc):
-    """In the forked child: lead a process group, confine, run the code, never return."""
+    """In the forked child: become a session leader, confine, run the code, never return."""
     try:
         # Into the program's cgroup first, so that everything below is already accounted there.
         for fd in config.get("cgroup_fds", ()):
             os.write(fd, b"0")
-        # A process group is all the killing needs. Not setsid(): with sched_autogroup_enabled
-        # every new session gets a scheduler group, which costs ~1.7 ms per program.
-        os.setpgid(0, 0)
+        os.setsid()
         # The worker is not dumpable (so programs cannot ptrace it); the program itself may be.
         prctl(PR_SET_DUMPABLE, 1)
         os.chdir(workdir)

@@ -341,6 +341,10 @@ class _CgroupTree:
     memory_limit: str
     swap_limit: str
     oom_file: str
+    # v1: `tasks`, which moves one thread without the global threadgroup lock that a write to
+    # cgroup.procs takes (the program's process is single-threaded when it joins, so this moves
+    # all of it); v2 domain cgroups only have cgroup.procs.
+    join_file: str
 
     def describe(self) -> str:
         where = ", ".join(str(p) for p in self.parents)
@@ -378,7 +382,7 @@ class _ProgramCgroup:
                 if tree.version == 2:
                     with contextlib.suppress(OSError):
                         (folder / "memory.oom.group").write_text("1")
-                self.join_fds.append(os.open(folder / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+                self.join_fds.append(os.open(folder / tree.join_file, os.O_WRONLY | os.O_CLOEXEC))
                 for index, (counter, key) in enumerate(
                     ((tree.oom_file, "oom_kill"), ("pids.events", "max"))
                 ):
@@ -479,7 +483,9 @@ def _cgroups() -> tuple[_CgroupTree | None, str]:
             if missing:
                 return None, f"{parent} has no {' and '.join(sorted(missing))} controller"
             (parent / "cgroup.subtree_control").write_text("+memory +pids")
-            tree = _CgroupTree(2, (parent,), "memory.max", "memory.swap.max", "memory.events")
+            tree = _CgroupTree(
+                2, (parent,), "memory.max", "memory.swap.max", "memory.events", "cgroup.procs"
+            )
         else:
             dirs = _own_cgroup_v1_dirs()
             if set(dirs) != {"memory", "pids"}:
@@ -493,6 +499,7 @@ def _cgroups() -> tuple[_CgroupTree | None, str]:
                 "memory.limit_in_bytes",
                 "memory.memsw.limit_in_bytes",
                 "memory.oom_control",
+                "tasks",
             )
         _sweep_stale(tree.parents)
         _ProgramCgroup(tree, SandboxLimits()).remove()  # can it create, limit and open one?

@@ -610,7 +610,8 @@ def run_watching(sandbox: Sandbox, code: str, watch) -> SandboxResult:
 
     def poll():
         while not done.is_set():
-            with contextlib.suppress(psutil.Error):
+            # A process may exit between being listed and being read.
+            with contextlib.suppress(psutil.Error, OSError):
                 watch(sandbox_tree(sandbox))
             time.sleep(0.005)
 
@@ -692,7 +693,10 @@ def test_programs_run_as_an_unprivileged_host_uid(pool, host_unchanged):
 
     def watch(processes):
         for process in processes:
-            status = Path(f"/proc/{process.pid}/status").read_text()
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+            except FileNotFoundError:
+                continue  # exited since it was listed
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
             seen[process.pid] = (
                 {int(u) for u in fields["Uid"].split()},

@@ -368,17 +368,20 @@ class _ProgramCgroup:
         self.dirs = [parent / name for parent in tree.parents]
         self.join_fds: list[int] = []
         self.counter_fds: list[tuple[int, int, re.Pattern]] = []
+        limited = set()
         try:
             for folder in self.dirs:
                 folder.mkdir()
                 memory = str(limits.memory_mb * MIB)
                 if (folder / tree.memory_limit).exists():
                     (folder / tree.memory_limit).write_text(memory)
+                    limited.add("memory")
                     if (folder / tree.swap_limit).exists():
                         # v1: memory + swap at the same figure; v2: no swap at all.
                         (folder / tree.swap_limit).write_text(memory if tree.version == 1 else "0")
                 if (folder / "pids.max").exists():
                     (folder / "pids.max").write_text(str(limits.max_processes))
+                    limited.add("pids")
                 if tree.version == 2:
                     with contextlib.suppress(OSError):
                         (folder / "memory.oom.group").write_text("1")
@@ -390,6 +393,10 @@ class _ProgramCgroup:
                         fd = os.open(folder / counter, os.O_RDONLY | os.O_CLOEXEC)
                         pattern = re.compile(rf"^{key} (\d+)", re.M)
                         self.counter_fds.append((index, fd, pattern))
+            if limited != {"memory", "pids"}:
+                raise OSError(
+                    f"no {' or '.join({'memory', 'pids'} - limited)} limit in {self.dirs}"
+                )
         except OSError:
             self.remove()
             raise

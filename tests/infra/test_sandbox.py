@@ -838,6 +838,20 @@ def test_memory_of_all_processes_is_bounded_by_the_cgroup(box, host_unchanged):
     assert int(peak.read_text()) <= LIMITS.memory_mb * 1024 * 1024
 
 
+def test_a_cgroup_without_both_limits_is_refused_and_removed():
+    tree, reason = sandbox_module._cgroups()
+    if tree is None:
+        pytest.skip(f"no cgroup here ({reason})")
+    # Only the first folder (memory on cgroup v1): no pids.max to set, so no cgroup at all.
+    partial = dataclasses.replace(tree, parents=tree.parents[:1])
+    if tree.version == 2:
+        partial = dataclasses.replace(tree, memory_limit="memory.absent")
+    before = sorted(tree.parents[0].iterdir())
+    with pytest.raises(OSError, match="limit in"):
+        sandbox_module._ProgramCgroup(partial, LIMITS)
+    assert sorted(tree.parents[0].iterdir()) == before
+
+
 @needs_bwrap
 def test_a_program_killed_by_the_cgroup_is_reported_as_memory(box):
     if box.isolation.cgroup is None:
@@ -1050,6 +1064,7 @@ SKIPPABLE_UNPRIVILEGED = {
     "test_fails_closed_when_it_cannot_drop_root",
     "test_memory_of_all_processes_is_bounded_by_the_cgroup",
     "test_a_program_killed_by_the_cgroup_is_reported_as_memory",
+    "test_a_cgroup_without_both_limits_is_refused_and_removed",
 }
 
 

@@ -753,6 +753,12 @@ class _Worker:
                 start_new_session=True,
                 **popen_args,
             )
+        except BaseException:
+            if self.host_tmp:
+                shutil.rmtree(self.host_tmp, ignore_errors=True)
+            if self.stderr_file is not None:
+                self.stderr_file.close()
+            raise
         finally:
             if cgroup is not None:
                 cgroup.close_fds()  # the worker holds them now

@@ -7,7 +7,12 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint format serve bench system-deps clean-home
+.PHONY: demo test test-fast lint format serve bench system-deps clean-home sandbox-runtime
+
+# The interpreter and packages the sandbox mounts (infra/sandbox_runtime.py). The sandbox's user
+# is never root, so it cannot reach a venv whose Python lives under /root (mode 0700).
+SANDBOX_RUNTIME ?= $(or $(EVOLFORGE_SANDBOX_RUNTIME),$(VENV)/sandbox-runtime)
+RUNTIME_STAMP := $(SANDBOX_RUNTIME)/runtime.json
 
 # Debian packages: bubblewrap isolates model-written programs (infra/sandbox.py); chromium is the
 # headless browser the UI test looks at the Prefect UI with (tests/flows/test_serve.py).
@@ -29,15 +34,22 @@ $(STAMP): pyproject.toml | system-deps
 	$(BIN)/pip install -q -e '.[dev,embeddings]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(RUNTIME_STAMP): $(STAMP)
+	$(BIN)/python -m infra.sandbox_runtime --dest $(SANDBOX_RUNTIME)
 
-demo: $(STAMP)
+# Rebuild it by hand after changing the venv's numpy, sympy or mpmath.
+sandbox-runtime: $(STAMP)
+	$(BIN)/python -m infra.sandbox_runtime --dest $(SANDBOX_RUNTIME)
+
+venv: $(STAMP) $(RUNTIME_STAMP)
+
+demo: $(STAMP) $(RUNTIME_STAMP)
 	$(BIN)/evolforge run --config configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(RUNTIME_STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(RUNTIME_STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
@@ -55,5 +67,5 @@ serve: $(STAMP)
 	for i in $$(seq 1 60); do curl -sf $$PREFECT_API_URL/health >/dev/null && break; sleep 1; done; \
 	$(BIN)/python -m flows.serve
 
-bench: $(STAMP)
+bench: $(STAMP) $(RUNTIME_STAMP)
 	$(BIN)/python bench/ingest_bench.py

@@ -82,12 +82,12 @@ def _math_verify(gold: str, target: str) -> bool | None:
 
 def agreement(args: argparse.Namespace) -> None:
     from infra.engines import EngineConfig
+    from infra.sandbox import SandboxSettings
     from storage.datasets import DatasetStore
     from tasks.benchmarks import benchmark_source
     from tasks.evaluation.evaluate import DecodingParams, evaluate_batch, plan_evaluation
     from tasks.evaluation.items import load_eval_items
     from tasks.evaluation.models import resolve_specs
-    from tasks.solutions.solve import SandboxParams
 
     engine = EngineConfig(kind="embedded", dtype=args.dtype, batch_size=args.batch_size)
     decoding = DecodingParams(cot_max_tokens=args.max_tokens, pot_max_tokens=args.max_tokens)
@@ -103,7 +103,7 @@ def agreement(args: argparse.Namespace) -> None:
             eval_requests=plan["eval_requests"],
             engine=engine,
             decoding=decoding,
-            sandbox=SandboxParams(workers=1),
+            sandbox=SandboxSettings(workers=1),
         )
         frames.append(DatasetStore(Path(os.environ["EVOLFORGE_HOME"])).read(result["eval_results"]))
         print(f"{name}: {limit} completions ({'cached' if result.cached else 'generated'})")

@@ -72,13 +72,13 @@ def main() -> None:
     os.environ["EVOLFORGE_HOME"] = str(data_home)
 
     from infra.engines import EngineConfig
+    from infra.sandbox import SandboxSettings
     from storage.datasets import DatasetStore
     from tasks.benchmarks import benchmark_source
     from tasks.evaluation.evaluate import DecodingParams, evaluate_batch, plan_evaluation
     from tasks.evaluation.items import load_eval_items
     from tasks.evaluation.models import resolve_specs
     from tasks.evaluation.scores import score_evaluation
-    from tasks.solutions.solve import SandboxParams
 
     engine = EngineConfig(kind="embedded", dtype=args.dtype, batch_size=args.batch_size)
     decoding = DecodingParams(cot_max_tokens=args.max_tokens, pot_max_tokens=args.max_tokens)
@@ -96,7 +96,7 @@ def main() -> None:
         eval_requests=plan["eval_requests"],
         engine=engine,
         decoding=decoding,
-        sandbox=SandboxParams(workers=2),
+        sandbox=SandboxSettings(workers=2),
     )
     t2, c2 = time.perf_counter(), cpu_seconds()
     scores = score_evaluation.run(eval_results=result["eval_results"], eval_contamination=None)
@@ -138,7 +138,7 @@ def main() -> None:
         eval_requests=plan["eval_requests"],
         engine=engine,
         decoding=decoding,
-        sandbox=SandboxParams(workers=2),
+        sandbox=SandboxSettings(workers=2),
     )
     print(f"rerun: cached={again.cached} in {time.perf_counter() - t3:.2f} s")
 

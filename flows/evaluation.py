@@ -33,6 +33,7 @@ from pydantic import (
 from flows.overrides import ConfigError, set_dotted, validation_message
 from flows.state import FlowState
 from infra.engines import EngineConfig
+from infra.sandbox import SandboxSettings
 from storage.datasets import Ref
 from storage.locks import run_lock
 from storage.settings import home, shard_workers
@@ -49,7 +50,6 @@ from tasks.evaluation.items import load_eval_items
 from tasks.evaluation.models import resolve_models
 from tasks.evaluation.report import publish_evaluation_report
 from tasks.evaluation.scores import draw_evaluation_chart, score_evaluation
-from tasks.solutions.solve import SandboxParams
 
 RUNNER = ThreadPoolTaskRunner(max_workers=shard_workers())
 
@@ -99,8 +99,8 @@ class EvaluationParams(BaseModel):
         default_factory=DecodingParams,
         description="token budgets of cot and pot (greedy), sampling of maj@k",
     )
-    sandbox: SandboxParams = Field(
-        default_factory=SandboxParams, description="limits of the sandbox PoT programs run in"
+    sandbox: SandboxSettings = Field(
+        default_factory=SandboxSettings, description="limits of the sandbox PoT programs run in"
     )
     contamination: GuardParams = Field(
         default_factory=GuardParams,

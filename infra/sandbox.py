@@ -105,8 +105,11 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from infra import sandbox_runtime
 from infra.sandbox_worker import DENIED_SYSCALLS, seccomp_unsupported
@@ -143,8 +146,7 @@ SANDBOX_ENV = {
 MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class SandboxLimits:
+class SandboxLimits(BaseModel):
     """Limits applied to every program.
 
     cpu_s, memory_mb (address space), file_size_mb and open_files are rlimits of each process;
@@ -154,20 +156,36 @@ class SandboxLimits:
     by max_processes × memory_mb, which `Sandbox` checks against a cap at start-up.
     """
 
-    cpu_s: float = 5
-    wall_s: float = 10
-    memory_mb: int = 512
-    file_size_mb: int = 16
-    max_processes: int = 8
-    open_files: int = 64
-    max_output_bytes: int = 65536
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not value > 0:
-                raise ValueError(f"sandbox limit {name} must be > 0, got {value!r}")
-        if self.open_files < 8:
-            raise ValueError(f"sandbox limit open_files must be >= 8, got {self.open_files}")
+    cpu_s: float = Field(5, gt=0, description="CPU seconds a program may use")
+    wall_s: float = Field(10, gt=0, description="wall-clock seconds before it is killed")
+    memory_mb: int = Field(512, gt=0, description="memory of a program (MiB)")
+    file_size_mb: int = Field(16, gt=0, description="largest file a program may write (MiB)")
+    max_processes: int = Field(8, gt=0, description="processes and threads of one program")
+    open_files: int = Field(64, ge=8, description="open files of one process")
+    max_output_bytes: int = Field(65536, gt=0, description="output kept of a program")
+
+
+class SandboxSettings(SandboxLimits):
+    """The limits plus how the sandbox runs: what a stage's parameters hold."""
+
+    workers: int = Field(2, ge=1, description="programs run at once")
+    allow_unsafe: bool = Field(
+        False,
+        description="run programs without isolation (rlimits and timeouts only); never in "
+        "production",
+    )
+
+    def limits(self) -> SandboxLimits:
+        return SandboxLimits(**self.model_dump(include=set(SandboxLimits.model_fields)))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """How many programs run at once does not change what they print."""
+        return self.model_dump(mode="json", exclude={"workers"})
+
+    def open(self) -> Sandbox:
+        return Sandbox(self.limits(), workers=self.workers, allow_unsafe=self.allow_unsafe)
 
 
 @dataclass
@@ -799,7 +817,7 @@ class _Worker:
 
     def execute(self, code: str, stdin: str, limits: SandboxLimits) -> dict:
         self.wait_ready()
-        self._send({"code": code, "stdin": stdin, "limits": asdict(limits)})
+        self._send({"code": code, "stdin": stdin, "limits": limits.model_dump()})
         return self._receive(time.monotonic() + limits.wall_s + RESPONSE_GRACE_S)
 
     def kill(self) -> None:

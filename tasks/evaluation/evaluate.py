@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
+from infra.sandbox import SandboxSettings
 from infra.verifier import VerifierPool
 from tasks.evaluation.models import ModelTarget
 from tasks.frames import require_columns
@@ -52,7 +53,6 @@ from tasks.solutions.answers import (
     extract_program_answer,
 )
 from tasks.solutions.programs import ProgramRunner, extract_program, program_failure
-from tasks.solutions.solve import SandboxParams
 from tasks.solutions.voting import majority_votes
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import Template, load_template
@@ -460,22 +460,15 @@ def evaluate_batch(
     eval_requests: pl.DataFrame,
     engine: EngineConfig,
     decoding: DecodingParams,
-    sandbox: SandboxParams,
+    sandbox: SandboxSettings,
 ) -> StageOutput:
     """Answer and grade planned requests with one model (programs in the sandbox)."""
-    from infra.sandbox import Sandbox, SandboxLimits
-
     models = eval_requests["engine_model"].unique().to_list()
     if len(models) > 1:
         raise ValueError(f"an evaluate shard holds several models: {models}")
     config = engine.model_copy(update={"model": models[0] if models else engine.model})
     needs_programs = eval_requests["mode"].is_in(["pot", "hybrid"]).any()
-    limits = SandboxLimits(cpu_s=sandbox.cpu_s, wall_s=sandbox.wall_s, memory_mb=sandbox.memory_mb)
-    runner = (
-        Sandbox(limits, workers=sandbox.workers, allow_unsafe=sandbox.allow_unsafe)
-        if needs_programs
-        else contextlib.nullcontext(None)
-    )
+    runner = sandbox.open() if needs_programs else contextlib.nullcontext(None)
     with runner as programs:
         results = evaluate_requests(eval_requests, ctx.engine(config), programs, decoding)
     stats = {

@@ -21,32 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
+from infra.sandbox import SandboxSettings
 from tasks.frames import require_columns
 from tasks.solutions.answers import extract_answer, extract_program_answer
 from tasks.solutions.programs import ProgramRunner, extract_program, program_failure
 from tasks.solutions.voting import vote_answers
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import Template, load_template
-
-
-class SandboxParams(BaseModel):
-    """Limits of the program sandbox."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cpu_s: float = Field(5, gt=0, description="CPU seconds a program may use")
-    wall_s: float = Field(10, gt=0, description="wall-clock seconds before it is killed")
-    memory_mb: int = Field(512, ge=64, description="memory a program may use")
-    workers: int = Field(2, ge=1, description="programs run at once")
-    allow_unsafe: bool = Field(
-        False,
-        description="run programs without isolation (rlimits and timeouts only); never in "
-        "production",
-    )
-
-    def fingerprint(self) -> dict[str, Any]:
-        """How many programs run at once does not change what they print."""
-        return self.model_dump(mode="json", exclude={"workers"})
 
 
 class SolutionParams(BaseModel):
@@ -73,7 +54,7 @@ class SolutionParams(BaseModel):
         "of training sets)",
     )
     seed: int = Field(0, description="sampling seed")
-    sandbox: SandboxParams = Field(default_factory=SandboxParams, description="program limits")
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings, description="program limits")
 
     def fingerprint(self) -> dict[str, Any]:
         """`enabled` decides whether the stage runs, not what it writes."""
@@ -295,14 +276,7 @@ def solve_batch(
 
     Instructions of every round are solved; a shard solved before (same rows) is a cache hit,
     so each round costs only its new instructions. Seeds carry their reference answer."""
-    from infra.sandbox import Sandbox, SandboxLimits
-
     references = dict(zip(seeds["id"], seeds["answer"], strict=True))
-    limits = SandboxLimits(
-        cpu_s=params.sandbox.cpu_s,
-        wall_s=params.sandbox.wall_s,
-        memory_mb=params.sandbox.memory_mb,
-    )
     cot = SamplingParams(
         temperature=params.temperature,
         top_p=params.top_p,
@@ -310,9 +284,7 @@ def solve_batch(
         seed=params.seed,
     )
     pot = replace(cot, max_tokens=params.pot_max_tokens)
-    with Sandbox(
-        limits, workers=params.sandbox.workers, allow_unsafe=params.sandbox.allow_unsafe
-    ) as sandbox:
+    with params.sandbox.open() as sandbox:
         samples = write_solutions(
             instructions,
             ctx.engine(engine),

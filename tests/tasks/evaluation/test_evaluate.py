@@ -10,6 +10,7 @@ import pytest
 import infra.engines as engines
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, Completion
+from infra.sandbox import SandboxSettings
 from tasks.benchmarks import ITEM_SCHEMA
 from tasks.evaluation.evaluate import (
     DecodingParams,
@@ -22,7 +23,6 @@ from tasks.evaluation.evaluate import (
     vote_letters,
 )
 from tasks.evaluation.models import ModelTarget
-from tasks.solutions.solve import SandboxParams
 from tasks.templates import load_template
 from tests.fakes import FakeResult, FakeSandbox, ScriptedEngine, last_user_message
 
@@ -360,7 +360,7 @@ def test_the_stage_shards_by_model_and_a_new_model_only_adds_shards(scripted_by_
     settings = {
         "engine": EngineConfig(),
         "decoding": DecodingParams(),
-        "sandbox": SandboxParams(workers=1),
+        "sandbox": SandboxSettings(workers=1),
     }
     toy = f"toy_items@{store.latest('toy_items').version}"
     plan = plan_evaluation.run(eval_items=toy, models=two, modes=["cot", "hybrid"], k=4)
@@ -408,7 +408,7 @@ def test_real_model_on_five_items_of_every_benchmark(shared_data, pool):
         eval_requests=plan["eval_requests"],
         engine=engine,
         decoding=DecodingParams(cot_max_tokens=48, pot_max_tokens=64),
-        sandbox=SandboxParams(workers=1),
+        sandbox=SandboxSettings(workers=1),
     )
     store = DatasetStore(home())
     out = store.read(result["eval_results"])

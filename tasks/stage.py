@@ -38,6 +38,7 @@ import hashlib
 import inspect
 import logging
 import shutil
+import threading
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,8 @@ from storage.settings import home as default_home
 log = logging.getLogger(__name__)
 
 SHARD_PREFIX = "_shard."
+_code_versions: dict[str, str] = {}
+_code_versions_lock = threading.Lock()
 DEFAULT_SHARD_ROWS = 512
 
 
@@ -299,7 +302,13 @@ class Stage:
     # -- planning ---------------------------------------------------------------------------
     @property
     def code_version(self) -> str:
-        return code_version(self.module)
+        """The code version of the code this process runs: computed once per process, since
+        an edit to a file during a run changes the file, not the modules already imported (and
+        must not give the second half of a run other versions than the first)."""
+        with _code_versions_lock:
+            if self.module not in _code_versions:
+                _code_versions[self.module] = code_version(self.module)
+            return _code_versions[self.module]
 
     def bind(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -505,6 +514,10 @@ class Stage:
                 stats=output.stats,
                 version=spec.version,
             )
+        _log(
+            f"{self.name} shard {spec.index}: computed {spec.rows} input rows"
+            f"{_work(output.stats)}"
+        )
         return {"shard": spec.index, "cached": False}
 
     def _merge_shards(self, values: dict[str, Any], home: Path) -> StageOutput:

@@ -122,7 +122,11 @@ def test_run_writes_then_hits_and_versions_follow_inputs_params_and_code(store, 
         scale_numbers.version(numbers=_numbers(store, 6), offsets=None, params=Scale())
         != first.version
     )
+    # The code version is computed once per process (the code it runs is what it imported);
+    # another process, after an edit, sees another one.
     monkeypatch.setattr(stage_module, "code_version", lambda module: "edited")
+    assert scale_numbers.version(numbers=numbers, offsets=None, params=Scale()) == first.version
+    monkeypatch.setattr(stage_module, "_code_versions", {})
     assert scale_numbers.version(numbers=numbers, offsets=None, params=Scale()) != first.version
 
 

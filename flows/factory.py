@@ -35,6 +35,7 @@ class FactoryState(BaseModel):
 def factory(params: FactoryParams = FactoryParams()) -> FactoryState:
     """Build math instruction data from seed problems (WizardMath RLEIF + MAmmoTH rationales),
     label its rewards, then train and evaluate on it."""
+    params.check_factory()
     with run_lock(home(), "factory"):
         data_state = data(params=params.data_params())
         reward_state = rewards(params=params.rewards, data=data_state)

@@ -105,6 +105,15 @@ class FactoryParams(DataParams):
         description="Models (base, trained checkpoints), benchmarks, cot/pot/hybrid/maj@k modes.",
     )
 
+    def check_factory(self) -> None:
+        """What a whole factory run needs of its sections, said before the data flow runs:
+        the rewards label the data flow's solutions."""
+        if self.rewards.enabled and not self.solutions.enabled:
+            raise ConfigError(
+                "rewards.enabled needs solutions.enabled (the rewards label the solutions): "
+                "set rewards.enabled=false as well, or run `--flow data`"
+            )
+
     def for_flow(self, model: type[BaseModel]) -> BaseModel:
         """The part of these parameters that `model` (a flow's own parameter model) reads."""
         return model.model_validate(self.model_dump(include=set(model.model_fields)))
@@ -191,6 +200,8 @@ def load_params(
         raise ConfigError(
             validation_message(exc, FactoryParams, str(config or "parameters"))
         ) from exc
+    if flow == "factory":
+        full.check_factory()
     return FLOW_PARAMS[flow](full)
 
 

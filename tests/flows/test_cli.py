@@ -92,6 +92,7 @@ def test_replacing_seeds_says_what_was_replaced_and_add_matches_one_ingest(
         ),
         (["run", "--config", "/no/such.yaml"], "no such config file"),
         (["run", "--set", "seeds.strict=notabool"], "seeds.strict"),
+        (["run", "--set", "solutions.enabled=false"], "rewards.enabled needs solutions.enabled"),
     ],
 )
 def test_errors_are_one_line_and_nonzero(capsys, evolforge_home, argv, message):
@@ -141,8 +142,9 @@ def test_first_run_on_a_fresh_home_starts_prefect(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert int(out.stdout.strip()) == cli.EPHEMERAL_STARTUP_TIMEOUT_S >= 120
     run = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--set", "evolution.rounds=0",
-         "--set", "sft.enabled=false", "--set", "solutions.enabled=false"],
+        [sys.executable, "-m", "flows.cli", "run", "--flow", "data",
+         "--set", "evolution.rounds=0", "--set", "sft.enabled=false",
+         "--set", "solutions.enabled=false"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]

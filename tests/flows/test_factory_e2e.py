@@ -1,6 +1,7 @@
 """End to end with the real embedded model (SmolLM2-135M on CPU): three seeds, two rounds, every
-stage, the real sandbox; then a rerun that is all cache hits. Small token budgets keep it to a
-few minutes; `make demo` runs the eight-round profile."""
+flow (data, rewards, training sets, the four trainers, evaluation), the real sandbox; then a
+rerun that is all cache hits. Small token budgets and a few optimizer steps keep it to a few
+minutes; `make demo` runs the eight-round profile."""
 
 import polars as pl
 import pytest
@@ -12,9 +13,11 @@ from storage.datasets import DatasetStore
 
 pytestmark = pytest.mark.slow
 
+ENGINE = {"kind": "embedded", "batch_size": 16}
+TRAIN = {"max_steps": 1, "batch_size": 2, "max_length": 160, "eval_rows": 2}
 PARAMS = {
     "seeds": {"sources": [{"kind": "sample", "limit": 3}]},
-    "engine": {"kind": "embedded", "batch_size": 16},
+    "engine": ENGINE,
     "sft": {"samples_per_seed": 1, "max_tokens": 64},
     "evolution": {"rounds": 2, "max_tokens": 96},
     "elimination": {"equal_judge": False, "solvable_judge": False, "probe_max_tokens": 32},
@@ -25,6 +28,41 @@ PARAMS = {
         "pot_max_tokens": 64,
         "sandbox": {"workers": 1},
     },
+    "rewards": {
+        "judge": ENGINE,
+        "evolvers": [ENGINE],
+        "completer": ENGINE,
+        "siblings": {"k": 3, "share": 1.0, "max_parents_per_round": 1, "max_tokens": 64},
+        "ranking": {"reason_max_chars": 16, "max_tokens": 192},
+        "steps": {"max_solutions_per_round": 1, "max_steps": 4},
+        "step_judge": {"reason_max_chars": 16, "max_tokens": 48},
+        "monte_carlo": {"n": 2, "max_tokens": 32},
+    },
+    "training_sets": {"split": {"test_fraction": 0.34}, "sft": {"pot_ratio": 0.5}},
+    "training": {
+        "sft": TRAIN,
+        "irm": {**TRAIN, "consistent_only": False},
+        "prm": {**TRAIN, "processbench_limit": 2},
+        "rl": {
+            "max_steps": 1,
+            "batch_size": 1,
+            "num_generations": 2,
+            "max_completion_length": 24,
+            "eval_rows": 1,
+            "reward_max_length": 160,
+            "judge_fallback": False,
+            "r_i_default": 1.0,
+        },
+    },
+    "evaluation": {
+        "models": ["base", "sft_model", "rl_model"],
+        "benchmarks": ["gsm8k"],
+        "modes": ["cot", "hybrid"],
+        "limit": 2,
+        "engine": ENGINE,
+        "decoding": {"cot_max_tokens": 32, "pot_max_tokens": 32},
+        "sandbox": {"workers": 1, "cpu_s": 2, "wall_s": 4},
+    },
 }
 
 
@@ -32,13 +70,15 @@ def test_factory_end_to_end_with_the_embedded_model(prefect_harness, evolforge_h
     params = FactoryParams.model_validate(PARAMS)
     state = factory(params)
     store = DatasetStore(evolforge_home)
-    seeds = store.read(state.seeds)
-    instructions = store.read(state.instructions)
-    eliminated = store.read(state.eliminated)
-    funnel = store.read(state.funnel)
-    answers = store.read(state.answers)
-    sft = store.read(state.sft_answers)
+    data = state.data
+    seeds = store.read(data.seeds)
+    instructions = store.read(data.instructions)
+    eliminated = store.read(data.eliminated)
+    funnel = store.read(data.funnel)
+    answers = store.read(data.answers)
+    sft = store.read(data.sft_answers)
 
+    # data: seeds -> rounds -> elimination/dedup -> solutions -> vote; the funnel reconciles
     assert seeds.height == 3 and sft.height == 3
     assert sorted(funnel["round"].unique()) == [1, 2]
     assert funnel["generated"].sum() == 6  # one evolution per pool member per round
@@ -56,12 +96,58 @@ def test_factory_end_to_end_with_the_embedded_model(prefect_harness, evolforge_h
     assert answers["agreement"].is_between(0, 1).all()
     assert (answers["difficulty"] - (1 - answers["agreement"])).abs().max() < 1e-9
 
+    # rewards: one row per solution, r = rI * rA wherever both are known
+    assert state.rewards is not None and state.rewards.rewards is not None
+    solutions = store.read(data.solutions)
+    rewards = store.read(state.rewards.rewards)
+    assert rewards.height == solutions.height
+    assert rewards["r_i"].count() > 0 and rewards["r_a"].count() > 0
+    known = pl.col("r_i").is_not_null() & pl.col("r_a").is_not_null()
+    assert rewards["r"].is_not_null().to_list() == rewards.select(known).to_series().to_list()
+    both = rewards.filter(known)
+    assert both.is_empty() or (both["r"] - both["r_i"] * both["r_a"]).abs().max() < 1e-9
+    # every null reward says why
+    assert rewards.filter(pl.col("r_i").is_null() & pl.col("r_i_note").is_null()).is_empty()
+    assert rewards.filter(pl.col("r_a").is_null() & pl.col("r_a_note").is_null()).is_empty()
+    rankings = store.read(state.rewards.instruction_rankings)
+    # a group: the parent's own evolutions of that round plus k = 3 new siblings
+    assert rankings.height >= 1 and (rankings["sibling_ids"].list.len() >= 3).all()
+
+    # training sets: each split by root seed, no seed's lineage on both sides
+    sets = state.training_sets
+    assert sets is not None and sets.sft_set is not None and sets.rl_prompts is not None
+    sft_set = store.read(sets.sft_set)
+    rl_prompts = store.read(sets.rl_prompts)
+    both_sets = pl.concat(
+        [sft_set.select("root_id", "split"), rl_prompts.select("root_id", "split")]
+    )
+    roots = both_sets.group_by("root_id").agg(pl.col("split").n_unique().alias("splits"))
+    assert sft_set.height > 0 and roots["splits"].max() == 1
+
+    # training: checkpoints in the models view, traced to the data they were trained on
+    trained = state.training
+    assert trained is not None and trained.sft_model is not None and trained.rl_model is not None
+    _, models = Catalog(evolforge_home).query("SELECT name, parents FROM models ORDER BY name")
+    names = [name for name, _ in models]
+    assert {"sft_model", "rl_model"} <= set(names)
+    sft_parents = dict(models)["sft_model"]
+    assert any(p.startswith("sft_set@") for p in sft_parents), sft_parents
+
+    # evaluation: base and both generators, each mode, n = the limit
+    assert state.evaluation is not None and state.evaluation.eval_scores is not None
+    scores = store.read(state.evaluation.eval_scores)
+    assert set(scores["mode"]) == {"cot", "hybrid"}
+    assert scores["n"].to_list() == [2] * scores.height
+    assert scores["model"].n_unique() == 3
+
     _, rows = Catalog(evolforge_home).query("SELECT count(*) FROM answers")
     assert rows == [(answers.height,)]
 
-    # a rerun sends nothing to the engine and creates no version
+    # a rerun sends nothing to the engine, trains nothing and creates no version
     versions = {name: len(store.versions(name)) for name in store.names(internal=True)}
     again = factory(params)
-    assert again.refs() == state.refs()
-    assert all(step.cached for step in again.steps)
+    flows = ("data", "rewards", "training_sets", "training", "evaluation")
+    assert [getattr(again, f).refs() for f in flows] == [getattr(state, f).refs() for f in flows]
+    steps = [step for f in flows for step in getattr(again, f).steps]
+    assert steps and all(step.cached for step in steps)
     assert {name: len(store.versions(name)) for name in store.names(internal=True)} == versions

@@ -32,28 +32,48 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["embedded", "vllm", "openai"] = "embedded"
-    # None = the packaged SmolLM2-135M-Instruct (embedded, vllm); the served name (openai).
-    model: str | None = None
+    kind: Literal["embedded", "vllm", "openai"] = Field(
+        "embedded",
+        title="Engine",
+        description="embedded (CPU, transformers), vllm (GPU), openai (any compatible server)",
+    )
+    model: str | None = Field(
+        None,
+        title="Model",
+        description="HF folder or hub id (embedded, vllm; empty: the packaged SmolLM2-135M-"
+        "Instruct); the served model name (openai)",
+    )
 
     # embedded + vllm
     batch_size: int = Field(64, ge=1, description="rows decoded together (embedded), chunk size")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto: embedded bf16 where the CPU has native bf16, float32 elsewhere; "
+        "vllm the model's own",
+    )
     json_retries: int = Field(2, ge=0, description="embedded: re-tries of schema-invalid output")
-    num_threads: int | None = Field(None, ge=1, description="embedded: torch CPU threads")
+    num_threads: int | None = Field(
+        None, ge=1, description="embedded: torch CPU threads (empty: from the CPUs and the load)"
+    )
 
     # vllm
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    max_model_len: int | None = Field(None, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per model")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory it may take"
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="vllm: context length (empty: the model's)"
+    )
 
     # openai-compatible
-    base_url: str | None = Field(None, description="default: $OPENAI_BASE_URL")
-    api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var holding the key")
-    max_concurrency: int = Field(16, ge=1)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(4, ge=0)
-    backoff_s: float = Field(1.0, ge=0)
+    base_url: str | None = Field(None, description="openai: server URL (empty: $OPENAI_BASE_URL)")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: name of the environment variable holding the key"
+    )
+    max_concurrency: int = Field(16, ge=1, description="openai: requests in flight")
+    timeout_s: float = Field(120.0, gt=0, description="openai: seconds per request")
+    max_retries: int = Field(4, ge=0, description="openai: retries of a failed request")
+    backoff_s: float = Field(1.0, ge=0, description="openai: first retry delay (doubles)")
     revision: str | None = Field(None, description="openai: weights revision for cache keys")
 
     def fingerprint(self) -> dict[str, object]:

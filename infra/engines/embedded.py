@@ -66,6 +66,11 @@ from infra.engines.prefix_attention import register as register_prefix_attention
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A shared prefix (system prompt + few-shot turns) shorter than this is not computed separately.
 MIN_SHARED_PREFIX = 32
+# A prefix group smaller than this share of a batch is not decoded on its own: its rows join the
+# other small groups in batches that share no prefix (each row's whole prompt is its suffix). A
+# decode step costs about the same for 2 rows as for 16, so four groups of two decoded one after
+# another took four times one batch of eight (evolve: one few-shot template per operation).
+MIN_GROUP_SHARE = 0.25
 # Candidates sorted for top-p sampling before falling back to sorting the whole vocabulary.
 TOP_P_CANDIDATES = 512
 
@@ -200,8 +205,8 @@ class EmbeddedEngine:
         finished: list[_Row] = []
         pending = rows
         while pending:
-            for batch in self._batches(pending):
-                self._decode(batch, requests)
+            for batch, shared in self._batches(pending):
+                self._decode(batch, requests, shared)
             retry = []
             for row in pending:
                 schema = requests[row.request].json_schema
@@ -293,25 +298,36 @@ class EmbeddedEngine:
         ids, prefix = prompt
         return _Row(request, sample, attempt, ids, prefix, generator, matcher)
 
-    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
-        # Rows sharing a prefix are batched together (the prefix is computed once per batch);
-        # within a group, longest prompts first, so each batch holds similar lengths.
+    def _batches(self, rows: list[_Row]) -> list[tuple[list[_Row], int]]:
+        """(rows, shared prefix length) per batch. Rows sharing a prefix are batched together
+        (the prefix is computed once per batch); groups too small to fill a useful share of a
+        batch are pooled into batches without a shared prefix. Within a batch, longest prompts
+        first, so each batch holds similar lengths."""
         groups: dict[tuple[int, ...], list[_Row]] = {}
         for row in rows:
             groups.setdefault(tuple(row.prompt[: row.prefix]), []).append(row)
-        batches = []
-        for group in groups.values():
+        size = self.batch_size
+        small = max(2, int(size * MIN_GROUP_SHARE))
+        batches: list[tuple[list[_Row], int]] = []
+        pooled: list[_Row] = []
+        for prefix, group in groups.items():
+            if len(group) < small and len(groups) > 1:
+                pooled.extend(group)
+                continue
             ordered = sorted(group, key=lambda r: -len(r.prompt))
-            size = self.batch_size
-            batches.extend(ordered[i : i + size] for i in range(0, len(ordered), size))
+            batches.extend(
+                (ordered[i : i + size], len(prefix)) for i in range(0, len(ordered), size)
+            )
+        ordered = sorted(pooled, key=lambda r: -len(r.prompt))
+        batches.extend((ordered[i : i + size], 0) for i in range(0, len(ordered), size))
         return batches
 
-    def _decode(self, batch: list[_Row], requests: list[ChatRequest]) -> None:
+    def _decode(self, batch: list[_Row], requests: list[ChatRequest], shared: int) -> None:
         from transformers.cache_utils import Cache
 
         sampling = [requests[r.request].sampling for r in batch]
         steps = max(s.max_tokens for s in sampling)
-        shared = batch[0].prefix  # the same for the whole batch: see _batches
+        # `shared`: the prefix length every row of the batch shares (0: none; see _batches)
         suffixes = [r.prompt[shared:] for r in batch]
         width = max(len(s) for s in suffixes)
         rows = len(batch)

@@ -263,7 +263,10 @@ def _fallback_to_cot(
 @stage(
     name="solve",
     outputs=["solutions", "answers"],
-    shard=Shard("instructions", split_on="round", lookups={"seeds": ("id", "id")}),
+    # Shards by content, not by round: a round's few new instructions would make batches of a
+    # few rows (the demo's eight rounds were eight sequential batches of 1-8 rows); new rows
+    # still change only the shard they land in.
+    shard=Shard("instructions", lookups={"seeds": ("id", "id")}),
 )
 def solve_batch(
     ctx: StageContext,
@@ -275,7 +278,8 @@ def solve_batch(
     """k CoT + k PoT solutions per instruction (programs in the sandbox), majority vote.
 
     Instructions of every round are solved; a shard solved before (same rows) is a cache hit,
-    so each round costs only its new instructions. Seeds carry their reference answer."""
+    and a recomputed shard sends only its new requests (the request cache). Seeds carry their
+    reference answer."""
     references = dict(zip(seeds["id"], seeds["answer"], strict=True))
     cot = SamplingParams(
         temperature=params.temperature,

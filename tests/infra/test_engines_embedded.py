@@ -269,6 +269,33 @@ def test_few_shot_prefix_is_shared_and_changes_nothing(engine, monkeypatch):
 
 
 @pytest.mark.slow
+def test_small_prefix_groups_share_one_batch_and_change_nothing(engine, monkeypatch):
+    """Requests with different few-shot prefixes, one of each (evolve: a template per
+    operation), are decoded in one batch without a shared prefix, not one batch per prefix;
+    their texts are those each gives decoded alone (with its prefix shared)."""
+    from tasks.templates import render_messages
+
+    question = "What is 15 + 27?"
+    requests = [
+        _few_shot(question, max_tokens=12),
+        ChatRequest(
+            tuple(render_messages("pot", instruction=question)), SamplingParams(max_tokens=12)
+        ),
+    ]
+    assert all(engine._encode(r)[1] > 0 for r in requests)
+    calls = []
+    decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda b, r, s: (calls.append(s), decode(b, r, s)))
+    together = engine.generate(requests)
+    assert calls == [0]  # one batch, no shared prefix
+    calls.clear()
+    alone = [engine.generate([r])[0] for r in requests]
+    assert len(calls) == 2 and all(s > 0 for s in calls)
+    assert all(r.ok for r in together)
+    assert [r.text for r in together] == [r.text for r in alone]
+
+
+@pytest.mark.slow
 def test_stop_string_cuts_at_first_occurrence_in_long_output(engine):
     request = _ask("Count from 1 to 30, separated by commas.", max_tokens=80, stop=("12",))
     (response,) = engine.generate([request])

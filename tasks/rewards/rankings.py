@@ -6,7 +6,11 @@ judge reads the parent and all siblings, labelled A, B, ..., and scores every si
 one JSON object under a schema (template `rank_siblings.txt`).
 
 Position bias is controlled by asking twice: the siblings are shown in a seeded order (a)
-and in its reverse (b), so every sibling sits at mirrored positions in the two calls. Per order
+and, by default, in its reverse (b), so every sibling sits at mirrored positions in the two
+calls and a judge whose scores rise or fall with the position gives every sibling the same
+combined score (no pair: the bias cancels). `second_order: shuffled` draws order b as a second
+seeded permutation instead: such a judge then yields pairs, marked inconsistent where the two
+orders flip them (the demo's 135M judge scores by position alone). Per order
 a sibling's score is the mean of its three criteria; the two orders' scores are compared by
 Kendall's tau-b (per group; null with fewer than two siblings, when one order's judgment failed,
 or when one order scored everything equal). The group's scores are the mean of the orders that
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import string
 from itertools import combinations
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -81,7 +85,7 @@ RANKING_SCHEMA: dict[str, Any] = {
     "sibling_ids": pl.List(pl.String),  # best first; null when no order was judged
     "scores": pl.List(_SCORE),  # in rank order; null when no order was judged
     "order_a": pl.List(pl.String),  # the seeded presentation order
-    "order_b": pl.List(pl.String),  # its reverse
+    "order_b": pl.List(pl.String),  # its reverse, or a second seeded permutation
     "scores_a": pl.List(_ORDER_SCORE),  # in presentation order; null when that call failed
     "scores_b": pl.List(_ORDER_SCORE),
     "ranking_a": pl.List(pl.String),  # best first by order a's scores alone
@@ -117,6 +121,11 @@ class RankingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(0, description="seeds the presentation order of each group")
+    second_order: Literal["reversed", "shuffled"] = Field(
+        "reversed",
+        description="order b: order a reversed (a positional bias cancels), or a second seeded "
+        "permutation",
+    )
     reason_max_chars: int = Field(
         160, ge=8, le=2000, description="length cap of each reason (it is decoded, so it costs)"
     )
@@ -146,11 +155,16 @@ def ranking_schema(labels: list[str], reason_max_chars: int) -> dict[str, Any]:
     }
 
 
-def presentation_orders(group_id: str, ids: list[str], seed: int) -> tuple[list[str], list[str]]:
-    """A seeded permutation of the siblings (order a) and its reverse (order b)."""
+def presentation_orders(
+    group_id: str, ids: list[str], seed: int, second: str = "reversed"
+) -> tuple[list[str], list[str]]:
+    """A seeded permutation of the siblings (order a) and its reverse or a second seeded
+    permutation (order b)."""
     rng = np.random.default_rng(stable_int("rank-order", seed, group_id))
     order = [ids[i] for i in rng.permutation(len(ids))]
-    return order, order[::-1]
+    if second == "reversed":
+        return order, order[::-1]
+    return order, [ids[i] for i in rng.permutation(len(ids))]
 
 
 def ranking_request(
@@ -246,7 +260,7 @@ def rank_groups(
             "requests": [],
         }
         if ids:
-            order_a, order_b = presentation_orders(group_id, ids, params.seed)
+            order_a, order_b = presentation_orders(group_id, ids, params.seed, params.second_order)
             group["orders"] = (order_a, order_b)
             for order in (order_a, order_b):
                 group["requests"].append(len(requests))

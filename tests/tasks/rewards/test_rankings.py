@@ -69,6 +69,14 @@ def test_orders_are_seeded_and_mirrored():
     assert any(presentation_orders("g", ids, seed=s)[0] != a for s in range(1, 5))
 
 
+def test_shuffled_second_order_is_a_second_seeded_permutation():
+    ids = ["a", "b", "c", "d", "e"]
+    a, b = presentation_orders("g", ids, seed=0, second="shuffled")
+    assert sorted(b) == ids and b not in (a, a[::-1])
+    assert a == presentation_orders("g", ids, seed=0)[0]  # order a does not change
+    assert presentation_orders("g", ids, seed=0, second="shuffled") == (a, b)
+
+
 def test_kendall_tau_b():
     assert kendall_tau_b([1, 2, 3], [1, 2, 3]) == 1.0
     assert kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1.0
@@ -120,6 +128,25 @@ def test_a_position_biased_judge_flips_every_pair():
     # averaged over both orders every sibling scores the same: no preference, no pair
     assert {s["score"] for s in p["scores"]} == {8.0}
     assert pairs.filter(pl.col("parent_id") == "p").height == 0
+
+
+def test_a_position_biased_judge_with_shuffled_orders_gives_inconsistent_pairs():
+    """With a second shuffled order the positional scores no longer cancel: pairs come out,
+    and every one that the two orders flip is marked inconsistent."""
+    engine = ScriptedEngine(ranking_reply(lambda text, position: 9 - position), identity="judge")
+    params = RankingParams(second_order="shuffled")
+    rankings, pairs = rank_groups(siblings_frame(), PARENTS, engine, params)
+    p = rankings.filter(pl.col("group_id") == "p@1").row(0, named=True)
+    assert p["order_b"] != p["order_a"][::-1] and sorted(p["order_b"]) == sorted(p["order_a"])
+    p_pairs = pairs.filter(pl.col("parent_id") == "p")
+    assert p_pairs.height > 0 and (p_pairs["margin"] > 0).all()
+    position = {o: {sid: i for i, sid in enumerate(p[o])} for o in ("order_a", "order_b")}
+    for row in p_pairs.iter_rows(named=True):
+        same = [
+            position[o][row["chosen_id"]] < position[o][row["rejected_id"]]
+            for o in ("order_a", "order_b")
+        ]
+        assert row["consistent"] == all(same)
 
 
 def test_partly_biased_judge_marks_flipped_pairs_inconsistent():

@@ -515,8 +515,7 @@ class Stage:
                 version=spec.version,
             )
         _log(
-            f"{self.name} shard {spec.index}: computed {spec.rows} input rows"
-            f"{_work(output.stats)}"
+            f"{self.name} shard {spec.index}: computed {spec.rows} input rows{_work(output.stats)}"
         )
         return {"shard": spec.index, "cached": False}
 

@@ -273,10 +273,10 @@ def worker(contender: str, job_path: str, out_path: str) -> None:
 
 def _jobs(workloads: list[str], threads: int, scratch: Path) -> dict[str, dict]:
     sys.path.insert(0, str(ROOT))
-    from infra.settings import shared_data_dir
     from transformers import AutoTokenizer
 
     from infra.models import packaged_gguf, resolve_model
+    from storage.settings import shared_data_dir
     from tasks.templates import render_messages
 
     resolved = resolve_model(None)
@@ -349,7 +349,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(next(iter(jobs.values()))["model_dir"])
-    cpu = _cpu_model()
+    from infra.engines.cpu import read_cpu_info
+
+    cpu = read_cpu_info().model
     print(
         f"CPU: {cpu}; threads {args.threads}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
@@ -441,13 +443,6 @@ def _agreeing_chars(a: str, b: str) -> int:
         if x != y:
             return i
     return min(len(a), len(b))
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

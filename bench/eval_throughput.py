@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
+
+from infra.engines.cpu import read_cpu_info
 
 
 def cpu_seconds() -> float:
@@ -33,17 +34,6 @@ def cpu_seconds() -> float:
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def torch_threads() -> int:
@@ -108,7 +98,7 @@ def main() -> None:
     results = store.read(result["eval_results"])
     stats = result.stats["engine"]
     tokens = stats["completion_tokens"]
-    print(f"cpu: {cpu_model()} ({os.cpu_count()} cores)")
+    print(f"cpu: {read_cpu_info().model} ({os.cpu_count()} cores)")
     print(
         f"evaluation: {args.benchmark} limit {args.limit}, mode {args.mode}, base "
         f"({targets[0].prompt_format} format), {args.dtype}, batch {args.batch_size}, "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -25,15 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from infra.engines.cpu import read_cpu_info  # noqa: E402
 from storage.settings import shared_data_dir  # noqa: E402
 from tests.scripted_server import ScriptedServer  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def write_inbox(inbox: Path, questions: list[dict], name: str) -> None:
@@ -88,7 +81,7 @@ def main() -> None:
         write_inbox(home / "inbox", rows[args.seeds : args.seeds + extra], "night-2.jsonl")
         second, t2 = run(home, server, args.rounds)
         sent_second = server.count - sent_first
-    print(f"CPU: {cpu_model()}  date: {time.strftime('%Y-%m-%d')}")
+    print(f"CPU: {read_cpu_info().model}  date: {time.strftime('%Y-%m-%d')}")
     print(f"seeds: {args.seeds} + 8 sample, then +{extra} ({extra / (args.seeds + 8):.1%} more)")
     print(f"run 1: {sent_first} engine requests sent (all misses), {t1:.0f} s")
     print(

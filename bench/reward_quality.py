@@ -29,26 +29,14 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from typing import Any
 
 import polars as pl
 
+from infra.engines.cpu import read_cpu_info
 from storage.settings import home
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def mc_first_error(labels: list[bool | None]) -> float | int | None:
@@ -207,7 +195,7 @@ def main() -> None:
         started = time.perf_counter()
         figures = {
             "engine": engine.identity,
-            "cpu": cpu_model(),
+            "cpu": read_cpu_info().model,
             "cores": os.cpu_count(),
             "load_at_start": round(os.getloadavg()[0], 2),
             "processbench": processbench_part(engine, args),

@@ -19,7 +19,6 @@ import argparse
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from infra.engines.cpu import read_cpu_info  # noqa: E402
 
 DEMO_TRAINING_SETS = {
     "split": {"test_fraction": 0.25},
@@ -54,17 +55,6 @@ DEMO_TRAINING = {
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def prepare_home(source: Path | None) -> Path:
@@ -159,7 +149,7 @@ def main() -> None:
     )  # fmt: skip
     total_wall, total_cpu = time.perf_counter() - start_wall, cpu_seconds() - start_cpu
     print()
-    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores, torch threads {_threads()}")
+    print(f"cpu: {read_cpu_info().model}, {os.cpu_count()} cores, torch threads {_threads()}")
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"data: {'synthetic (tests)' if args.home is None else args.home}")
     print("| stage | wall s | CPU s | trainer s | metrics |")

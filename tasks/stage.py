@@ -672,16 +672,13 @@ def _work(stats: dict[str, Any]) -> str:
 
 def _log(message: str) -> None:
     """To the task run's log (the Prefect UI shows it) or, outside a run, this module's."""
-    try:
-        from prefect.context import TaskRunContext
-        from prefect.logging import get_run_logger
+    from prefect.context import TaskRunContext
+    from prefect.logging import get_run_logger
 
-        if TaskRunContext.get() is not None:
-            get_run_logger().info(message)
-            return
-    except ImportError:
-        pass
-    log.info(message)
+    if TaskRunContext.get() is not None:
+        get_run_logger().info(message)
+    else:
+        log.info(message)
 
 
 _shard_progress: dict[tuple[str, str], Any] = {}

@@ -46,7 +46,7 @@ class ScriptedServer:
             protocol_version = "HTTP/1.1"
 
             def log_message(self, *args):
-                pass
+                """Quiet: the test reads `server.log`, not stderr."""
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -112,7 +112,8 @@ def completion_text(completion: Any) -> str:
     return message_text(completion)
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """`value` as a finite float, or None (booleans, text and NaN/inf are not rewards)."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -219,7 +220,7 @@ class JudgeReward:
         r_i: list[float | None] = [None] * len(prompts)
         missing = []
         for i in range(len(prompts)):
-            value = _number(given[i]) if given is not None else None
+            value = finite_number(given[i]) if given is not None else None
             if value is not None:
                 r_i[i] = value
             else:

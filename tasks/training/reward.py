@@ -31,39 +31,10 @@ advantages; the RL stage uses `scale_rewards="batch"` so that rI weighs prompts 
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-_ALPACA = re.compile(r"###\s*Instruction:\s*(.*?)\s*###\s*Response:", re.DOTALL)
-
-
-def instruction_of(prompt: Any) -> str:
-    """The instruction inside an Alpaca prompt (the prompt itself when it has no wrapper)."""
-    text = prompt if isinstance(prompt, str) else _message_text(prompt)
-    found = _ALPACA.search(text)
-    return (found.group(1) if found else text).strip()
-
-
-def _message_text(value: Any) -> str:
-    """The text of a conversational prompt or completion (the last message's content)."""
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        content = value[-1].get("content")
-        if isinstance(content, list):
-            return "".join(b.get("text", "") for b in content if isinstance(b, dict))
-        return "" if content is None else str(content)
-    return "" if value is None else str(value)
-
-
-def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+from tasks.rewards.functions import finite_number, instruction_text, message_text
 
 
 def default_segmenter() -> Callable[[str], list[str]]:
@@ -123,7 +94,7 @@ class InstructionAnswerReward:
             return [self._r_i[k] for k in keys]
         missing = []
         for i in range(len(instructions)):
-            value = _number(given[i]) if given is not None else None
+            value = finite_number(given[i]) if given is not None else None
             if value is not None:
                 out[i] = value
             else:
@@ -175,9 +146,9 @@ class InstructionAnswerReward:
     ) -> list[float | None]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts vs {len(completions)} completions")
-        prompt_texts = [p if isinstance(p, str) else _message_text(p) for p in prompts]
-        texts = [c if isinstance(c, str) else _message_text(c) for c in completions]
-        instructions = kwargs.get("instruction") or [instruction_of(p) for p in prompt_texts]
+        prompt_texts = [message_text(p) for p in prompts]
+        texts = [message_text(c) for c in completions]
+        instructions = kwargs.get("instruction") or [instruction_text(p) for p in prompt_texts]
         parents = kwargs.get("parent") or [None] * len(prompts)
         r_i = self.instruction_rewards(instructions, parents, kwargs.get("r_i"))
         r_a = self.answer_rewards(prompt_texts, texts, instructions)

@@ -85,7 +85,7 @@ class _FixedPrm(PrmScorer):
     """Probabilities by step text: a step containing 'wrong' is judged wrong."""
 
     def __init__(self):
-        pass
+        """No model to load: `step_probabilities` below stands in for it."""
 
     def step_probabilities(self, prompts, steps):
         return [

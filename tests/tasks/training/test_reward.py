@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from tasks.rewards.functions import instruction_text
 from tasks.training import formats
-from tasks.training.reward import InstructionAnswerReward, instruction_of
+from tasks.training.reward import InstructionAnswerReward
 
 
 def lines(text: str) -> list[str]:
@@ -135,7 +136,7 @@ def test_unscorable_steps_and_missing_columns():
         irm=FakeIrm({"What is 2 + 3?": 1.0}), prm=FakePrm(), segmenter=lines
     )
     # Without the rl_prompts columns the instruction is read out of the Alpaca prompt.
-    assert instruction_of(PROMPTS[0]) == "What is 2 + 3?"
+    assert instruction_text(PROMPTS[0]) == "What is 2 + 3?"
     r, _, _ = grpo_call(reward, [PROMPTS[0]] * 2, ["cut\ncut", "ok\ncut"], {})
     assert r == [None, pytest.approx(0.9)]  # nothing scorable: None; else the scored steps
 

@@ -16,13 +16,13 @@ From the function's typed parameters come:
   hashes), else by their JSON dump;
 - **outputs**: the names in `outputs` (`Artifact(...)` for folders);
 - **the version id**: a hash of (stage name, code version, parameters, input versions), the code
-  version being the hash of the stage's module and everything it imports
-  (`storage.code_version`). When every output exists at that version the stage is a cache hit:
-  nothing is read, computed or written;
+  version being the hash of the stage's function and the project code, prompts and SQL it
+  refers to (`storage.code_version`). When every output exists at that version the stage is a
+  cache hit: nothing is read, computed or written;
 - **shards**: with `shard=Shard("pool")` the named input is cut into runs of `rows` rows, each a
   separate Prefect task run whose output is cached by the shard's own content (and the rows of
   any `lookups` input its rows refer to), so rows appended to an input recompute only the new
-  shards. their outputs are concatenated in order.
+  shards; their outputs are concatenated in order.
 
 This module is the declaration, the binding and the version; it runs nothing itself. Calling a
 stage hands it to an executor (`tasks/executors/`): Prefect task runs cached on the version
@@ -47,7 +47,7 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel
 
-from storage.code_version import code_version
+from storage.code_version import Coverage, code_version, coverage
 from storage.datasets import DatasetRef, DatasetStore, Manifest, version_id
 from storage.settings import home as default_home
 from tasks.contracts import (
@@ -191,10 +191,15 @@ class Stage:
         """The code version of the code this process runs: computed once per process, since
         an edit to a file during a run changes the file, not the modules already imported (and
         must not give the second half of a run other versions than the first)."""
+        target = f"{self.module}:{self.fn.__qualname__}"
         with _code_versions_lock:
-            if self.module not in _code_versions:
-                _code_versions[self.module] = code_version(self.module)
-            return _code_versions[self.module]
+            if target not in _code_versions:
+                _code_versions[target] = code_version(target)
+            return _code_versions[target]
+
+    def code_coverage(self) -> Coverage:
+        """What the code version covers (symbols, files, resources), as the files are now."""
+        return coverage(f"{self.module}:{self.fn.__qualname__}")
 
     def bind(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from flows.overrides import ConfigError, set_dotted, validation_message
+from flows.reports.evaluation import publish_evaluation_report
 from flows.state import EvaluationState, FlowState
 from infra.engines import EngineConfig
 from infra.sandbox import SandboxSettings
@@ -47,7 +48,6 @@ from tasks.evaluation.evaluate import (
 from tasks.evaluation.guard import GuardParams, guard_contamination
 from tasks.evaluation.items import load_eval_items
 from tasks.evaluation.models import resolve_models
-from tasks.evaluation.report import publish_evaluation_report
 from tasks.evaluation.scores import draw_evaluation_chart, score_evaluation
 
 RUNNER = ThreadPoolTaskRunner(max_workers=shard_workers())

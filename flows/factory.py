@@ -11,13 +11,13 @@ from prefect import flow
 from flows.data import data
 from flows.evaluation import evaluation, pinned
 from flows.params import FactoryParams
+from flows.reports.factory import publish_factory_report
 from flows.rewards import rewards
 from flows.state import FactoryState, TrainingSetsState, TrainingState
 from flows.training import TrainingParams, training
 from flows.training_sets import TrainingSetsParams, training_sets
 from storage.locks import run_lock
 from storage.settings import home
-from tasks.report import publish_factory_report
 
 
 @flow(name="factory", log_prints=True, validate_parameters=True)

@@ -17,6 +17,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.reports.rewards import publish_rewards_report
 from flows.state import DataState, RewardState
 from infra.engines import EngineConfig
 from storage.errors import UserError
@@ -25,7 +26,6 @@ from storage.settings import home, shard_workers
 from tasks.rewards.consensus import label_steps
 from tasks.rewards.monte_carlo import MonteCarloParams, rollout_steps
 from tasks.rewards.rankings import RankingParams, rank_siblings
-from tasks.rewards.report import publish_rewards_report
 from tasks.rewards.scores import ScoringParams, compute_rewards
 from tasks.rewards.segment import StepParams, segment_solutions
 from tasks.rewards.siblings import SiblingParams, evolve_siblings

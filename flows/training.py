@@ -23,15 +23,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.reports.training import publish_training_report
 from flows.state import TrainingState
 from infra.engines import EngineConfig
 from storage.locks import run_lock
 from storage.settings import home
 from tasks.training.common import BaseModelSpec
 from tasks.training.config import TrainingConfig
+from tasks.training.curves import draw_training_curves
 from tasks.training.irm import train_irm
 from tasks.training.prm import train_prm
-from tasks.training.report import draw_training_curves, publish_training_report
 from tasks.training.rl import train_rl
 from tasks.training.sets import count_train_rows
 from tasks.training.sft import train_sft

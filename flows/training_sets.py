@@ -16,10 +16,10 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.reports.training import publish_training_sets_report
 from flows.state import TrainingSetsState
 from storage.locks import run_lock
 from storage.settings import home
-from tasks.training.report import publish_training_sets_report
 from tasks.training.sets import (
     TrainingSetParams,
     build_irm_set,

@@ -9,12 +9,12 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test test-fast lint format serve bench system-deps clean-home sandbox-runtime
 
-# The interpreter and packages the sandbox mounts (infra/sandbox_runtime.py). The sandbox's user
+# The interpreter and packages the sandbox mounts (infra/sandbox/runtime.py). The sandbox's user
 # is never root, so it cannot reach a venv whose Python lives under /root (mode 0700).
 SANDBOX_RUNTIME ?= $(or $(EVOLFORGE_SANDBOX_RUNTIME),$(VENV)/sandbox-runtime)
 RUNTIME_STAMP := $(SANDBOX_RUNTIME)/runtime.json
 
-# Debian packages: bubblewrap isolates model-written programs (infra/sandbox.py); chromium is the
+# Debian packages: bubblewrap isolates model-written programs (infra/sandbox/); chromium is the
 # headless browser the UI test looks at the Prefect UI with (tests/flows/test_serve.py).
 APT_PACKAGES := bubblewrap:bwrap chromium:chromium
 system-deps:
@@ -35,11 +35,11 @@ $(STAMP): pyproject.toml | system-deps
 	touch $(STAMP)
 
 $(RUNTIME_STAMP): $(STAMP)
-	$(BIN)/python -m infra.sandbox_runtime --dest $(SANDBOX_RUNTIME)
+	$(BIN)/python -m infra.sandbox --dest $(SANDBOX_RUNTIME)
 
 # Rebuild it by hand after changing the venv's numpy, sympy or mpmath.
 sandbox-runtime: $(STAMP)
-	$(BIN)/python -m infra.sandbox_runtime --dest $(SANDBOX_RUNTIME)
+	$(BIN)/python -m infra.sandbox --dest $(SANDBOX_RUNTIME)
 
 venv: $(STAMP) $(RUNTIME_STAMP)
 

@@ -58,9 +58,9 @@ def main() -> None:
     from prefect import flow
 
     from flows.evaluation import EvaluationParams, evaluation
+    from flows.reports.evaluation import render_evaluation_summary
     from infra.models import resolve_model
     from storage.datasets import DatasetStore
-    from tasks.evaluation.report import render_evaluation_summary
 
     store = DatasetStore(data_home)
     sft_set = store.write(

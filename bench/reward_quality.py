@@ -98,8 +98,8 @@ def processbench_part(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ranking_part(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from flows.reports.rewards import ranking_figures
     from tasks.rewards.rankings import RankingParams, rank_groups
-    from tasks.rewards.report import ranking_figures
     from tasks.rewards.siblings import SiblingParams, sibling_evolutions
 
     path = _gsm8k_train()

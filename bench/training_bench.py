@@ -85,9 +85,9 @@ def main() -> None:
     from tasks.training import sets as sets_mod
     from tasks.training.common import BaseModelSpec
     from tasks.training.config import TrainingConfig
+    from tasks.training.curves import draw_training_curves
     from tasks.training.irm import train_irm
     from tasks.training.prm import train_prm
-    from tasks.training.report import draw_training_curves
     from tasks.training.rl import train_rl
     from tasks.training.sft import train_sft
 

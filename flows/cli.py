@@ -316,7 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from flows.evaluation import eval_params_from_cli, evaluation
-    from tasks.evaluation.report import render_evaluation_summary
+    from flows.reports.evaluation import render_evaluation_summary
 
     def split(text: str | None) -> list[str]:
         return [part.strip() for part in (text or "").split(",") if part.strip()]

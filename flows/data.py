@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import DataParams
+from flows.reports.data import publish_data_report, publish_round_funnel
 from flows.state import DataState
 from storage.locks import run_lock
 from storage.settings import home, shard_workers
@@ -21,7 +22,6 @@ from tasks.evolution.dedup import dedup_batch
 from tasks.evolution.eliminate import eliminate_batch
 from tasks.evolution.evolve import evolve_batch
 from tasks.evolution.funnel import draw_funnel_plot
-from tasks.report import publish_data_report, publish_round_funnel
 from tasks.seeds import ingest_seeds
 from tasks.solutions.difficulty import report_difficulty
 from tasks.solutions.sft import write_sft_answers

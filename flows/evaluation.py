@@ -31,10 +31,10 @@ from pydantic import (
 )
 
 from flows.overrides import ConfigError, set_dotted, validation_message
-from flows.state import FlowState
+from flows.reports.evaluation import publish_evaluation_report
+from flows.state import EvaluationState, FlowState
 from infra.engines import EngineConfig
 from infra.sandbox import SandboxSettings
-from storage.datasets import Ref
 from storage.locks import run_lock
 from storage.settings import home, shard_workers
 from tasks.benchmarks import REGISTRY, BenchmarkSource, benchmark_source
@@ -48,7 +48,6 @@ from tasks.evaluation.evaluate import (
 from tasks.evaluation.guard import GuardParams, guard_contamination
 from tasks.evaluation.items import load_eval_items
 from tasks.evaluation.models import resolve_models
-from tasks.evaluation.report import publish_evaluation_report
 from tasks.evaluation.scores import draw_evaluation_chart, score_evaluation
 
 RUNNER = ThreadPoolTaskRunner(max_workers=shard_workers())
@@ -141,17 +140,6 @@ class EvaluationParams(BaseModel):
 
     def mode_labels(self) -> list[str]:
         return [mode_label(m, self.k) for m in self.modes]
-
-
-class EvaluationState(FlowState):
-    """What an evaluation run wrote."""
-
-    eval_items: Ref | None = None
-    eval_contamination: Ref | None = None
-    eval_requests: Ref | None = None
-    eval_results: Ref | None = None
-    eval_scores: Ref | None = None
-    eval_chart: Ref | None = None
 
 
 @flow(name="evaluation", log_prints=True, validate_parameters=True, task_runner=RUNNER)

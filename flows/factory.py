@@ -7,28 +7,17 @@ Run it: `evolforge run --config configs/demo.yaml`, from the Prefect UI (deploym
 from __future__ import annotations
 
 from prefect import flow
-from pydantic import BaseModel
 
 from flows.data import data
-from flows.evaluation import EvaluationState, evaluation, pinned
+from flows.evaluation import evaluation, pinned
 from flows.params import FactoryParams
-from flows.rewards import RewardState, rewards
-from flows.state import DataState
-from flows.training import TrainingParams, TrainingState, training
-from flows.training_sets import TrainingSetsParams, TrainingSetsState, training_sets
+from flows.reports.factory import publish_factory_report
+from flows.rewards import rewards
+from flows.state import FactoryState, TrainingSetsState, TrainingState
+from flows.training import TrainingParams, training
+from flows.training_sets import TrainingSetsParams, training_sets
 from storage.locks import run_lock
 from storage.settings import home
-from tasks.report import publish_factory_report
-
-
-class FactoryState(BaseModel):
-    """Each flow's state, in the order the factory ran them."""
-
-    data: DataState
-    rewards: RewardState | None = None
-    training_sets: TrainingSetsState | None = None
-    training: TrainingState | None = None
-    evaluation: EvaluationState | None = None
 
 
 @flow(name="factory", log_prints=True, validate_parameters=True)

@@ -9,13 +9,14 @@ from typing import Any
 from flows.data import data
 from flows.evaluation import evaluation
 from flows.factory import factory
+from flows.reports.data import render_summary
+from flows.reports.evaluation import render_evaluation_summary
+from flows.reports.factory import factory_summary
+from flows.reports.rewards import rewards_summary
+from flows.reports.training import render_training_summary
 from flows.rewards import rewards
 from flows.training import training
 from flows.training_sets import training_sets
-from tasks.evaluation.report import render_evaluation_summary
-from tasks.report import factory_summary, render_summary
-from tasks.rewards.report import rewards_summary
-from tasks.training.report import render_training_summary
 
 FLOWS = {
     "factory": factory,

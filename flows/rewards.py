@@ -17,16 +17,15 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.state import DataState, FlowState
+from flows.reports.rewards import publish_rewards_report
+from flows.state import DataState, RewardState
 from infra.engines import EngineConfig
-from storage.datasets import Ref
 from storage.errors import UserError
 from storage.locks import run_lock
 from storage.settings import home, shard_workers
 from tasks.rewards.consensus import label_steps
 from tasks.rewards.monte_carlo import MonteCarloParams, rollout_steps
 from tasks.rewards.rankings import RankingParams, rank_siblings
-from tasks.rewards.report import publish_rewards_report
 from tasks.rewards.scores import ScoringParams, compute_rewards
 from tasks.rewards.segment import StepParams, segment_solutions
 from tasks.rewards.siblings import SiblingParams, evolve_siblings
@@ -84,19 +83,6 @@ class RewardParams(BaseModel):
         default_factory=ScoringParams,
         description="rA from the step labels: which label scores a step, min or product.",
     )
-
-
-class RewardState(FlowState):
-    """What the rewards flow leaves for the training flows."""
-
-    siblings: Ref | None = None
-    instruction_rankings: Ref | None = None
-    irm_pairs: Ref | None = None
-    segmented_solutions: Ref | None = None
-    step_judgments: Ref | None = None
-    step_rollouts: Ref | None = None
-    step_labels: Ref | None = None
-    rewards: Ref | None = None
 
 
 def _check_inputs(data: DataState) -> DataState:

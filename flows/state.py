@@ -1,7 +1,9 @@
 """Typed flow state: the dataset versions a flow produced and the steps that produced them.
 
 Flows pass these small objects between tasks and subflows instead of dicts of strings, and the
-CLI and the report read them. They serialise to JSON (`name@version` strings), so they show as
+CLI and the reports (`flows/reports/`) read them. Every flow's state is here, apart from the flow
+that fills it, so a report imports the state it renders without importing the flow (which
+imports the report). They serialise to JSON (`name@version` strings), so they show as
 plain text in the Prefect UI.
 """
 
@@ -12,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.datasets import DatasetStore, Ref
+from storage.errors import UserError
 from storage.settings import home
 from tasks.stage import StageResult
 
@@ -80,7 +83,125 @@ class DataState(FlowState):
             if name != "steps" and store.versions(name):
                 found[name] = store.latest(name).ref
         if "seeds" not in found:
-            from storage.errors import UserError
-
             raise UserError("no seeds in this data home: run `evolforge run` (or the data flow)")
         return cls(**found)
+
+
+class RewardState(FlowState):
+    """What the rewards flow leaves for the training flows."""
+
+    siblings: Ref | None = None
+    instruction_rankings: Ref | None = None
+    irm_pairs: Ref | None = None
+    segmented_solutions: Ref | None = None
+    step_judgments: Ref | None = None
+    step_rollouts: Ref | None = None
+    step_labels: Ref | None = None
+    rewards: Ref | None = None
+
+
+TRAINING_SETS_INPUTS = (
+    "seeds",
+    "instructions",
+    "sft_answers",
+    "solutions",
+    "answers",
+    "irm_pairs",
+    "step_labels",
+    "rewards",
+)
+
+
+class TrainingSetsState(FlowState):
+    """The datasets the training sets are built from, and the sets."""
+
+    seeds: Ref | None = None
+    instructions: Ref | None = None
+    sft_answers: Ref | None = None
+    solutions: Ref | None = None
+    answers: Ref | None = None
+    irm_pairs: Ref | None = None
+    step_labels: Ref | None = None
+    rewards: Ref | None = None
+    sft_set: Ref | None = None
+    irm_set: Ref | None = None
+    prm_steps: Ref | None = None
+    rl_prompts: Ref | None = None
+
+    @classmethod
+    def from_states(cls, *states: FlowState) -> TrainingSetsState:
+        """The inputs found in other flows' states (the data flow's, the reward flow's)."""
+        found: dict[str, Any] = {}
+        for state in states:
+            found.update({k: v for k, v in state.refs().items() if k in TRAINING_SETS_INPUTS})
+        return cls(**found)
+
+    @classmethod
+    def newest(cls) -> TrainingSetsState:
+        """The newest version of each input in the data home (for a run on its own)."""
+        store = DatasetStore(home())
+        found = {n: store.latest(n).ref for n in TRAINING_SETS_INPUTS if store.versions(n)}
+        missing = [n for n in ("seeds", "instructions") if n not in found]
+        if missing:
+            raise UserError(
+                f"no {', '.join(missing)} in this data home: run the data flow first "
+                "(`evolforge run --flow data`)"
+            )
+        return cls(**found)
+
+
+TRAINING_SETS = ("sft_set", "irm_set", "prm_steps", "rl_prompts")
+
+
+class TrainingState(FlowState):
+    """The training sets a run read and the checkpoints it made."""
+
+    sft_set: Ref | None = None
+    irm_set: Ref | None = None
+    prm_steps: Ref | None = None
+    rl_prompts: Ref | None = None
+    sft_model: Ref | None = None
+    irm_model: Ref | None = None
+    prm_model: Ref | None = None
+    rl_model: Ref | None = None
+    training_curves: Ref | None = None
+
+    @classmethod
+    def from_states(cls, *states: FlowState) -> TrainingState:
+        """The training sets found in other flows' states (the training-sets flow's)."""
+        found: dict[str, Any] = {}
+        for state in states:
+            found.update({k: v for k, v in state.refs().items() if k in TRAINING_SETS})
+        return cls(**found)
+
+    @classmethod
+    def newest(cls) -> TrainingState:
+        """The newest version of each training set in the data home (for a run on its own)."""
+        store = DatasetStore(home())
+        found = {n: store.latest(n).ref for n in TRAINING_SETS if store.versions(n)}
+        if not found:
+            raise UserError(
+                "no training sets in this data home: run `evolforge run --flow training_sets` first"
+            )
+        return cls(**found)
+
+
+class EvaluationState(FlowState):
+    """What an evaluation run wrote."""
+
+    eval_items: Ref | None = None
+    eval_contamination: Ref | None = None
+    eval_requests: Ref | None = None
+    eval_results: Ref | None = None
+    eval_scores: Ref | None = None
+    eval_chart: Ref | None = None
+
+
+class FactoryState(BaseModel):
+    """Each flow's state, in the order the factory ran them."""
+
+    data: DataState
+    rewards: RewardState | None = None
+    training_sets: TrainingSetsState | None = None
+    training: TrainingState | None = None
+    evaluation: EvaluationState | None = None

@@ -23,22 +23,19 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.state import FlowState
+from flows.reports.training import publish_training_report
+from flows.state import TrainingState
 from infra.engines import EngineConfig
-from storage.datasets import DatasetStore, Ref
-from storage.errors import UserError
 from storage.locks import run_lock
 from storage.settings import home
 from tasks.training.common import BaseModelSpec
 from tasks.training.config import TrainingConfig
+from tasks.training.curves import draw_training_curves
 from tasks.training.irm import train_irm
 from tasks.training.prm import train_prm
-from tasks.training.report import draw_training_curves, publish_training_report
 from tasks.training.rl import train_rl
 from tasks.training.sets import count_train_rows
 from tasks.training.sft import train_sft
-
-SETS = ("sft_set", "irm_set", "prm_steps", "rl_prompts")
 
 
 class TrainingParams(BaseModel):
@@ -56,39 +53,6 @@ class TrainingParams(BaseModel):
         title="Training",
         description="Base model and the SFT, IRM, PRM and RL trainers (steps, batch, lengths, checkpoints).",
     )
-
-
-class TrainingState(FlowState):
-    """The training sets a run read and the checkpoints it made."""
-
-    sft_set: Ref | None = None
-    irm_set: Ref | None = None
-    prm_steps: Ref | None = None
-    rl_prompts: Ref | None = None
-    sft_model: Ref | None = None
-    irm_model: Ref | None = None
-    prm_model: Ref | None = None
-    rl_model: Ref | None = None
-    training_curves: Ref | None = None
-
-    @classmethod
-    def from_states(cls, *states: FlowState) -> TrainingState:
-        """The training sets found in other flows' states (the training-sets flow's)."""
-        found: dict[str, Any] = {}
-        for state in states:
-            found.update({k: v for k, v in state.refs().items() if k in SETS})
-        return cls(**found)
-
-    @classmethod
-    def newest(cls) -> TrainingState:
-        """The newest version of each training set in the data home (for a run on its own)."""
-        store = DatasetStore(home())
-        found = {n: store.latest(n).ref for n in SETS if store.versions(n)}
-        if not found:
-            raise UserError(
-                "no training sets in this data home: run `evolforge run --flow training_sets` first"
-            )
-        return cls(**found)
 
 
 def _trainable(name: str, enabled: bool, ref: Any, consistent_only: bool = False) -> bool:

@@ -13,34 +13,19 @@ A set whose input is missing (no reward flow yet: no `irm_pairs`, `step_labels`)
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.state import FlowState
-from storage.datasets import DatasetStore, Ref
-from storage.errors import UserError
+from flows.reports.training import publish_training_sets_report
+from flows.state import TrainingSetsState
 from storage.locks import run_lock
 from storage.settings import home
-from tasks.training.report import publish_training_sets_report
 from tasks.training.sets import (
     TrainingSetParams,
     build_irm_set,
     build_prm_steps,
     build_rl_prompts,
     build_sft_set,
-)
-
-INPUTS = (
-    "seeds",
-    "instructions",
-    "sft_answers",
-    "solutions",
-    "answers",
-    "irm_pairs",
-    "step_labels",
-    "rewards",
 )
 
 
@@ -54,44 +39,6 @@ class TrainingSetsParams(BaseModel):
         title="Training sets",
         description="SFT (CoT/PoT mix), IRM pairs, PRM steps (labeller), RL prompts; held-out split by seed.",
     )
-
-
-class TrainingSetsState(FlowState):
-    """The datasets the training sets are built from, and the sets."""
-
-    seeds: Ref | None = None
-    instructions: Ref | None = None
-    sft_answers: Ref | None = None
-    solutions: Ref | None = None
-    answers: Ref | None = None
-    irm_pairs: Ref | None = None
-    step_labels: Ref | None = None
-    rewards: Ref | None = None
-    sft_set: Ref | None = None
-    irm_set: Ref | None = None
-    prm_steps: Ref | None = None
-    rl_prompts: Ref | None = None
-
-    @classmethod
-    def from_states(cls, *states: FlowState) -> TrainingSetsState:
-        """The inputs found in other flows' states (the data flow's, the reward flow's)."""
-        found: dict[str, Any] = {}
-        for state in states:
-            found.update({k: v for k, v in state.refs().items() if k in INPUTS})
-        return cls(**found)
-
-    @classmethod
-    def newest(cls) -> TrainingSetsState:
-        """The newest version of each input in the data home (for a run on its own)."""
-        store = DatasetStore(home())
-        found = {n: store.latest(n).ref for n in INPUTS if store.versions(n)}
-        missing = [n for n in ("seeds", "instructions") if n not in found]
-        if missing:
-            raise UserError(
-                f"no {', '.join(missing)} in this data home: run the data flow first "
-                "(`evolforge run --flow data`)"
-            )
-        return cls(**found)
 
 
 @flow(name="training_sets", log_prints=False, validate_parameters=True)

@@ -718,10 +718,11 @@ def eliminate_batch(
         and evolutions.height
         and evolutions["round"].max() >= params.irm_from_round
     ):
-        from tasks.training.scoring import IrmScorer, resolve_checkpoint
+        from infra.scoring import IrmScorer, resolve_checkpoint
+        from tasks.evolution.instruction_reward import InstructionReward
 
         folder = resolve_checkpoint(params.irm_model, ctx.home)
-        irm = IrmScorer.cached(folder, max_length=params.irm_max_length).scores
+        irm = InstructionReward(IrmScorer.cached(folder, max_length=params.irm_max_length)).scores
     result = eliminate_with_checks(evolutions, pool, ctx.engine(engine), params, irm)
     by_rule = dict(result.eliminated.group_by("rule").len().iter_rows())
     stats = {

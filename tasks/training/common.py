@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.training.scoring import load_model, load_tokenizer
+from infra.scoring import load_model, load_tokenizer
 
 __all__ = ["load_model", "load_tokenizer"]
 

@@ -6,11 +6,11 @@
   program-of-thought (MAmmoTH). The SFT set, the PRM steps, the RL prompts and the model-backed
   reward all render prompts here, so a model is scored on the text it was trained on.
 - **Answers** end with WizardMath's final line "The answer is: X" (`with_answer_line`).
-- **Steps** are joined after the prompt with `join_steps`, which also says where each step ends
-  (the PRM puts its label on the token holding a step's last visible character).
+- **Steps** are joined after the prompt by `infra.scoring.join_steps`, which also says where
+  each step ends (the PRM puts its label on the token holding a step's last visible character).
 - **IRM inputs** are the template `irm.txt` (the parent instruction) followed by the evolved
-  instruction: trl's RewardTrainer concatenates its `prompt` and `chosen`/`rejected` columns the
-  same way `irm_text` does.
+  instruction (`irm_prompt`, `irm_text`): written in `tasks.evolution.instruction_reward`, below
+  training, because elimination scores evolutions with a trained IRM; re-exported here.
 - **Held-out roots**: a seed and every instruction evolved from it fall on the same side of the
   split (`held_out_roots`), in every training set, because all of them draw from one hash.
 """
@@ -18,17 +18,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
+from tasks.evolution.instruction_reward import NO_PARENT as NO_PARENT
+from tasks.evolution.instruction_reward import irm_prompt as irm_prompt
+from tasks.evolution.instruction_reward import irm_text as irm_text
 from tasks.solutions.answers import extract_answer_is
 from tasks.templates import load_template
 
 ALPACA_TEMPLATE = "alpaca"
-IRM_TEMPLATE = "irm"
 COT_TRIGGER = "Let's think step by step."
 POT_TRIGGER = "Let's write a program."
 ANSWER_PREFIX = "The answer is: "
-NO_PARENT = "(none: a seed problem)"
 
 
 def alpaca_prompt(instruction: str, trigger: str | None = COT_TRIGGER) -> str:
@@ -54,35 +55,6 @@ def with_answer_line(text: str, answer: str) -> str:
 def pot_completion(program: str) -> str:
     """A program-of-thought rationale: the program in a fenced block (MAmmoTH)."""
     return f"```python\n{program.strip()}\n```"
-
-
-def join_steps(prompt: str, steps: Sequence[str]) -> tuple[str, list[int]]:
-    """The prompt followed by the steps, and the index of each step's last visible character.
-
-    Steps that are exact slices of a solution (whitespace included) re-join to it; steps that
-    were stripped get a line break between them, and the first gets one after the prompt.
-    A step with no visible character ends where the text is (its label cannot land: -1).
-    """
-    text = prompt
-    ends: list[int] = []
-    for step in steps:
-        if text and not text[-1].isspace() and step[:1] and not step[:1].isspace():
-            text += "\n"
-        text += step
-        stripped = len(text.rstrip())
-        ends.append(stripped - 1 if stripped > len(text) - len(step) else -1)
-    return text, ends
-
-
-def irm_prompt(parent: str | None) -> str:
-    """What the IRM reads before the instruction it scores: the parent it was evolved from."""
-    rendered = load_template(IRM_TEMPLATE).render(parent=(parent or NO_PARENT).strip())
-    return rendered.rstrip("\n") + "\n"
-
-
-def irm_text(instruction: str, parent: str | None) -> str:
-    """The full IRM input, as trl's RewardTrainer builds it from `prompt` + `chosen`."""
-    return irm_prompt(parent) + instruction.strip()
 
 
 def _unit_hash(root: str, seed: int) -> float:

@@ -8,7 +8,8 @@ by default only pairs whose ranking was consistent across the judge's two orders
 Final metrics: held-out pairwise accuracy (test pairs where the chosen side scores higher,
 `pairwise_accuracy`), the same on the train pairs, and the loss curve's ends.
 The checkpoint loads with `AutoModelForSequenceClassification.from_pretrained(path)` (one logit);
-`tasks.training.scoring.IrmScorer` scores instructions with it.
+`tasks.evolution.instruction_reward.InstructionReward` scores instructions with it (the model
+runs in `infra.scoring.IrmScorer`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 import polars as pl
 from pydantic import Field
 
+from infra.scoring import IrmScorer
+from tasks.evolution.instruction_reward import InstructionReward
 from tasks.stage import Artifact, StageContext, StageOutput, stage
 from tasks.training import common
 from tasks.training.common import BaseModelSpec, TrainerParams
-from tasks.training.scoring import IrmScorer
 
 
 class IrmTrainParams(TrainerParams):
@@ -77,7 +79,7 @@ def preference_dataset(
     return Dataset.from_list(rows.select(columns).to_dicts())
 
 
-def pairwise_accuracy(scorer: IrmScorer, pairs: pl.DataFrame) -> float | None:
+def pairwise_accuracy(scorer: InstructionReward, pairs: pl.DataFrame) -> float | None:
     """The share of pairs whose chosen evolution scores above the rejected one."""
     if pairs.height == 0:
         return None
@@ -133,7 +135,7 @@ def train_irm(
     )
     run = common.train_resumable(trainer, checkpoints)
     saved = common.save_checkpoint(trainer, tokenizer, ctx.output_dir("irm_model"))
-    scorer = IrmScorer(saved, tokenizer, params.max_length, params.batch_size)
+    scorer = InstructionReward(IrmScorer(saved, tokenizer, params.max_length, params.batch_size))
     test = training_pairs(irm_set, params, "test").head(params.eval_rows)
     history = trainer.state.log_history
     metrics = {

@@ -3,10 +3,10 @@ is still correct (WizardMath's PRM; Math-Shepherd's placement of the label).
 
 trl 1.16 has no PRM trainer (it was removed in 1.14), so this is a small one on transformers:
 `AutoModelForTokenClassification` with two labels (0 wrong, 1 correct) on the base model, and a
-collator (`PrmCollator`) that renders prompt + steps (`formats.join_steps`), puts each step's
-label on the token holding the step's last visible character and IGNORE (-100) on every other
-token, so the cross-entropy of transformers' token-classification head is the PRM loss. A step
-whose label is null (not judged) is ignored, not counted as wrong.
+collator (`PrmCollator`) that renders prompt + steps (`infra.scoring.join_steps`), puts each
+step's label on the token holding the step's last visible character and IGNORE (-100) on every
+other token, so the cross-entropy of transformers' token-classification head is the PRM loss.
+A step whose label is null (not judged) is ignored, not counted as wrong.
 
 Final metrics (the stage's stats, the `models` view's `metrics`):
 - `step_accuracy`: held-out steps (`prm_steps` rows of the test split) predicted right
@@ -24,10 +24,10 @@ from typing import Any
 import polars as pl
 from pydantic import Field
 
+from infra.scoring import IGNORE, PrmScorer, encode_steps
 from tasks.stage import Artifact, StageContext, StageOutput, stage
 from tasks.training import common, formats
 from tasks.training.common import BaseModelSpec, TrainerParams
-from tasks.training.scoring import IGNORE, PrmScorer, encode_steps
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ product must be one function. The columns of `rl_prompts` arrive as keyword list
 completion: `instruction`, `parent`, `label`, `r_i`.
 
 - **rI** (instruction reward) from the trained IRM: sigmoid of its logit on the instruction and
-  its parent (`IrmScorer.scores`), computed once per distinct prompt (prompts repeat
+  its parent (`InstructionReward.scores`), computed once per distinct prompt (prompts repeat
   `num_generations` times per batch and again every epoch). Without an IRM: the `r_i` column (the
   judge's rI from the `rewards` dataset), else the judge-based reward's `instruction_rewards`,
   else `r_i_default` when one is configured (1.0: that prompt is not weighted), else None.

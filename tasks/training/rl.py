@@ -28,11 +28,12 @@ import polars as pl
 from pydantic import Field
 
 from infra.engines import EngineConfig
+from infra.scoring import IrmScorer, PrmScorer
+from tasks.evolution.instruction_reward import InstructionReward
 from tasks.stage import Artifact, ArtifactDir, StageContext, StageOutput, stage
 from tasks.training import common
 from tasks.training.common import BaseModelSpec, TrainerParams
 from tasks.training.reward import InstructionAnswerReward
-from tasks.training.scoring import IrmScorer, PrmScorer
 
 
 class RlTrainParams(TrainerParams):
@@ -86,8 +87,10 @@ def make_reward(
 ) -> InstructionAnswerReward:
     """The ONE reward function: trained models where given, the judge where not."""
     irm = (
-        IrmScorer.load(
-            irm_model, max_length=params.reward_max_length, batch_size=params.reward_batch_size
+        InstructionReward(
+            IrmScorer.load(
+                irm_model, max_length=params.reward_max_length, batch_size=params.reward_batch_size
+            )
         )
         if irm_model is not None
         else None

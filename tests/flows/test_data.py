@@ -12,11 +12,11 @@ import pytest
 import infra.engines as engines
 from flows.factory import factory
 from flows.params import FactoryParams
+from flows.reports.data import DATA_QUERIES, data_report_markdown, render_summary
 from infra.engines.base import ChatRequest
 from storage.catalog import Catalog
 from storage.datasets import DatasetStore
 from tasks.evolution.evolve import OPERATIONS
-from tasks.report import DATA_QUERIES, data_report_markdown, render_summary
 from tasks.templates import load_template
 from tests.fakes import ScriptedEngine, last_user_message
 

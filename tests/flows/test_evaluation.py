@@ -12,10 +12,10 @@ import pytest
 import infra.engines as engines
 from flows.evaluation import EvaluationParams, eval_params_from_cli, evaluation
 from flows.params import ConfigError
+from flows.reports.evaluation import EVAL_QUERIES, render_evaluation_summary
 from storage.catalog import Catalog
 from storage.datasets import DatasetStore
 from tasks.benchmarks import benchmark_source, read_items
-from tasks.evaluation.report import EVAL_QUERIES, render_evaluation_summary
 from tests.fakes import ScriptedEngine, last_user_message
 
 LIMIT = 3

@@ -11,11 +11,11 @@ import pytest
 
 import infra.engines as engines
 from flows.data import data as data_flow
+from flows.reports.rewards import REWARD_QUERIES, rewards_summary
 from flows.rewards import RewardParams, RewardState, rewards
 from infra.engines.base import ChatRequest
 from storage.catalog import Catalog
 from storage.datasets import DatasetStore
-from tasks.rewards.report import REWARD_QUERIES, rewards_summary
 from tasks.templates import load_template
 from tests.fakes import ScriptedEngine, last_user_message
 from tests.flows.test_data import scripted_reply, small_params

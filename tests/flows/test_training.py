@@ -8,13 +8,13 @@ import polars as pl
 import pytest
 
 import tasks.training.reward as reward_mod
+from flows.reports.training import render_training_summary as render_summary
 from flows.training import TrainingParams, TrainingState, training
 from flows.training_sets import TrainingSetsParams, TrainingSetsState, training_sets
 from storage.catalog import Catalog
 from storage.datasets import DatasetStore
 from storage.settings import home
 from tasks.training.config import TrainingConfig
-from tasks.training.report import render_training_summary as render_summary
 from tasks.training.sets import TrainingSetParams
 from tests.tasks.training.synthetic import write_all
 

@@ -33,15 +33,21 @@ import psutil
 import pytest
 
 from infra import sandbox as sandbox_module
-from infra import sandbox_worker as w
 from infra.sandbox import (
     Sandbox,
     SandboxLimits,
     SandboxResult,
     SandboxUnavailableError,
+    cgroups,
+    driver,
     isolation_available,
+    layout,
     run_program,
 )
+from infra.sandbox import pool as pool_module
+from infra.sandbox import probe as probe_module
+from infra.sandbox import runtime as sandbox_runtime
+from infra.sandbox import worker as w
 from storage.settings import PROJECT_ROOT
 
 AVAILABLE, REASON = isolation_available()
@@ -356,7 +362,7 @@ def test_adversarial_program_is_contained(box, listener, name):
         # On a heavily loaded machine the fork server may not finish killing the bomb in time;
         # the host then destroys the whole sandbox, which is the designed fallback.
         assert "recycled" in result.error
-        assert result.wall_s < LIMITS.wall_s + sandbox_module.RESPONSE_GRACE_S + 1.5
+        assert result.wall_s < LIMITS.wall_s + driver.RESPONSE_GRACE_S + 1.5
     else:
         assert result.error is None, result
         assert check(result), result
@@ -384,7 +390,7 @@ def test_signals_to_the_fork_server_only_cost_a_recycled_sandbox(host_secrets, c
         launcher = next(iter(sandbox._all)).proc.pid
         result = sandbox.run(code)
         assert not result.ok
-        assert result.wall_s < WALL_BOUND + sandbox_module.RESPONSE_GRACE_S
+        assert result.wall_s < WALL_BOUND + driver.RESPONSE_GRACE_S
         # The host (this process) is untouched; the next program gets a fresh sandbox.
         assert psutil.Process(os.getpid()).is_running()
         again = sandbox.run("print('alive')")
@@ -511,10 +517,10 @@ def test_limits_are_validated():
 
 
 def test_fails_closed_without_bubblewrap(monkeypatch):
-    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
-    available, reason = sandbox_module._probe.__wrapped__()
+    monkeypatch.setattr(probe_module.shutil, "which", lambda name: None)
+    available, reason = probe_module._probe.__wrapped__()
     assert (available, reason) == (False, "bubblewrap (bwrap) is not installed")
-    monkeypatch.setattr(sandbox_module, "isolation_available", lambda: (False, reason))
+    monkeypatch.setattr(pool_module, "isolation_available", lambda: (False, reason))
     with pytest.raises(SandboxUnavailableError, match="refusing to run model-written code"):
         Sandbox(LIMITS)
     with pytest.raises(SandboxUnavailableError, match="bwrap"):
@@ -535,14 +541,14 @@ def test_fails_closed_when_namespaces_are_refused(monkeypatch, public_dir):
     fake = public_dir / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: str(fake))
-    available, reason = sandbox_module._probe.__wrapped__()
+    monkeypatch.setattr(probe_module.shutil, "which", lambda name: str(fake))
+    available, reason = probe_module._probe.__wrapped__()
     assert not available
     assert "No permissions to create new namespace" in reason
 
 
 def test_unsafe_mode_still_applies_limits_and_scrubs_env(monkeypatch, caplog, host_secrets):
-    monkeypatch.setattr(sandbox_module, "isolation_available", lambda: (False, "no bwrap here"))
+    monkeypatch.setattr(pool_module, "isolation_available", lambda: (False, "no bwrap here"))
     with caplog.at_level(logging.WARNING, logger="infra.sandbox"):
         sandbox = Sandbox(LIMITS, workers=1, allow_unsafe=True)
     assert "UNSAFELY" in caplog.text
@@ -633,10 +639,10 @@ def pool(request, host_secrets):
     """One worker with this machine's bound (a cgroup as root here), and one with rlimits only."""
     if not AVAILABLE:
         pytest.skip(f"sandbox isolation unavailable: {REASON}")
-    isolation = sandbox_module._current_isolation()
+    isolation = probe_module.current_isolation()
     if request.param == "rlimits":
         isolation = without_cgroup(isolation)
-    with mock.patch.object(sandbox_module, "_current_isolation", lambda: isolation):
+    with mock.patch.object(pool_module, "current_isolation", lambda: isolation):
         sandbox = Sandbox(LIMITS, workers=1)
     with sandbox:
         sandbox.warm_up()
@@ -669,7 +675,7 @@ def test_proc_sys_stays_read_only_for_a_program_mapped_to_root(host_unchanged):
     # The old set-up: bwrap started by root maps the program's uid to host root, and /proc/sys
     # (mode 0555) looked read-only to bwrap so it was left writable. With the same mapping, the
     # sandbox's read-only binds alone must refuse the write.
-    isolation = sandbox_module._current_isolation()
+    isolation = probe_module.current_isolation()
     probe = src(
         """
         import os
@@ -682,7 +688,7 @@ def test_proc_sys_stays_read_only_for_a_program_mapped_to_root(host_unchanged):
         """
     )
     argv = [isolation.layout.python, "-I", "-B", "-c", probe]
-    cmd = sandbox_module._bwrap_command(isolation.bwrap, isolation.layout, argv, 16)
+    cmd = layout.bwrap_command(isolation.bwrap, isolation.layout, argv, 16)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     assert proc.stdout == f"refused {errno.EROFS}\nrefused {errno.EROFS}\n", proc
 
@@ -760,8 +766,8 @@ def test_concurrent_programs_do_not_share_the_process_limit(host_secrets, host_u
     # All workers run as one host uid. Under rlimits alone each sandbox must still get its own
     # max_processes (the kernel counts RLIMIT_NPROC per user namespace), or concurrent programs
     # would starve each other.
-    isolation = without_cgroup(sandbox_module._current_isolation())
-    with mock.patch.object(sandbox_module, "_current_isolation", lambda: isolation):
+    isolation = without_cgroup(probe_module.current_isolation())
+    with mock.patch.object(pool_module, "current_isolation", lambda: isolation):
         sandbox = Sandbox(LIMITS, workers=2)
     program = src(
         f"""
@@ -839,7 +845,7 @@ def test_memory_of_all_processes_is_bounded_by_the_cgroup(box, host_unchanged):
 
 
 def test_a_cgroup_without_both_limits_is_refused_and_removed():
-    tree, reason = sandbox_module._cgroups()
+    tree, reason = cgroups.cgroup_tree()
     if tree is None:
         pytest.skip(f"no cgroup here ({reason})")
     # Only the first folder (memory on cgroup v1): no pids.max to set, so no cgroup at all.
@@ -848,7 +854,7 @@ def test_a_cgroup_without_both_limits_is_refused_and_removed():
         partial = dataclasses.replace(tree, memory_limit="memory.absent")
     before = sorted(tree.parents[0].iterdir())
     with pytest.raises(OSError, match="limit in"):
-        sandbox_module._ProgramCgroup(partial, LIMITS)
+        cgroups.ProgramCgroup(partial, LIMITS)
     assert sorted(tree.parents[0].iterdir()) == before
 
 
@@ -1003,16 +1009,16 @@ def test_filter_decides_by_arch_number_and_flags():
 
 
 def assert_refused_with(monkeypatch, *reason_parts: str) -> None:
-    available, reason = sandbox_module._probe.__wrapped__()
+    available, reason = probe_module._probe.__wrapped__()
     assert not available and all(part in reason for part in reason_parts), reason
-    monkeypatch.setattr(sandbox_module, "isolation_available", lambda: (False, reason))
+    monkeypatch.setattr(pool_module, "isolation_available", lambda: (False, reason))
     with pytest.raises(SandboxUnavailableError) as refused:
         Sandbox(LIMITS, workers=1)
     assert reason in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_fails_closed_without_a_seccomp_filter(monkeypatch):
-    monkeypatch.setattr(sandbox_module, "seccomp_unsupported", lambda: "no table for riscv64")
+    monkeypatch.setattr(probe_module, "seccomp_unsupported", lambda: "no table for riscv64")
     assert_refused_with(monkeypatch, "seccomp filter unavailable: no table for riscv64")
 
 
@@ -1024,19 +1030,19 @@ def test_fails_closed_when_it_cannot_drop_root(monkeypatch):
 
 @needs_bwrap
 def test_fails_closed_when_proc_sys_stays_writable(monkeypatch):
-    monkeypatch.setattr(sandbox_module, "PROC_READ_ONLY", ())
+    monkeypatch.setattr(layout, "PROC_READ_ONLY", ())
     assert_refused_with(monkeypatch, "/proc/sys", "not read-only in the sandbox")
 
 
 @needs_bwrap
 def test_worker_without_its_filter_is_refused(monkeypatch):
-    isolation = sandbox_module._current_isolation()
-    source = sandbox_module.WORKER_SOURCE.replace('config.get("seccomp", True)', "False", 1)
-    assert source != sandbox_module.WORKER_SOURCE
-    monkeypatch.setattr(sandbox_module, "WORKER_SOURCE", source)
-    worker = sandbox_module._Worker(LIMITS, isolation, preload=[])
+    isolation = probe_module.current_isolation()
+    source = driver.WORKER_SOURCE.replace('config.get("seccomp", True)', "False", 1)
+    assert source != driver.WORKER_SOURCE
+    monkeypatch.setattr(driver, "WORKER_SOURCE", source)
+    worker = driver.Worker(LIMITS, isolation, preload=[])
     try:
-        with pytest.raises(sandbox_module._WorkerLost, match="without its seccomp filter"):
+        with pytest.raises(driver.WorkerLost, match="without its seccomp filter"):
             worker.wait_ready()
     finally:
         worker.kill()
@@ -1044,13 +1050,13 @@ def test_worker_without_its_filter_is_refused(monkeypatch):
 
 @needs_bwrap
 def test_memory_cap_is_checked_at_start_up(monkeypatch):
-    isolation = sandbox_module._current_isolation()
+    isolation = probe_module.current_isolation()
     monkeypatch.setenv(sandbox_module.MEMORY_CAP_ENV, str(LIMITS.memory_mb * 3))
-    monkeypatch.setattr(sandbox_module, "_current_isolation", lambda: without_cgroup(isolation))
+    monkeypatch.setattr(pool_module, "current_isolation", lambda: without_cgroup(isolation))
     with pytest.raises(SandboxUnavailableError, match="max_processes x memory_mb"):
         Sandbox(LIMITS, workers=1)  # 8 processes x 400 MiB > 1200 MiB
     if isolation.cgroup is not None:
-        monkeypatch.setattr(sandbox_module, "_current_isolation", lambda: isolation)
+        monkeypatch.setattr(pool_module, "current_isolation", lambda: isolation)
         with Sandbox(LIMITS, workers=2) as fits:
             assert fits.bound.startswith("cgroup")  # 2 x 400 MiB in cgroups fits the cap
 
@@ -1110,9 +1116,7 @@ def test_suite_passes_as_an_unprivileged_host_user(public_dir):
         "PYTHONPATH": f"{PROJECT_ROOT}:{site_packages}",
         "PYTHONDONTWRITEBYTECODE": "1",
         "HF_HUB_OFFLINE": "1",
-        sandbox_module.sandbox_runtime.RUNTIME_ENV: str(
-            sandbox_module.sandbox_runtime.default_location()
-        ),
+        sandbox_runtime.RUNTIME_ENV: str(sandbox_runtime.default_location()),
         REQUIRED_ENV: "1",
     }
     python, failures = python_for(UNPRIVILEGED, env)

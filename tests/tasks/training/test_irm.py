@@ -6,11 +6,12 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
+from infra.scoring import IrmScorer
 from storage.datasets import DatasetStore
 from storage.settings import home
+from tasks.evolution.instruction_reward import InstructionReward
 from tasks.training.common import BaseModelSpec, read_training_log
 from tasks.training.irm import IrmTrainParams, pairwise_accuracy, train_irm, training_pairs
-from tasks.training.scoring import IrmScorer
 from tasks.training.sets import IrmSetParams, SplitParams, build_irm_set
 from tests.tasks.training.synthetic import write_all
 
@@ -49,7 +50,7 @@ def test_train_irm_stage_writes_a_sequence_classifier(evolforge_home, tiny):
     stats = result.stats
     assert stats["steps"] == 2 and stats["eval_pairs"] >= 1
     assert 0.0 <= stats["pairwise_accuracy"] <= 1.0
-    scorer = IrmScorer.load(folder)
+    scorer = InstructionReward(IrmScorer.load(folder))
     scores = scorer.scores(["What is 3 + 5 + 2?"], [None])
     assert 0.0 < scores[0] < 1.0
 
@@ -64,5 +65,5 @@ def test_irm_overfits_and_the_chosen_side_wins_on_smollm2(evolforge_home, models
     folder = store.version_dir("irm_model", result.version)
     losses = [h["loss"] for h in read_training_log(folder) if "loss" in h]
     assert losses[-1] < losses[0]
-    assert pairwise_accuracy(IrmScorer.load(folder), frame) == 1.0
+    assert pairwise_accuracy(InstructionReward(IrmScorer.load(folder)), frame) == 1.0
     assert result.stats["train_pairwise_accuracy"] == 1.0

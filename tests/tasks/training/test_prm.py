@@ -1,19 +1,17 @@
-"""The PRM: labels on the last token of each step (checked by decoding), scoring, first errors,
-metrics; the stage on a tiny model; overfitting finds the planted bad step (SmolLM2, slow)."""
+"""The PRM: labels on the last token of each step (checked by decoding), metrics; the stage on a
+tiny model; overfitting finds the planted bad step (SmolLM2, slow)."""
 
 from __future__ import annotations
-
-import math
 
 import polars as pl
 import pytest
 
+from infra.scoring import IGNORE, PrmScorer
 from storage.datasets import DatasetStore
 from storage.settings import home
 from tasks.training import formats
 from tasks.training.common import BaseModelSpec
 from tasks.training.prm import PrmCollator, PrmTrainParams, step_accuracy, train_prm
-from tasks.training.scoring import IGNORE, PrmScorer, encode_steps
 from tasks.training.sets import PrmStepsParams, SplitParams, build_prm_steps
 from tests.tasks.training.synthetic import write_all
 
@@ -71,16 +69,6 @@ def test_collator_pads_and_ignores_everything_else(tiny):
     assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
 
 
-def test_steps_cut_off_by_max_length_have_no_position(tiny):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    full = encode_steps(tokenizer, PROMPT, STEPS, [True] * 3)
-    cut = encode_steps(tokenizer, PROMPT, STEPS, [True] * 3, max_length=full["positions"][1])
-    assert cut["positions"][0] == full["positions"][0]
-    assert cut["positions"][1:] == [None, None]
-
-
 class _FixedPrm(PrmScorer):
     """Probabilities by step text: a step containing 'wrong' is judged wrong."""
 
@@ -93,10 +81,8 @@ class _FixedPrm(PrmScorer):
         ]
 
 
-def test_first_errors_and_step_accuracy():
+def test_step_accuracy():
     scorer = _FixedPrm()
-    got = scorer.first_errors(["p"] * 3, [["ok", "wrong", "wrong"], ["ok", "ok"], ["cut", "wrong"]])
-    assert got[0] == 1 and got[1] is None and math.isnan(got[2])
     rows = pl.DataFrame(
         {
             "prompt": ["p", "p"],

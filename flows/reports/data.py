@@ -1,5 +1,5 @@
-"""The run's report: Prefect artifacts (the funnel per round, the report with the plot embedded,
-the output versions) and the CLI's run summary, rendered from a flow's typed state.
+"""The data flow's report: Prefect artifacts (the funnel per round, the report with the plot
+embedded, the output versions) and the CLI's run summary, rendered from the flow's `DataState`.
 
 Every query the summary prints runs as printed on the datasets the run wrote (a test runs them).
 """
@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 from prefect import task
 
+from flows.reports.common import stage_lines
+from flows.state import DataState
 from storage.datasets import DatasetStore
 from storage.settings import home
 from tasks.evolution import funnel as funnel_mod
+from tasks.stage import read
 
 # The queries printed after a run; each must run on a fresh run's catalog (tested).
 DATA_QUERIES = [
@@ -25,11 +27,7 @@ DATA_QUERIES = [
 ]
 
 
-def _read(ref: Any) -> pl.DataFrame | None:
-    return DatasetStore(home()).read(str(ref)) if ref is not None else None
-
-
-def _plot_path(state: Any) -> Path | None:
+def _plot_path(state: DataState) -> Path | None:
     ref = getattr(state, "funnel_plot", None)
     if ref is None:
         return None
@@ -60,10 +58,10 @@ def publish_round_funnel(round: int, stats: dict[str, Any]) -> None:
     get_run_logger().info(round_line(round, stats))
 
 
-def data_report_markdown(state: Any) -> str:
+def data_report_markdown(state: DataState) -> str:
     lines = ["# evolforge data run", ""]
-    funnel = _read(state.funnel)
-    difficulty = _read(state.difficulty)
+    funnel = read(state.funnel)
+    difficulty = read(state.difficulty)
     if funnel is not None and funnel.height:
         lines += ["## Evolution funnel", "", funnel_mod.funnel_markdown(funnel), ""]
     if difficulty is not None and difficulty.height:
@@ -91,7 +89,7 @@ def data_report_markdown(state: Any) -> str:
 
 
 @task(name="publish_data_report")
-def publish_data_report(state: Any) -> None:
+def publish_data_report(state: DataState) -> None:
     """The funnel, the difficulty check, the plot and the output versions as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
@@ -112,36 +110,7 @@ def _f(value: Any, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def stage_lines(steps: list[Any]) -> list[str]:
-    """Per stage (summed over rounds): runs computed vs cache hits, new shards, engine work."""
-    totals: dict[str, dict[str, float]] = {}
-    for step in steps:
-        acc = totals.setdefault(step.stage, {})
-        acc["runs"] = acc.get("runs", 0) + 1
-        acc["cached"] = acc.get("cached", 0) + (1 if step.cached else 0)
-        shards = step.stats.get("shards") or {}
-        if not step.cached:
-            acc["shards"] = acc.get("shards", 0) + shards.get("total", 0)
-            acc["new_shards"] = acc.get("new_shards", 0) + shards.get("new", 0)
-            for k, v in (step.stats.get("engine") or {}).items():
-                acc[k] = acc.get(k, 0) + v
-    lines = []
-    for name, acc in totals.items():
-        line = f"  {name:<12} {int(acc['runs'] - acc['cached'])} computed / {int(acc['cached'])} cached"
-        if acc.get("shards"):
-            line += f"; shards {int(acc['new_shards'])} new of {int(acc['shards'])}"
-        if acc.get("requests"):
-            line += (
-                f"; requests {int(acc['requests'])}: hits {int(acc.get('hits', 0))} / misses "
-                f"{int(acc.get('misses', 0))} / failures {int(acc.get('failures', 0))}; tokens in "
-                f"{int(acc.get('prompt_tokens', 0))}, out {int(acc.get('completion_tokens', 0))}; "
-                f"engine {acc.get('engine_seconds', 0):.1f} s"
-            )
-        lines.append(line)
-    return lines
-
-
-def render_summary(state: Any) -> str:
+def render_summary(state: DataState) -> str:
     """The text printed by `evolforge run` after the data flow."""
     lines = ["", "== evolforge run summary =="]
     seeds = next((s for s in state.steps if s.stage == "ingest"), None)
@@ -151,21 +120,21 @@ def render_summary(state: Any) -> str:
             f"seeds: {state.seeds} ({'cache hit' if seeds.cached else 'new'}) read "
             f"{stats.get('read')} = accepted {stats.get('accepted')} + rejected {stats.get('rejected')}"
         )
-    sft = _read(state.sft_answers)
+    sft = read(state.sft_answers)
     if sft is not None:
         lines.append(
             f"sft answers: {state.sft_answers}  correct {int(sft['correct'].sum())} of {sft.height} seeds"
         )
-    answers = _read(state.answers)
+    answers = read(state.answers)
     if answers is not None and answers.height:
         lines.append(
             f"answers: {answers.height} instructions, {int(answers['verified'].sum())} verified, "
             f"mean agreement {answers['agreement'].mean():.3f}"
         )
-    funnel = _read(state.funnel)
+    funnel = read(state.funnel)
     if funnel is not None and funnel.height:
         lines += ["", "evolution funnel (per round):", funnel_mod.funnel_text(funnel)]
-    difficulty = _read(state.difficulty)
+    difficulty = read(state.difficulty)
     if difficulty is not None and difficulty.height:
         lines += ["", "difficulty of evolutions vs parents (1 - agreement; upward should be > 0):"]
         for r in difficulty.sort("round", "direction").iter_rows(named=True):
@@ -186,41 +155,3 @@ def render_summary(state: Any) -> str:
     lines += [f'         evolforge sql "{q}"' for q in DATA_QUERIES[1:]]
     lines.append("         evolforge datasets ls")
     return "\n".join(lines)
-
-
-def factory_summary(state: Any) -> str:
-    """The text printed after a factory run: each flow's summary in order."""
-    from tasks.rewards.report import rewards_summary
-    from tasks.training.report import render_training_summary
-
-    parts = [render_summary(state.data)]
-    if state.rewards is not None and state.rewards.steps:
-        parts.append(rewards_summary(state.rewards))
-    if state.training is not None and state.training.steps:
-        parts.append(render_training_summary(state.training))
-    if state.evaluation is not None and state.evaluation.steps:
-        from tasks.evaluation.report import render_evaluation_summary
-
-        parts.append(render_evaluation_summary(state.evaluation))
-    return "\n".join(parts)
-
-
-def factory_report_markdown(state: Any) -> str:
-    lines = [data_report_markdown(state.data)]
-    for name in ("rewards", "training_sets", "training", "evaluation"):
-        sub = getattr(state, name, None)
-        if sub is not None and sub.steps:
-            lines += ["", f"## {name}", ""] + [f"- `{k}`: `{v}`" for k, v in sub.refs().items()]
-    return "\n".join(lines)
-
-
-@task(name="publish_factory_report")
-def publish_factory_report(state: Any) -> None:
-    """The whole run on the factory's own flow run: the data report and every flow's outputs."""
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(
-        key="factory-report",
-        markdown=factory_report_markdown(state),
-        description="Funnel, difficulty, and the dataset and model versions of every flow",
-    )

@@ -1,6 +1,6 @@
 """The sandbox's own copy of the Python installation and of the preloaded packages.
 
-Programs run as an unprivileged host user (see `infra.sandbox`), and bubblewrap, started as that
+Programs run as an unprivileged host user (see `infra.sandbox.ids`), and bubblewrap, started as that
 user, can only mount what that user can reach. The venv's interpreter usually cannot be reached:
 here it lives under /root/.pyenv and /root is mode 0700. `make` therefore builds a runtime folder
 (by default `.venv/sandbox-runtime`, or `$EVOLFORGE_SANDBOX_RUNTIME`):
@@ -13,7 +13,7 @@ here it lives under /root/.pyenv and /root is mode 0700. `make` therefore builds
 
 Files are hard links where the filesystem allows (no extra space) and copies otherwise; folders
 are mode 0755 and files world-readable. Rebuild with `make sandbox-runtime` (or
-`.venv/bin/python -m infra.sandbox_runtime`) after changing the venv's numpy or sympy: the sandbox
+`.venv/bin/python -m infra.sandbox`) after changing the venv's numpy or sympy: the sandbox
 warns when the runtime's package versions differ from the venv's.
 """
 
@@ -31,6 +31,8 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+
+from infra.sandbox.ids import sandbox_ids
 
 RUNTIME_ENV = "EVOLFORGE_SANDBOX_RUNTIME"
 MANIFEST = "runtime.json"
@@ -210,8 +212,6 @@ def main(argv: list[str] | None = None) -> None:
     where = "copied" if runtime.python_dir else "used from /usr"
     print(f"sandbox runtime at {runtime.root}: python {runtime.prefix} ({where}); {packages}")
     if os.geteuid() == 0:
-        from infra.sandbox import sandbox_ids
-
         uid, gid = sandbox_ids()
         blocked = blocked_for(runtime.root, uid, gid)
         if blocked:
@@ -219,7 +219,3 @@ def main(argv: list[str] | None = None) -> None:
                 f"the sandbox user (uid {uid}) cannot reach {runtime.root}: {blocked} is not "
                 f"searchable. Set {RUNTIME_ENV} to a folder outside private homes and rebuild."
             )
-
-
-if __name__ == "__main__":
-    main()

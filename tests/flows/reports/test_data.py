@@ -1,13 +1,14 @@
-"""The run report rendered from typed state: summary text, stage lines, markdown."""
+"""The data flow's report rendered from typed state: summary text, stage lines, markdown."""
 
 from __future__ import annotations
 
 import polars as pl
 
+from flows.reports.common import stage_lines
+from flows.reports.data import data_report_markdown, render_summary, round_line
 from flows.state import DataState, Step
 from storage.datasets import DatasetStore
 from tasks.evolution.funnel import FUNNEL_SCHEMA
-from tasks.report import data_report_markdown, render_summary, round_line, stage_lines
 
 
 def _state(home) -> DataState:

@@ -1,9 +1,10 @@
-"""The rewards flow's report: a text summary for the CLI and a Prefect markdown artifact.
+"""The rewards flow's report: a text summary for the CLI and a Prefect markdown artifact, from its
+`RewardState`.
 
 Figures: sibling groups ranked, mean Kendall tau between the two presentation orders and the
 share of consistent IRM pairs; step labels with their judge / Monte Carlo agreement per round;
 PoT outcomes; rewards with their nulls counted by reason; per stage the engine's requests,
-tokens and seconds (`tasks.report.stage_lines`). Every query printed runs on the datasets a run
+tokens and seconds (`flows.reports.common.stage_lines`). Every query printed runs on the datasets a run
 wrote (a test runs them).
 """
 
@@ -14,8 +15,9 @@ from typing import Any
 import polars as pl
 from prefect import task
 
+from flows.reports.common import stage_lines
+from flows.state import RewardState
 from storage.settings import home
-from tasks.report import stage_lines
 from tasks.stage import read
 
 REWARD_QUERIES = [
@@ -49,7 +51,7 @@ def ranking_figures(rankings: pl.DataFrame, pairs: pl.DataFrame) -> dict[str, An
     }
 
 
-def rewards_summary(state: Any) -> str:
+def rewards_summary(state: RewardState) -> str:
     """The text printed after the rewards flow."""
     lines = ["", "== rewards =="]
     siblings = read(state.siblings)
@@ -109,7 +111,7 @@ def rewards_summary(state: Any) -> str:
 
 
 @task(name="publish_rewards_report")
-def publish_rewards_report(state: Any) -> None:
+def publish_rewards_report(state: RewardState) -> None:
     """The rewards summary as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 

@@ -1,10 +1,8 @@
-"""The training side's report: the curves (a PNG stored as the `training_curves` artifact), the
-Prefect markdown artifacts, and the lines of the CLI run summary.
+"""The training side's reports: the Prefect markdown artifacts and the lines of the CLI run
+summary, for the training-sets flow and the training flow.
 
-- `draw_training_curves` (a stage) reads each checkpoint's `training_log.json` and draws the loss
-  of SFT, IRM and PRM and the RL reward with its two factors rI and rA, one panel per model;
-- `publish_training_sets_report` / `publish_training_report` (tasks) publish the sets' sizes and
-  mix, and the models' metrics with the plot embedded;
+- `publish_training_sets_report` / `publish_training_report` (Prefect tasks) publish the sets'
+  sizes and mix, and the models' metrics with the curves (`tasks.training.curves`) embedded;
 - `training_summary_lines` / `render_training_summary` are what `evolforge run` prints: set sizes
   per split and kind, each model's version, parents and final metrics, and how to load it.
 
@@ -19,14 +17,14 @@ from typing import Any
 
 from prefect import task
 
-from storage.datasets import DatasetStore
+from flows.state import TRAINING_SETS, TrainingSetsState, TrainingState
+from storage.datasets import DatasetStore, Ref
 from storage.settings import home
-from tasks.stage import Artifact, ArtifactDir, StageContext, StageOutput, stage
-from tasks.training import common
+from tasks.training.curves import CURVES_FILE, MODELS
 
-CURVES_FILE = "curves.png"
-SETS = ("sft_set", "irm_set", "prm_steps", "rl_prompts")
-MODELS = ("sft_model", "irm_model", "prm_model", "rl_model")
+# The training-sets flow's state holds the sets; the training flow's also the models and curves.
+TrainingStates = TrainingSetsState | TrainingState
+
 LOADERS = {
     "sft_model": "AutoModelForCausalLM",
     "rl_model": "AutoModelForCausalLM",
@@ -47,14 +45,6 @@ HEADLINE = {
         "eval_accuracy",
     ),
 }
-# Curves per model: (logged key, label).
-CURVES = {
-    "sft_model": [("loss", "loss")],
-    "irm_model": [("loss", "loss"), ("accuracy", "pairwise accuracy (train batch)")],
-    "prm_model": [("loss", "loss")],
-    "rl_model": [("reward", "r = rI·rA"), ("rI", "rI"), ("rA", "rA")],
-}
-
 TRAINING_QUERIES = [
     "SELECT name, version, parents, metrics FROM models ORDER BY created_at",
     "SELECT split, kind, count(*) AS n FROM sft_set GROUP BY ALL ORDER BY ALL",
@@ -68,66 +58,10 @@ TRAINING_QUERIES = [
 ]
 
 
-def plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """One panel per model with its curves against the training step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in MODELS if n in logs]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.6))
-    axes = list(axes) if hasattr(axes, "__iter__") else [axes]
-    for ax, name in zip(axes, names, strict=False):
-        drawn = False
-        for key, label in CURVES[name]:
-            points = common.curve(logs[name], key)
-            if points:
-                ax.plot(
-                    [s for s, _ in points], [v for _, v in points], marker="o", ms=3, label=label
-                )
-                drawn = True
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-@stage(name="training_curves", outputs=[Artifact("training_curves", kind="plot")])
-def draw_training_curves(
-    ctx: StageContext,
-    sft_model: ArtifactDir | None,
-    irm_model: ArtifactDir | None,
-    prm_model: ArtifactDir | None,
-    rl_model: ArtifactDir | None,
-) -> StageOutput:
-    """Loss curves of SFT, IRM and PRM and the RL reward with rI and rA, as a PNG artifact."""
-    folders = {
-        "sft_model": sft_model,
-        "irm_model": irm_model,
-        "prm_model": prm_model,
-        "rl_model": rl_model,
-    }
-    logs = {n: common.read_training_log(f) for n, f in folders.items() if f is not None}
-    plot_curves(logs, ctx.output_dir("training_curves") / CURVES_FILE)
-    return StageOutput(
-        stats={"models": sorted(logs), "points": {n: len(v) for n, v in logs.items()}}
-    )
-
-
 # -- reading the state back ---------------------------------------------------------------------
 
 
-def _manifest(ref: Any):
+def _manifest(ref: Ref | None):
     return DatasetStore(home()).manifest(str(ref)) if ref is not None else None
 
 
@@ -139,7 +73,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def set_line(name: str, ref: Any) -> str | None:
+def set_line(name: str, ref: Ref | None) -> str | None:
     manifest = _manifest(ref)
     if manifest is None:
         return None
@@ -156,7 +90,7 @@ def set_line(name: str, ref: Any) -> str | None:
     return line
 
 
-def model_lines(name: str, ref: Any) -> list[str]:
+def model_lines(name: str, ref: Ref | None) -> list[str]:
     manifest = _manifest(ref)
     if manifest is None:
         return []
@@ -173,10 +107,10 @@ def model_lines(name: str, ref: Any) -> list[str]:
     ]
 
 
-def training_summary_lines(state: Any) -> list[str]:
+def training_summary_lines(state: TrainingStates) -> list[str]:
     """Training sets (sizes, split, mix) and models (metrics, how to load) of a state."""
     lines: list[str] = []
-    sets = [line for n in SETS if (line := set_line(n, getattr(state, n, None)))]
+    sets = [line for n in TRAINING_SETS if (line := set_line(n, getattr(state, n, None)))]
     if sets:
         lines += ["", "training sets (split by root seed):", *sets]
     models = [line for n in MODELS for line in model_lines(n, getattr(state, n, None))]
@@ -192,7 +126,7 @@ def training_summary_lines(state: Any) -> list[str]:
     return lines
 
 
-def render_training_summary(state: Any) -> str:
+def render_training_summary(state: TrainingStates) -> str:
     """What `evolforge run --flow training_sets|training` prints."""
     return "\n".join(["", "== evolforge training summary ==", *training_summary_lines(state)])
 
@@ -201,10 +135,10 @@ def _png_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def training_report_markdown(state: Any) -> str:
+def training_report_markdown(state: TrainingStates) -> str:
     lines = ["# evolforge training run", ""]
     rows = []
-    for name in SETS:
+    for name in TRAINING_SETS:
         manifest = _manifest(getattr(state, name, None))
         if manifest is not None:
             s = manifest.stats
@@ -250,7 +184,7 @@ def training_report_markdown(state: Any) -> str:
 
 
 @task(name="publish_training_sets_report")
-def publish_training_sets_report(state: Any) -> None:
+def publish_training_sets_report(state: TrainingSetsState) -> None:
     """The training sets' sizes, splits and mix as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
@@ -262,7 +196,7 @@ def publish_training_sets_report(state: Any) -> None:
 
 
 @task(name="publish_training_report")
-def publish_training_report(state: Any) -> None:
+def publish_training_report(state: TrainingState) -> None:
     """The models' metrics and curves as a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 

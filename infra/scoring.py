@@ -1,14 +1,20 @@
-"""Scoring with trained reward models: the IRM on instructions, the PRM on solution steps.
+"""Scoring texts with trained reward models: the IRM's one logit, the PRM's per-step probability.
+
+This runs a model, like the engines, so it sits in infra, below every stage that scores: Active
+Evol-Instruct's elimination (a data stage), the IRM's and PRM's training (held-out metrics) and
+the RL reward all load a checkpoint and score through here. What the texts say (the IRM's
+prompt, the PRM's Alpaca prompt) is the tasks' business (`tasks.evolution.instruction_reward`,
+`tasks.training.formats`); this module only places them in the model.
 
 - `IrmScorer` reads a sequence-classification checkpoint (trl's RewardTrainer, one logit) and
-  scores an instruction given its parent, on exactly the text RewardTrainer trained on
-  (`formats.irm_text` + eos; the classifier reads the last non-pad token). `scores` maps the
-  logit through a sigmoid into (0, 1), the scale rI and the Active Evol-Instruct threshold use.
+  scores full IRM inputs, each followed by eos as RewardTrainer trained on them (the classifier
+  reads the last non-pad token). `scores` maps the logit through a sigmoid into (0, 1), the
+  scale rI and the Active Evol-Instruct threshold use.
 - `PrmScorer` reads a token-classification checkpoint (two labels: 0 wrong, 1 correct) and gives
   every step the probability that it is correct, read at the token that holds the step's last
-  visible character; `encode_steps` is that placement, shared with the PRM's training collator
-  so training and scoring see the same tokens. A step cut off by `max_length` has no
-  probability (None).
+  visible character; `encode_steps` is that placement (`join_steps` the text), shared with the
+  PRM's training collator so training and scoring see the same tokens. A step cut off by
+  `max_length` has no probability (None).
 - `resolve_checkpoint` turns what a config names (`irm_model@<version>` from the `models` view,
   or a folder) into a folder.
 """
@@ -20,8 +26,6 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from tasks.training import formats
 
 IGNORE = -100
 WRONG, CORRECT = 0, 1
@@ -85,7 +89,7 @@ def _batches(n: int, size: int):
 
 
 class IrmScorer:
-    """The instruction reward model: `logits` (raw) and `scores` (sigmoid, in (0, 1))."""
+    """The instruction reward model on full IRM inputs: `logits` (raw) and `scores` (sigmoid)."""
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, batch_size: int = 8):
         self.model = model.eval()
@@ -110,15 +114,11 @@ class IrmScorer:
                 _loaded[key] = cls.load(path, max_length=max_length)
             return _loaded[key]
 
-    def logits(self, instructions: Sequence[str], parents: Sequence[str | None]) -> list[float]:
+    def logits(self, texts: Sequence[str]) -> list[float]:
+        """The raw logit of each full IRM input (eos is added here)."""
         import torch
 
-        if len(instructions) != len(parents):
-            raise ValueError(f"{len(instructions)} instructions vs {len(parents)} parents")
-        texts = [
-            formats.irm_text(i, p) + (self.tokenizer.eos_token or "")
-            for i, p in zip(instructions, parents, strict=True)
-        ]
+        texts = [text + (self.tokenizer.eos_token or "") for text in texts]
         out: list[float] = []
         with torch.no_grad():
             for rows in _batches(len(texts), self.batch_size):
@@ -133,8 +133,27 @@ class IrmScorer:
                 out.extend(float(v) for v in logits.tolist())
         return out
 
-    def scores(self, instructions: Sequence[str], parents: Sequence[str | None]) -> list[float]:
-        return [1.0 / (1.0 + math.exp(-v)) for v in self.logits(instructions, parents)]
+    def scores(self, texts: Sequence[str]) -> list[float]:
+        """The sigmoid of each logit, in (0, 1)."""
+        return [1.0 / (1.0 + math.exp(-v)) for v in self.logits(texts)]
+
+
+def join_steps(prompt: str, steps: Sequence[str]) -> tuple[str, list[int]]:
+    """The prompt followed by the steps, and the index of each step's last visible character.
+
+    Steps that are exact slices of a solution (whitespace included) re-join to it; steps that
+    were stripped get a line break between them, and the first gets one after the prompt.
+    A step with no visible character ends where the text is (its label cannot land: -1).
+    """
+    text = prompt
+    ends: list[int] = []
+    for step in steps:
+        if text and not text[-1].isspace() and step[:1] and not step[:1].isspace():
+            text += "\n"
+        text += step
+        stripped = len(text.rstrip())
+        ends.append(stripped - 1 if stripped > len(text) - len(step) else -1)
+    return text, ends
 
 
 def _token_at(offsets: Sequence[Sequence[int]], char: int, start: int = 0) -> int | None:
@@ -158,7 +177,7 @@ def encode_steps(
     """Token ids of prompt + steps, the label of each step on the token holding its last visible
     character (every other token IGNORE), and that token's index per step (None when the step
     is empty or cut off by `max_length`)."""
-    text, ends = formats.join_steps(prompt, steps)
+    text, ends = join_steps(prompt, steps)
     enc = tokenizer(
         text,
         return_offsets_mapping=True,

@@ -1,5 +1,6 @@
 """The evaluation's comparison: base vs trained checkpoints (and any model named), per benchmark
-and mode, as a Prefect table artifact, a markdown artifact with the chart, and the CLI summary.
+and mode, as a Prefect table artifact, a markdown artifact with the chart, and the CLI summary,
+from the evaluation flow's `EvaluationState`.
 
 Every query the summary prints runs as printed on a run's catalog (a test runs them).
 """
@@ -12,9 +13,12 @@ from typing import Any
 import polars as pl
 from prefect import task
 
+from flows.reports.common import stage_lines
+from flows.state import EvaluationState
 from storage.datasets import DatasetStore
 from storage.settings import home
 from tasks.evaluation.scores import PLOT_FILE
+from tasks.stage import read
 
 EVAL_QUERIES = [
     "SELECT model, benchmark, mode, n, accuracy, ci_low, ci_high, fallback_rate, contaminated "
@@ -26,11 +30,7 @@ EVAL_QUERIES = [
 ]
 
 
-def _read(ref: Any) -> pl.DataFrame | None:
-    return DatasetStore(home()).read(str(ref)) if ref is not None else None
-
-
-def chart_path(state: Any) -> Path | None:
+def chart_path(state: EvaluationState) -> Path | None:
     ref = getattr(state, "eval_chart", None)
     if ref is None:
         return None
@@ -118,10 +118,10 @@ def _details(scores: pl.DataFrame) -> list[str]:
     return lines
 
 
-def evaluation_markdown(state: Any) -> str:
+def evaluation_markdown(state: EvaluationState) -> str:
     from tasks.evolution.funnel import png_data_uri
 
-    scores = _read(state.eval_scores)
+    scores = read(state.eval_scores)
     lines = ["# evolforge evaluation", ""]
     if scores is not None:
         lines += [
@@ -140,11 +140,11 @@ def evaluation_markdown(state: Any) -> str:
 
 
 @task(name="publish_evaluation_report")
-def publish_evaluation_report(state: Any) -> None:
+def publish_evaluation_report(state: EvaluationState) -> None:
     """The comparison table as a Prefect table artifact; the chart and details as markdown."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    scores = _read(state.eval_scores)
+    scores = read(state.eval_scores)
     if scores is not None:
         create_table_artifact(
             key="eval-comparison",
@@ -158,18 +158,16 @@ def publish_evaluation_report(state: Any) -> None:
     )
 
 
-def render_evaluation_summary(state: Any) -> str:
+def render_evaluation_summary(state: EvaluationState) -> str:
     """The text printed by `evolforge eval` (and after a factory run that evaluated)."""
-    from tasks.report import stage_lines
-
     lines = ["", "== evolforge evaluation =="]
-    items = _read(state.eval_items)
+    items = read(state.eval_items)
     if items is not None:
         per = dict(items.group_by("benchmark", maintain_order=True).len().iter_rows())
         lines.append(
             f"items: {state.eval_items} (" + ", ".join(f"{b} {n}" for b, n in per.items()) + ")"
         )
-    scores = _read(state.eval_scores)
+    scores = read(state.eval_scores)
     if scores is not None:
         lines += ["", "accuracy % [95% Wilson interval], n judged:", scores_text(scores), ""]
         lines += _details(scores)

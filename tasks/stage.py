@@ -1,6 +1,6 @@
 """A stage is declared once, by its signature; this module turns the declaration into the rest.
 
-    @stage(outputs=["evolutions"], shard=Shard("pool"))
+    @stage(outputs={"evolutions": Evolution}, shard=Shard("pool"))
     def evolve(ctx: StageContext, pool: pl.DataFrame, round: int, engine: EngineConfig,
                params: EvolutionParams) -> StageOutput:
         ...
@@ -14,7 +14,9 @@ From the function's typed parameters come:
 - **parameters**: every other parameter except `ctx`. Pydantic models go into the version by
   `fingerprint()` where they define one (engine settings that do not change outputs, file
   hashes), else by their JSON dump;
-- **outputs**: the names in `outputs` (`Artifact(...)` for folders);
+- **outputs**: `outputs` maps each output's name to its record (`tasks.records`: the columns
+  and dtypes every frame written under that name is checked against) or to `Artifact(...)` for
+  a folder;
 - **the version id**: a hash of (stage name, code version, parameters, input versions), the code
   version being the hash of the stage's module and everything it imports
   (`storage.code_version`). When every output exists at that version the stage is a cache hit:
@@ -41,7 +43,7 @@ import shutil
 import threading
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ from storage.catalog import Catalog
 from storage.code_version import code_version
 from storage.datasets import DatasetRef, DatasetStore, Manifest, current_flow_run, version_id
 from storage.settings import home as default_home
+from tasks.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,6 @@ class ArtifactDir(type(Path())):  # type: ignore[misc]
 class Artifact:
     """An output that is a folder (a checkpoint, a tokenizer, plots), stored as a version."""
 
-    name: str
     kind: str = "model"
 
 
@@ -252,6 +254,25 @@ def _input_kind(annotation: Any) -> str | None:
     return None
 
 
+def _split_outputs(
+    name: str, outputs: Mapping[str, type[Record] | Artifact]
+) -> tuple[dict[str, type[Record]], dict[str, Artifact]]:
+    """The declared outputs as (dataset outputs -> record, folder outputs -> artifact)."""
+    if not isinstance(outputs, Mapping):
+        raise StageError(f"stage {name}: outputs must map each name to a Record or an Artifact")
+    records, artifacts = {}, {}
+    for output, kind in outputs.items():
+        if isinstance(kind, Artifact):
+            artifacts[output] = kind
+        elif isinstance(kind, type) and issubclass(kind, Record):
+            records[output] = kind
+        else:
+            raise StageError(
+                f"stage {name}: output {output!r} is {kind!r}, not a Record or Artifact"
+            )
+    return records, artifacts
+
+
 class Stage:
     """A declared stage; see the module docstring. Built by the `stage` decorator."""
 
@@ -259,14 +280,14 @@ class Stage:
         self,
         fn: Callable[..., StageOutput | dict[str, pl.DataFrame]],
         name: str,
-        outputs: Sequence[str | Artifact],
+        outputs: Mapping[str, type[Record] | Artifact],
         shard: Shard | None,
     ):
         self.fn = fn
         self.name = name
         self.module = fn.__module__
-        self.outputs: list[str] = [o.name if isinstance(o, Artifact) else o for o in outputs]
-        self.artifacts = {o.name: o for o in outputs if isinstance(o, Artifact)}
+        self.outputs: list[str] = list(outputs)  # in declaration order
+        self.records, self.artifacts = _split_outputs(name, outputs)
         self.shard = shard
         self.task_name = fn.__name__
         hints = typing.get_type_hints(fn)
@@ -298,6 +319,11 @@ class Stage:
         self._tasks: dict[str, Any] = {}
         self.__doc__ = fn.__doc__
         self.__name__ = name
+
+    def check_outputs(self, frames: Mapping[str, pl.DataFrame]) -> None:
+        """Each dataset output's frame against its record (`RecordError`, one line)."""
+        for output, record in self.records.items():
+            record.check(frames[output], stage=self.name, output=output)
 
     # -- planning ---------------------------------------------------------------------------
     @property
@@ -393,6 +419,7 @@ class Stage:
         missing = [o for o in self.outputs if o not in frames and o not in artifact_dirs]
         if missing:
             raise StageError(f"stage {self.name} did not produce output(s): {', '.join(missing)}")
+        self.check_outputs(frames)
         refs: dict[str, DatasetRef] = {}
         written: list[str] = []
         common = {
@@ -503,6 +530,7 @@ class Stage:
         missing = [o for o in self.outputs if o not in output.frames]
         if missing:
             raise StageError(f"stage {self.name} did not produce output(s): {', '.join(missing)}")
+        self.check_outputs(output.frames)
         for name in self.outputs:
             store.write(
                 SHARD_PREFIX + name,
@@ -705,7 +733,7 @@ def _flow_progress(name: str, done: int, total: int) -> None:
 
 def stage(
     *,
-    outputs: Sequence[str | Artifact],
+    outputs: Mapping[str, type[Record] | Artifact],
     shard: Shard | None = None,
     name: str | None = None,
 ) -> Callable[[Callable[..., Any]], Stage]:

@@ -6,7 +6,7 @@ import polars as pl
 
 from flows.state import DataState, Step
 from storage.datasets import DatasetStore
-from tasks.evolution.funnel import FUNNEL_SCHEMA
+from tasks.evolution.records import FunnelCounts
 from tasks.report import data_report_markdown, render_summary, round_line, stage_lines
 
 
@@ -30,7 +30,7 @@ def _state(home) -> DataState:
                 "eliminated_by_rule": "no_question: 1",
             }
         ],
-        schema=FUNNEL_SCHEMA,
+        schema=FunnelCounts.schema(),
     )
     difficulty = pl.DataFrame(
         {

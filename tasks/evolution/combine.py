@@ -28,8 +28,6 @@ from tasks.evolution.evolve import EvolutionParams
 from tasks.evolution.records import FunnelCounts, Instruction, Removed
 from tasks.stage import StageOutput, stage
 
-INSTRUCTION_COLUMNS = Instruction.columns()
-
 
 def seeds_as_instructions(seeds: pl.DataFrame) -> pl.DataFrame:
     return seeds.select(
@@ -81,7 +79,7 @@ def next_pool(
 ) -> pl.DataFrame:
     """Kept evolutions, plus each parent none of whose evolutions survived (it stays in the pool)."""
     returning = previous.join(kept.select(pl.col("parent_id").alias("id")), on="id", how="anti")
-    pool = pl.concat([kept.select(INSTRUCTION_COLUMNS), returning.select(INSTRUCTION_COLUMNS)])
+    pool = pl.concat([kept.select(Instruction.columns()), returning.select(Instruction.columns())])
     if max_pool is not None and pool.height > max_pool:
         keys = pool["id"].map_elements(
             lambda i: hashlib.sha256(f"{seed}:{round}:{i}".encode()).hexdigest(),
@@ -113,7 +111,7 @@ def combine_round(
 ) -> StageOutput:
     """Append the round's kept instructions and removals; build the next pool and the funnel."""
     removed = removed_rows(elimination, dedup, round)
-    kept = evolutions.join(removed.select("id"), on="id", how="anti").select(INSTRUCTION_COLUMNS)
+    kept = evolutions.join(removed.select("id"), on="id", how="anti").select(Instruction.columns())
     counts = funnel_mod.round_funnel(evolutions, removed, kept)
     all_instructions = pl.concat(
         [instructions.cast(Instruction.schema()), kept.cast(Instruction.schema())]

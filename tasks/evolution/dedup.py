@@ -584,10 +584,6 @@ def count_by_rule(removed: pl.DataFrame) -> dict[str, int]:
     return counts
 
 
-# What dedup compares: the instruction columns of an evolution (not its raw completion).
-CANDIDATE_COLUMNS = Instruction.columns()
-
-
 def survivors(evolutions: pl.DataFrame, eliminated: pl.DataFrame) -> pl.DataFrame:
     """The evolutions the eliminator kept."""
     return evolutions.join(eliminated.select("id"), on="id", how="anti")
@@ -602,7 +598,8 @@ def dedup_batch(
     decontamination: DecontamParams,
 ) -> StageOutput:
     """Remove exact/near duplicates of all earlier instructions and benchmark contamination."""
-    candidates = survivors(evolutions, elimination).select(CANDIDATE_COLUMNS)
+    # What dedup compares: the instruction columns of an evolution (not its raw completion).
+    candidates = survivors(evolutions, elimination).select(Instruction.columns())
     kept, removed = dedup_and_decontaminate(candidates, list(instructions), dedup, decontamination)
     stats = {
         "candidates": candidates.height,

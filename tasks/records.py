@@ -70,7 +70,9 @@ class Record:
         return pl.DataFrame(rows, schema=cls.schema(), orient=orient)  # type: ignore[arg-type]
 
     @classmethod
-    def check(cls, frame: pl.DataFrame, *, stage: str | None = None, output: str | None = None):
+    def check(
+        cls, frame: pl.DataFrame, *, stage: str | None = None, output: str | None = None
+    ) -> None:
         """Raise `RecordError` unless `frame` has exactly the record's columns, dtypes and order.
 
         The message names the stage and output (when given), the record, the column, and the

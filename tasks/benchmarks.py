@@ -8,7 +8,7 @@ Two views of a benchmark:
   test, the sets WizardMath's data must not contain).
 - `BenchmarkSource` + `read_items`: the registry of evaluation sets (`REGISTRY`: GSM8K test,
   MATH500, SVAMP, ASDiv, MAWPS, SAT-Math, MMLU-STEM), each read into normalised items
-  (`ITEM_SCHEMA`): `benchmark, id, question, answer, choices, subject, level, solution`. The
+  (`tasks.records.BenchmarkItem`): `benchmark, id, question, answer, choices, subject, level, solution`. The
   reference answer is normalised once, here: GSM8K's `#### 1,024` → `1024`, SVAMP's `145.0` →
   `145`, ASDiv's `9 (apples)` → `9`, MMLU's option index `2` → `C`. Multiple-choice sets
   (SAT-Math, MMLU-STEM) carry their options in `choices` and the option letter as `answer`.
@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from storage.datasets import sha256_file
 from storage.errors import UserError
 from storage.settings import shared_data_dir
+from tasks.records import BenchmarkItem
 from tasks.solutions.answers import LETTERS, clean_answer, extract_boxed, extract_gsm8k
 
 
@@ -160,17 +161,6 @@ def _hub_records(name: str, config: str | None, split: str) -> Iterator[tuple[in
 
 # ---------------------------------------------------------------------------------------------
 # Normalising records into items
-
-ITEM_SCHEMA: dict[str, pl.DataType] = {
-    "benchmark": pl.String,
-    "id": pl.String,
-    "question": pl.String,
-    "answer": pl.String,  # the normalised reference final answer (an option letter for choices)
-    "choices": pl.List(pl.String),  # option texts of a multiple-choice item, else null
-    "subject": pl.String,
-    "level": pl.Int64,
-    "solution": pl.String,  # the set's own worked reference, when it has one
-}
 
 
 class ItemError(ValueError):
@@ -506,7 +496,7 @@ def seeded_subset(frame: pl.DataFrame, limit: int | None, seed: int) -> pl.DataF
 
 
 def read_items(source: BenchmarkSource, limit: int | None = None, seed: int = 0) -> pl.DataFrame:
-    """The set's items (`ITEM_SCHEMA`), a seeded subset of `limit` when given."""
+    """The set's items (`BenchmarkItem`), a seeded subset of `limit` when given."""
     spec = source.spec
     if source.hub:
         where, records = f"hf:{source.hub}/{source.split}", "row"
@@ -536,5 +526,5 @@ def read_items(source: BenchmarkSource, limit: int | None = None, seed: int = 0)
         items.append({"benchmark": source.name, **item})
     if not items:
         raise BenchmarkError(f"benchmark {source.name}: {where} has no records")
-    frame = pl.DataFrame(items, schema=ITEM_SCHEMA)
+    frame = BenchmarkItem.frame(items)
     return seeded_subset(frame, limit, seed)

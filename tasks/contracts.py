@@ -32,9 +32,9 @@ class ArtifactDir(type(Path())):  # type: ignore[misc]
 
 @dataclass(frozen=True)
 class Artifact:
-    """An output that is a folder (a checkpoint, a tokenizer, plots), stored as a version."""
+    """An output that is a folder (a checkpoint, a tokenizer, plots), stored as a version;
+    declared as `outputs={"sft_model": Artifact(kind="model")}`."""
 
-    name: str
     kind: str = "model"
 
 

@@ -1,7 +1,7 @@
 """Seed ingestion: GSM8K, MATH, local files, Hugging Face hub data sets and the built-in sample.
 
 Every source becomes the normalised seed record `id, source, question, answer, solution,
-subject, level` (see `SEED_SCHEMA`). Bad rows are never dropped silently: each one becomes a
+subject, level` (see `tasks.records.Seed`). Bad rows are never dropped silently: each one becomes a
 `seeds_rejected` row naming its file, line and reason (or, with `strict`, the first one raises a
 one-line `SeedError`). Exact duplicate questions (after case and whitespace normalisation) are
 collapsed to their first occurrence and the later ones are recorded as rejected with reason
@@ -39,26 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from storage.datasets import sha256_file
 from storage.errors import UserError
 from storage.settings import shared_data_dir
+from tasks.records import RejectedSeed, Seed
 from tasks.solutions.answers import extract_boxed, extract_gsm8k
 from tasks.stage import StageOutput, stage
 
-SEED_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,
-    "source": pl.String,
-    "question": pl.String,
-    "answer": pl.String,
-    "solution": pl.String,
-    "subject": pl.String,
-    "level": pl.Int64,
-}
-REJECTED_SCHEMA: dict[str, pl.DataType] = {
-    "source": pl.String,
-    "file": pl.String,
-    "line": pl.Int64,
-    "reason": pl.String,
-    "detail": pl.String,
-    "raw": pl.String,
-}
 SAMPLE_PATH = Path(__file__).parent / "data" / "sample_seeds.jsonl"
 DEFAULT_MAX_ROW_CHARS = 20_000
 RAW_PREVIEW = 300
@@ -540,8 +524,8 @@ def ingest(
                 per_source[label]["read"] += 1
                 reject(label, file, 0, "empty_file", "the file has no rows", "")
     result = IngestResult(
-        seeds=pl.DataFrame(seeds, schema=SEED_SCHEMA),
-        rejected=pl.DataFrame(rejected, schema=REJECTED_SCHEMA),
+        seeds=Seed.frame(seeds),
+        rejected=RejectedSeed.frame(rejected),
         read=read,
     )
     reasons = result.rejected.group_by("reason").len().sort("reason").rows() if rejected else []
@@ -588,7 +572,7 @@ class IngestParams(BaseModel):
         }
 
 
-@stage(name="ingest", outputs=["seeds", "seeds_rejected"])
+@stage(name="ingest", outputs={"seeds": Seed, "seeds_rejected": RejectedSeed})
 def ingest_seeds(params: IngestParams) -> StageOutput:
     """Load seed problems into a `seeds` version (bad rows into `seeds_rejected`)."""
     result = ingest(params.sources, strict=params.strict, max_row_chars=params.max_row_chars)

@@ -1,6 +1,6 @@
 """A stage is declared once, by its signature; this module turns the declaration into the rest.
 
-    @stage(outputs=["evolutions"], shard=Shard("pool"))
+    @stage(outputs={"evolutions": Evolution}, shard=Shard("pool"))
     def evolve(ctx: StageContext, pool: pl.DataFrame, round: int, engine: EngineConfig,
                params: EvolutionParams) -> StageOutput:
         ...
@@ -14,7 +14,9 @@ From the function's typed parameters come:
 - **parameters**: every other parameter except `ctx`. Pydantic models go into the version by
   `fingerprint()` where they define one (engine settings that do not change outputs, file
   hashes), else by their JSON dump;
-- **outputs**: the names in `outputs` (`Artifact(...)` for folders);
+- **outputs**: `outputs` maps each output's name to its record (`tasks.records`: the columns
+  and dtypes every frame written under that name is checked against) or to `Artifact(...)` for
+  a folder;
 - **the version id**: a hash of (stage name, code version, parameters, input versions), the code
   version being the hash of the stage's function and the project code, prompts and SQL it
   refers to (`storage.code_version`). When every output exists at that version the stage is a
@@ -39,7 +41,7 @@ import inspect
 import threading
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ from tasks.contracts import (
     shard_bounds,
 )
 from tasks.executors import InProcessExecutor, current_executor
+from tasks.records import Record
 
 # What stage modules import from here: the decorator and the types a body uses.
 __all__ = [
@@ -139,6 +142,25 @@ def _input_kind(annotation: Any) -> str | None:
     return None
 
 
+def _split_outputs(
+    name: str, outputs: Mapping[str, type[Record] | Artifact]
+) -> tuple[dict[str, type[Record]], dict[str, Artifact]]:
+    """The declared outputs as (dataset outputs -> record, folder outputs -> artifact)."""
+    if not isinstance(outputs, Mapping):
+        raise StageError(f"stage {name}: outputs must map each name to a Record or an Artifact")
+    records, artifacts = {}, {}
+    for output, kind in outputs.items():
+        if isinstance(kind, Artifact):
+            artifacts[output] = kind
+        elif isinstance(kind, type) and issubclass(kind, Record):
+            records[output] = kind
+        else:
+            raise StageError(
+                f"stage {name}: output {output!r} is {kind!r}, not a Record or Artifact"
+            )
+    return records, artifacts
+
+
 class Stage:
     """A declared stage; see the module docstring. Built by the `stage` decorator."""
 
@@ -146,14 +168,14 @@ class Stage:
         self,
         fn: Callable[..., StageOutput | dict[str, pl.DataFrame]],
         name: str,
-        outputs: Sequence[str | Artifact],
+        outputs: Mapping[str, type[Record] | Artifact],
         shard: Shard | None,
     ):
         self.fn = fn
         self.name = name
         self.module = fn.__module__
-        self.outputs: list[str] = [o.name if isinstance(o, Artifact) else o for o in outputs]
-        self.artifacts = {o.name: o for o in outputs if isinstance(o, Artifact)}
+        self.outputs: list[str] = list(outputs)  # in declaration order
+        self.records, self.artifacts = _split_outputs(name, outputs)
         self.shard = shard
         self.task_name = fn.__name__
         hints = typing.get_type_hints(fn)
@@ -233,14 +255,17 @@ class Stage:
             self.name, self.code_version, self.params_fingerprint(values), self.parents(values)
         )
 
-    def check_outputs(self, frames: dict[str, pl.DataFrame]) -> None:
-        """Before anything is written: every dataset output is a polars frame."""
-        for name, frame in frames.items():
-            if name in self.outputs and not isinstance(frame, pl.DataFrame):
+    def check_outputs(self, frames: Mapping[str, pl.DataFrame]) -> None:
+        """Before anything is written: each dataset output is a polars frame whose columns
+        and dtypes are its record's (`RecordError`, one line naming stage, output, column)."""
+        for output, record in self.records.items():
+            frame = frames[output]
+            if not isinstance(frame, pl.DataFrame):
                 raise StageError(
-                    f"stage {self.name}: output {name!r} is {type(frame).__name__}, "
+                    f"stage {self.name}: output {output!r} is {type(frame).__name__}, "
                     "not a polars DataFrame"
                 )
+            record.check(frame, stage=self.name, output=output)
 
     # -- running: handed to an executor ------------------------------------------------------
     def __call__(self, **kwargs: Any) -> StageResult:
@@ -288,7 +313,7 @@ class Stage:
 
 def stage(
     *,
-    outputs: Sequence[str | Artifact],
+    outputs: Mapping[str, type[Record] | Artifact],
     shard: Shard | None = None,
     name: str | None = None,
 ) -> Callable[[Callable[..., Any]], Stage]:

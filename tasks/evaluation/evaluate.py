@@ -43,6 +43,7 @@ from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
 from infra.sandbox import SandboxSettings
 from infra.verifier import VerifierPool
 from tasks.evaluation.models import ModelTarget
+from tasks.evaluation.records import EvalRequest, EvalResult
 from tasks.frames import require_columns
 from tasks.solutions.answers import (
     LETTERS,
@@ -95,22 +96,6 @@ def mode_label(mode: str, k: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # The plan
 
-PLAN_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,  # model|benchmark|item|mode
-    "model": pl.String,
-    "model_ref": pl.String,  # the checkpoint's name@version, or the folder / served name
-    "engine_model": pl.String,  # the engine's `model` setting (null: the engine's default)
-    "model_identity": pl.String,
-    "prompt_format": pl.String,
-    "benchmark": pl.String,
-    "item_id": pl.String,
-    "mode": pl.String,  # cot | pot | hybrid | maj@<k>
-    "samples": pl.Int64,
-    "question": pl.String,
-    "answer": pl.String,
-    "choices": pl.List(pl.String),
-}
-
 
 def plan_requests(
     items: pl.DataFrame, models: list[ModelTarget], modes: list[str], k: int
@@ -144,10 +129,10 @@ def plan_requests(
                         "choices": item["choices"],
                     }
                 )
-    return pl.DataFrame(rows, schema=PLAN_SCHEMA)
+    return EvalRequest.frame(rows)
 
 
-@stage(name="eval_requests", outputs=["eval_requests"])
+@stage(name="eval_requests", outputs={"eval_requests": EvalRequest})
 def plan_evaluation(
     eval_items: pl.DataFrame, models: list[ModelTarget], modes: list[str], k: int
 ) -> StageOutput:
@@ -165,35 +150,6 @@ def plan_evaluation(
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
-
-RESULT_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,
-    "model": pl.String,
-    "model_ref": pl.String,
-    "engine_identity": pl.String,
-    "benchmark": pl.String,
-    "item_id": pl.String,
-    "mode": pl.String,
-    "prompt_format": pl.String,
-    "prompt_version": pl.String,  # template version of `completion`
-    "completion": pl.String,  # the first request's text: the CoT, the PoT, maj's winning sample
-    "finish_reason": pl.String,
-    "program": pl.String,
-    "program_output": pl.String,
-    "program_error": pl.String,  # why the program gave no answer
-    "fallback": pl.Boolean,  # hybrid: whether the CoT answer was used (null in other modes)
-    "fallback_completion": pl.String,
-    "fallback_prompt_version": pl.String,
-    "raw_answer": pl.String,  # multiple choice: the answer before it was mapped to an option
-    "extracted_answer": pl.String,  # the graded answer (an option letter for choices)
-    "samples": pl.List(pl.String),  # maj@k: every sample's answer
-    "agreement": pl.Float64,  # maj@k: winning group size / k
-    "reference": pl.String,
-    "correct": pl.Boolean,  # null: could not be judged (engine error, checker timeout)
-    "prompt_tokens": pl.Int64,
-    "completion_tokens": pl.Int64,
-    "error": pl.String,
-}
 
 
 def instruction_text(question: str, choices: list[str] | None) -> str:
@@ -253,12 +209,12 @@ def evaluate_requests(
     decoding: DecodingParams = DecodingParams(),
     pool: VerifierPool | None = None,
 ) -> pl.DataFrame:
-    """Answer and grade every planned request (`PLAN_SCHEMA` rows) with one engine.
+    """Answer and grade every planned request (`EvalRequest` rows) with one engine.
 
-    Returns one `RESULT_SCHEMA` row per request, in order. All first requests go to the engine
+    Returns one `EvalResult` row per request, in order. All first requests go to the engine
     as one batch, programs to the sandbox as one batch, hybrid fallbacks as a second batch.
     """
-    require_columns(requests, list(PLAN_SCHEMA), "evaluate_requests")
+    require_columns(requests, EvalRequest.columns(), "evaluate_requests")
     rows = requests.to_dicts()
     greedy: dict[str, dict[str, SamplingParams]] = {}
     templates: dict[str, dict[str, Template]] = {}
@@ -385,7 +341,7 @@ def evaluate_requests(
     for r in out:
         r.pop("_choices")
         r.pop("_texts")
-    return pl.DataFrame(out, schema=RESULT_SCHEMA)
+    return EvalResult.frame(out)
 
 
 def _choose_options(out: list[dict[str, Any]], pool: VerifierPool | None) -> None:
@@ -452,7 +408,7 @@ def _grade(out: list[dict[str, Any]], pool: VerifierPool | None) -> None:
 
 @stage(
     name="evaluate",
-    outputs=["eval_results"],
+    outputs={"eval_results": EvalResult},
     shard=Shard("eval_requests", rows=256, split_on="model"),
 )
 def evaluate_batch(

@@ -29,6 +29,7 @@ import polars as pl
 
 from infra.verifier import VerifierPool
 from tasks.benchmarks import REGISTRY, strip_unit_note
+from tasks.evaluation.records import GraderCheck
 from tasks.solutions.answers import (
     check_equivalence,
     choose_options,
@@ -36,17 +37,6 @@ from tasks.solutions.answers import (
     extract_program_answer,
 )
 from tasks.solutions.programs import ProgramRunner, program_failure
-
-CHECK_SCHEMA: dict[str, pl.DataType] = {
-    "benchmark": pl.String,
-    "id": pl.String,
-    "subject": pl.String,
-    "style": pl.String,
-    "derived": pl.String,  # the answer the reference solution gives
-    "answer": pl.String,  # the normalised reference answer
-    "correct": pl.Boolean,
-    "explanation": pl.String,  # why a known exception fails (null for a pass or an unknown one)
-}
 
 
 @dataclass(frozen=True)
@@ -206,7 +196,7 @@ def derive_answers(items: pl.DataFrame, sandbox: ProgramRunner | None) -> list[s
 def check_references(
     items: pl.DataFrame, sandbox: ProgramRunner | None, pool: VerifierPool | None = None
 ) -> pl.DataFrame:
-    """One row per item (`CHECK_SCHEMA`): the derived answer graded against the reference."""
+    """One row per item (`GraderCheck`): the derived answer graded against the reference."""
     derived = derive_answers(items, sandbox)
     rows = items.to_dicts()
     choice = [i for i, r in enumerate(rows) if r.get("choices")]
@@ -238,4 +228,4 @@ def check_references(
                 "explanation": why,
             }
         )
-    return pl.DataFrame(out, schema=CHECK_SCHEMA)
+    return GraderCheck.frame(out)

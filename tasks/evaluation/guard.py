@@ -26,28 +26,9 @@ from storage.datasets import DatasetStore
 from storage.settings import home
 from tasks.benchmarks import Benchmark
 from tasks.evaluation.models import TRAINING_TEXT_COLUMNS, ModelTarget
+from tasks.evaluation.records import Contamination, TrainingOverlap
 from tasks.evolution.dedup import DecontamParams, DedupParams, configure, find_contamination
 from tasks.stage import StageOutput, stage
-
-CONTAMINATION_SCHEMA: dict[str, pl.DataType] = {
-    "model": pl.String,
-    "benchmark": pl.String,
-    "item_id": pl.String,
-    "contaminated": pl.Boolean,  # null: the model's training sets are unknown (or not checked)
-    "training_set": pl.String,  # the closest flagged training row, when contaminated
-    "training_id": pl.String,
-    "similarity": pl.Float64,
-    "detail": pl.String,
-    "matches": pl.Int64,  # flagged training rows that hold this item
-}
-OVERLAP_SCHEMA: dict[str, pl.DataType] = {
-    "training_set": pl.String,
-    "training_id": pl.String,
-    "benchmark": pl.String,
-    "item_id": pl.String,
-    "similarity": pl.Float64,
-    "detail": pl.String,
-}
 
 
 class GuardParams(BaseModel):
@@ -102,7 +83,7 @@ def find_item_overlap(
     benchmark, item_id, similarity, detail."""
     out: list[pl.DataFrame] = []
     if not training or items.is_empty():
-        return pl.DataFrame(schema=OVERLAP_SCHEMA)
+        return TrainingOverlap.empty()
     with tempfile.TemporaryDirectory(prefix="eval-guard-") as tmp:
         specs = []
         for name in items["benchmark"].unique(maintain_order=True).to_list():
@@ -141,7 +122,7 @@ def find_item_overlap(
                     "detail",
                 )
             )
-    return pl.concat(out).cast(OVERLAP_SCHEMA) if out else pl.DataFrame(schema=OVERLAP_SCHEMA)
+    return pl.concat(out).cast(TrainingOverlap.schema()) if out else TrainingOverlap.empty()
 
 
 def guard_models(
@@ -178,13 +159,13 @@ def guard_models(
                 "contaminated"
             ),
         )
-        frames.append(frame.select(list(CONTAMINATION_SCHEMA)))
+        frames.append(frame.select(Contamination.columns()))
         stats[model.label] = int(frame["contaminated"].sum()) if checked else None
-    result = pl.concat(frames) if frames else pl.DataFrame(schema=CONTAMINATION_SCHEMA)
-    return result.cast(CONTAMINATION_SCHEMA), {"flagged_items": stats, "training_sets": sets}
+    result = pl.concat(frames) if frames else Contamination.empty()
+    return result.cast(Contamination.schema()), {"flagged_items": stats, "training_sets": sets}
 
 
-@stage(name="eval_contamination", outputs=["eval_contamination"])
+@stage(name="eval_contamination", outputs={"eval_contamination": Contamination})
 def guard_contamination(
     eval_items: pl.DataFrame, models: list[ModelTarget], params: GuardParams
 ) -> StageOutput:

@@ -1,6 +1,6 @@
 """The `eval_items` stage: the benchmark items an evaluation runs on (`tasks.benchmarks`).
 
-One row per item (`tasks.benchmarks.ITEM_SCHEMA`: benchmark, id, question, answer, choices,
+One row per item (`tasks.records.BenchmarkItem`: benchmark, id, question, answer, choices,
 subject, level, solution), a seeded subset of `limit` items per benchmark when a limit is given.
 The version follows each benchmark file's content hash, the limit and the seed.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from tasks.benchmarks import ITEM_SCHEMA, BenchmarkSource, read_items
+from tasks.benchmarks import BenchmarkSource, read_items
+from tasks.records import BenchmarkItem
 from tasks.stage import StageOutput, stage
 
 
@@ -23,10 +24,10 @@ def load_items(
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate on")
     frames = [read_items(source, limit, seed) for source in benchmarks]
-    return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=ITEM_SCHEMA)
+    return pl.concat(frames, how="vertical") if frames else BenchmarkItem.empty()
 
 
-@stage(name="eval_items", outputs=["eval_items"])
+@stage(name="eval_items", outputs={"eval_items": BenchmarkItem})
 def load_eval_items(benchmarks: list[BenchmarkSource], limit: int | None, seed: int) -> StageOutput:
     """Read the benchmark items to evaluate on (a seeded subset of `limit` per benchmark)."""
     items = load_items(benchmarks, limit, seed)

@@ -20,31 +20,12 @@ from pathlib import Path
 
 import polars as pl
 
+from tasks.evaluation.records import EvalScore
 from tasks.frames import require_columns
 from tasks.stage import Artifact, StageContext, StageOutput, stage
 
 Z95 = 1.959963984540054
 PLOT_FILE = "eval_scores.png"
-SCORE_SCHEMA: dict[str, pl.DataType] = {
-    "model": pl.String,
-    "model_ref": pl.String,
-    "benchmark": pl.String,
-    "mode": pl.String,
-    "prompt_format": pl.String,
-    "n": pl.Int64,
-    "judged": pl.Int64,
-    "correct": pl.Int64,
-    "accuracy": pl.Float64,
-    "ci_low": pl.Float64,
-    "ci_high": pl.Float64,
-    "no_answer": pl.Int64,
-    "truncated": pl.Int64,
-    "errors": pl.Int64,
-    "fallback_rate": pl.Float64,
-    "mean_completion_tokens": pl.Float64,
-    "contaminated": pl.Int64,
-    "accuracy_clean": pl.Float64,
-}
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float | None, float | None]:
@@ -64,7 +45,7 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float | None,
 
 
 def score_results(results: pl.DataFrame, contamination: pl.DataFrame | None) -> pl.DataFrame:
-    """`eval_scores` (`SCORE_SCHEMA`) from `eval_results` and the guard's `eval_contamination`,
+    """`eval_scores` (`EvalScore`) from `eval_results` and the guard's `eval_contamination`,
     in the order models, benchmarks and modes first appear."""
     require_columns(
         results,
@@ -100,7 +81,7 @@ def score_results(results: pl.DataFrame, contamination: pl.DataFrame | None) -> 
         checked = r["_checked"] > 0
         rows.append(
             {
-                **{k: r[k] for k in SCORE_SCHEMA if k in r and not k.startswith("_")},
+                **{k: r[k] for k in EvalScore.columns() if k in r and not k.startswith("_")},
                 "accuracy": r["correct"] / r["judged"] if r["judged"] else None,
                 "ci_low": low,
                 "ci_high": high,
@@ -112,10 +93,10 @@ def score_results(results: pl.DataFrame, contamination: pl.DataFrame | None) -> 
                 ),
             }
         )
-    return pl.DataFrame(rows, schema=SCORE_SCHEMA)
+    return EvalScore.frame(rows)
 
 
-@stage(name="eval_scores", outputs=["eval_scores"])
+@stage(name="eval_scores", outputs={"eval_scores": EvalScore})
 def score_evaluation(
     eval_results: pl.DataFrame, eval_contamination: pl.DataFrame | None
 ) -> StageOutput:
@@ -176,7 +157,7 @@ def plot_scores(scores: pl.DataFrame, path: Path, title: str = "evaluation") -> 
     return path
 
 
-@stage(name="eval_chart", outputs=[Artifact("eval_chart", kind="plot")])
+@stage(name="eval_chart", outputs={"eval_chart": Artifact(kind="plot")})
 def draw_evaluation_chart(ctx: StageContext, eval_scores: pl.DataFrame) -> StageOutput:
     """Accuracy per model, benchmark and mode with 95% intervals, as a PNG artifact."""
     plot_scores(eval_scores, ctx.output_dir("eval_chart") / PLOT_FILE)

@@ -23,24 +23,10 @@ import hashlib
 
 import polars as pl
 
-from tasks.evolution import eliminate as elimination_mod
-from tasks.evolution import evolve as evolution_mod
 from tasks.evolution import funnel as funnel_mod
 from tasks.evolution.evolve import EvolutionParams
+from tasks.evolution.records import FunnelCounts, Instruction, Removed
 from tasks.stage import StageOutput, stage
-
-INSTRUCTIONS_SCHEMA: dict[str, pl.DataType] = {
-    k: v
-    for k, v in evolution_mod.INSTRUCTION_SCHEMA.items()
-    if k not in ("raw", "finish_reason", "error")
-}
-INSTRUCTION_COLUMNS = list(INSTRUCTIONS_SCHEMA)
-REMOVED_SCHEMA: dict[str, pl.DataType] = {
-    **elimination_mod.ELIMINATED_SCHEMA,
-    "stage": pl.String,  # elimination | dedup
-    "collided_with": pl.String,
-    "similarity": pl.Float64,
-}
 
 
 def seeds_as_instructions(seeds: pl.DataFrame) -> pl.DataFrame:
@@ -54,10 +40,10 @@ def seeds_as_instructions(seeds: pl.DataFrame) -> pl.DataFrame:
         pl.lit("").alias("template_version"),
         pl.col("source").alias("model"),
         pl.col("question").alias("text"),
-    ).cast(INSTRUCTIONS_SCHEMA)
+    ).cast(Instruction.schema())
 
 
-@stage(name="start_pool", outputs=["instructions", "pool"])
+@stage(name="start_pool", outputs={"instructions": Instruction, "pool": Instruction})
 def start_pool(seeds: pl.DataFrame) -> StageOutput:
     """Round 0: the seeds become the first instructions and the first pool."""
     rows = seeds_as_instructions(seeds)
@@ -73,17 +59,17 @@ def removed_rows(elimination: pl.DataFrame, dedup: pl.DataFrame, round: int) -> 
                 pl.lit("elimination").alias("stage"),
                 pl.lit(None, pl.String).alias("collided_with"),
                 pl.lit(None, pl.Float64).alias("similarity"),
-            ).select(list(REMOVED_SCHEMA))
+            ).select(Removed.columns())
         )
     if dedup.height:
         parts.append(
             dedup.with_columns(
                 pl.lit("dedup").alias("stage"), pl.col("detail").alias("evidence")
-            ).select(list(REMOVED_SCHEMA))
+            ).select(Removed.columns())
         )
     if not parts:
-        return pl.DataFrame(schema=REMOVED_SCHEMA)
-    return pl.concat([p.cast(REMOVED_SCHEMA) for p in parts]).with_columns(
+        return Removed.empty()
+    return pl.concat([p.cast(Removed.schema()) for p in parts]).with_columns(
         pl.lit(round, pl.Int64).alias("round")
     )
 
@@ -93,7 +79,7 @@ def next_pool(
 ) -> pl.DataFrame:
     """Kept evolutions, plus each parent none of whose evolutions survived (it stays in the pool)."""
     returning = previous.join(kept.select(pl.col("parent_id").alias("id")), on="id", how="anti")
-    pool = pl.concat([kept.select(INSTRUCTION_COLUMNS), returning.select(INSTRUCTION_COLUMNS)])
+    pool = pl.concat([kept.select(Instruction.columns()), returning.select(Instruction.columns())])
     if max_pool is not None and pool.height > max_pool:
         keys = pool["id"].map_elements(
             lambda i: hashlib.sha256(f"{seed}:{round}:{i}".encode()).hexdigest(),
@@ -103,7 +89,15 @@ def next_pool(
     return pool.sort("id")
 
 
-@stage(name="combine", outputs=["instructions", "eliminated", "pool", "funnel"])
+@stage(
+    name="combine",
+    outputs={
+        "instructions": Instruction,
+        "eliminated": Removed,
+        "pool": Instruction,
+        "funnel": FunnelCounts,
+    },
+)
 def combine_round(
     round: int,
     evolutions: pl.DataFrame,
@@ -117,17 +111,15 @@ def combine_round(
 ) -> StageOutput:
     """Append the round's kept instructions and removals; build the next pool and the funnel."""
     removed = removed_rows(elimination, dedup, round)
-    kept = evolutions.join(removed.select("id"), on="id", how="anti").select(INSTRUCTION_COLUMNS)
+    kept = evolutions.join(removed.select("id"), on="id", how="anti").select(Instruction.columns())
     counts = funnel_mod.round_funnel(evolutions, removed, kept)
     all_instructions = pl.concat(
-        [instructions.cast(INSTRUCTIONS_SCHEMA), kept.cast(INSTRUCTIONS_SCHEMA)]
+        [instructions.cast(Instruction.schema()), kept.cast(Instruction.schema())]
     )
-    previous_removed = eliminated if eliminated is not None else pl.DataFrame(schema=REMOVED_SCHEMA)
-    all_removed = pl.concat([previous_removed.cast(REMOVED_SCHEMA), removed])
-    previous_counts = (
-        funnel if funnel is not None else pl.DataFrame(schema=funnel_mod.FUNNEL_SCHEMA)
-    )
-    all_counts = pl.concat([previous_counts.cast(funnel_mod.FUNNEL_SCHEMA), counts])
+    previous_removed = eliminated if eliminated is not None else Removed.empty()
+    all_removed = pl.concat([previous_removed.cast(Removed.schema()), removed])
+    previous_counts = funnel if funnel is not None else FunnelCounts.empty()
+    all_counts = pl.concat([previous_counts.cast(FunnelCounts.schema()), counts])
     new_pool = next_pool(pool, kept, params.max_pool, params.seed, round)
     totals = counts.select([pl.col(c).sum() for c in ["generated", *funnel_mod.OUTCOMES]]).row(
         0, named=True

@@ -54,18 +54,12 @@ from storage.catalog import connect
 from storage.errors import UserError
 from storage.settings import PROJECT_ROOT, home
 from tasks.benchmarks import Benchmark, default_benchmarks, read_benchmark
+from tasks.evolution.records import DedupMatch, DedupRemoved, Instruction
 from tasks.stage import ParquetFiles, StageOutput, stage
 
 SQL_DIR = PROJECT_ROOT / "storage" / "sql"
 
 RULES = ("exact_duplicate", "near_duplicate", "contaminated_ngram", "contaminated_embedding")
-REMOVED_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,
-    "rule": pl.String,
-    "collided_with": pl.String,
-    "similarity": pl.Float64,
-    "detail": pl.String,
-}
 
 # Candidates and priors: parquet files (paths or globs) or in-memory frames.
 Source = Path | str | pl.DataFrame
@@ -341,8 +335,8 @@ def _perm_seeds(cfg: DedupParams) -> pa.Table:
 def _removed_frame(con: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:
     frame = con.sql(sql).pl()
     if frame.is_empty():
-        return pl.DataFrame(schema=REMOVED_SCHEMA)
-    return frame.select([pl.col(k).cast(v) for k, v in REMOVED_SCHEMA.items()])
+        return DedupMatch.empty()
+    return frame.select([pl.col(k).cast(v) for k, v in DedupMatch.schema().items()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +353,7 @@ def find_duplicates(
     """Candidates that duplicate a prior document or an earlier candidate, exactly or nearly.
 
     Returns one row per removed candidate: `id, rule, collided_with, similarity, detail`
-    (`REMOVED_SCHEMA`), exact duplicates first. Leaves `dd_docs` in `con` for later rules.
+    (`DedupMatch`), exact duplicates first. Leaves `dd_docs` in `con` for later rules.
     Seconds spent per stage (load, exact, near) are added to `timings` when given.
     """
     cfg = cfg or DedupParams()
@@ -431,7 +425,7 @@ def find_contamination(
     dedup_cfg: DedupParams | None = None,
 ) -> pl.DataFrame:
     """Candidates that overlap a benchmark test question, by n-grams and (when enabled)
-    embeddings. One row per flagged candidate (`REMOVED_SCHEMA`), n-gram evidence first."""
+    embeddings. One row per flagged candidate (`DedupMatch`), n-gram evidence first."""
     cfg = cfg or DecontamParams()
     dedup_cfg = dedup_cfg or DedupParams()
     _install_macros(con)
@@ -445,7 +439,7 @@ def find_contamination(
 
 def _find_contamination_loaded(con: duckdb.DuckDBPyConnection, cfg: DecontamParams) -> pl.DataFrame:
     if not cfg.benchmarks:
-        return pl.DataFrame(schema=REMOVED_SCHEMA)
+        return DedupMatch.empty()
     files = [str(_benchmark_ngrams(con, spec, cfg)) for spec in cfg.benchmarks]
     con.execute(
         "CREATE OR REPLACE TEMP TABLE dc_bench_raw AS FROM read_parquet($files)", {"files": files}
@@ -479,7 +473,7 @@ def _find_contamination_loaded(con: duckdb.DuckDBPyConnection, cfg: DecontamPara
             pl.lit("contaminated_embedding").alias("rule"),
             pl.lit(f"cosine similarity of {MODEL_NAME} embeddings").alias("detail"),
         )
-        found = pl.concat([found, by_embedding.select(list(REMOVED_SCHEMA))])
+        found = pl.concat([found, by_embedding.select(DedupMatch.columns())])
     return found
 
 
@@ -590,26 +584,12 @@ def count_by_rule(removed: pl.DataFrame) -> dict[str, int]:
     return counts
 
 
-# What dedup compares: the instruction columns of an evolution (not its raw completion).
-CANDIDATE_COLUMNS = [
-    "id",
-    "parent_id",
-    "root_id",
-    "round",
-    "direction",
-    "op",
-    "template_version",
-    "model",
-    "text",
-]
-
-
 def survivors(evolutions: pl.DataFrame, eliminated: pl.DataFrame) -> pl.DataFrame:
     """The evolutions the eliminator kept."""
     return evolutions.join(eliminated.select("id"), on="id", how="anti")
 
 
-@stage(name="dedup", outputs=["dedup"])
+@stage(name="dedup", outputs={"dedup": DedupRemoved})
 def dedup_batch(
     evolutions: pl.DataFrame,
     elimination: pl.DataFrame,
@@ -618,7 +598,8 @@ def dedup_batch(
     decontamination: DecontamParams,
 ) -> StageOutput:
     """Remove exact/near duplicates of all earlier instructions and benchmark contamination."""
-    candidates = survivors(evolutions, elimination).select(CANDIDATE_COLUMNS)
+    # What dedup compares: the instruction columns of an evolution (not its raw completion).
+    candidates = survivors(evolutions, elimination).select(Instruction.columns())
     kept, removed = dedup_and_decontaminate(candidates, list(instructions), dedup, decontamination)
     stats = {
         "candidates": candidates.height,

@@ -37,7 +37,7 @@ lost: the verdict is a keep with `evidence` set, and `eliminate_with_checks` ret
 `notes` column of its per-instruction `checks` frame, next to the probe answers and judgments,
 so the failure rate of each judge can be counted.
 
-`kept` holds the input rows unchanged; `eliminated` has `ELIMINATED_SCHEMA`; together they are
+`kept` holds the input rows unchanged; `eliminated` is `Eliminated` rows; together they are
 exactly the input (checked on every call).
 """
 
@@ -58,7 +58,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
 from storage.settings import PROJECT_ROOT
-from tasks.evolution.evolve import INSTRUCTION_SCHEMA, OPERATIONS, parent_texts
+from tasks.evolution.evolve import OPERATIONS, parent_texts
+from tasks.evolution.records import Eliminated, EliminationCheck
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
 
@@ -77,24 +78,8 @@ RULES = (
 IRM_RULE = "low_instruction_reward"
 ALL_RULES = (*RULES, IRM_RULE)
 
-# What the eliminator needs of an evolution, and what it records of a removed one.
+# What the eliminator needs of an evolution (and records of a removed one, with rule, evidence).
 REQUIRED_COLUMNS = ("id", "parent_id", "root_id", "round", "direction", "op", "text")
-ELIMINATED_SCHEMA: dict[str, pl.DataType] = {
-    **{c: INSTRUCTION_SCHEMA[c] for c in REQUIRED_COLUMNS},
-    "rule": pl.String,
-    "evidence": pl.String,
-}
-CHECKS_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,
-    "rule": pl.String,  # the rule that dropped the instruction, null when kept
-    "probe_answer": pl.String,  # the engine's answer to the evolved problem
-    "probe_finish_reason": pl.String,
-    "equal_verdict": pl.String,  # Equal | Not Equal, null when not judged or the judge failed
-    "solvable": pl.Boolean,
-    "solvable_reason": pl.String,
-    "notes": pl.String,  # engine or judge failures that did not drop the instruction
-    "irm_score": pl.Float64,  # the trained IRM's score (Active Evol-Instruct), null when not scored
-}
 
 EQUAL_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -478,8 +463,8 @@ def not_solvable(response: ChatResponse) -> Verdict:
 @dataclass
 class Elimination:
     kept: pl.DataFrame  # the input rows that survived, unchanged
-    eliminated: pl.DataFrame  # ELIMINATED_SCHEMA
-    checks: pl.DataFrame  # CHECKS_SCHEMA, one row per input instruction, input order
+    eliminated: pl.DataFrame  # Eliminated
+    checks: pl.DataFrame  # EliminationCheck, one row per input instruction, input order
 
     def counts(self) -> dict[str, int]:
         """Rows per outcome: 'kept' and one entry per rule that dropped something."""
@@ -650,7 +635,7 @@ def eliminate_with_checks(
 
     kept_ids = [row.record["id"] for row in rows if row.alive]
     kept = instructions.filter(pl.col("id").is_in(kept_ids))
-    eliminated = pl.DataFrame(
+    eliminated = Eliminated.frame(
         [
             {
                 **{c: row.record[c] for c in REQUIRED_COLUMNS},
@@ -660,10 +645,9 @@ def eliminate_with_checks(
             for row in rows
             if not row.alive
         ],
-        schema=ELIMINATED_SCHEMA,
         orient="row",
     )
-    checks = pl.DataFrame(
+    checks = EliminationCheck.frame(
         [
             {
                 "id": row.record["id"],
@@ -678,7 +662,6 @@ def eliminate_with_checks(
             }
             for row in rows
         ],
-        schema=CHECKS_SCHEMA,
         orient="row",
     )
     # Counts reconcile: every input row is in exactly one of the two outputs.
@@ -701,7 +684,7 @@ def eliminate(
 
 @stage(
     name="eliminate",
-    outputs=["elimination", "elimination_checks"],
+    outputs={"elimination": Eliminated, "elimination_checks": EliminationCheck},
     shard=Shard("evolutions", lookups={"pool": ("parent_id", "id")}),
 )
 def eliminate_batch(

@@ -25,8 +25,7 @@ import polars as pl
 
 from storage.datasets import sha256_file
 from tasks.benchmarks import Benchmark, read_benchmark
-
-MATCH_SCHEMA = {"id": pl.String, "collided_with": pl.String, "similarity": pl.Float64}
+from tasks.evolution.records import EmbeddingMatch
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 # Candidates per matrix product: 4096 x 6,319 float32 similarities is ~100 MB.
@@ -96,7 +95,7 @@ def find_embedding_contamination(
     if len(ids) != len(texts):
         raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
     if not ids or not benchmarks:
-        return pl.DataFrame(schema=MATCH_SCHEMA)
+        return EmbeddingMatch.empty()
     names: list[str] = []
     blocks: list[np.ndarray] = []
     for spec in benchmarks:
@@ -119,5 +118,5 @@ def find_embedding_contamination(
             "collided_with": [names[where[i]] for i in hit],
             "similarity": best[hit].astype(np.float64),
         },
-        schema=MATCH_SCHEMA,
+        schema=EmbeddingMatch.schema(),
     )

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, SamplingParams
+from tasks.evolution.records import Evolution
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import Template, load_template
 
@@ -72,21 +73,6 @@ OPERATIONS: dict[str, Operation] = {
 }
 UPWARD_OPS = tuple(op for op, spec in OPERATIONS.items() if spec.direction == "upward")
 DOWNWARD_OPS = tuple(op for op, spec in OPERATIONS.items() if spec.direction == "downward")
-
-INSTRUCTION_SCHEMA: dict[str, pl.DataType] = {
-    "id": pl.String,
-    "parent_id": pl.String,
-    "root_id": pl.String,
-    "round": pl.Int64,
-    "direction": pl.String,
-    "op": pl.String,
-    "template_version": pl.String,
-    "model": pl.String,
-    "text": pl.String,  # the parsed problem; null when the output could not be parsed
-    "raw": pl.String,  # the completion as the model wrote it; null when the request failed
-    "finish_reason": pl.String,  # stop | length | error
-    "error": pl.String,  # the engine's error for a failed request, else null
-}
 
 
 class EvolutionMix(BaseModel):
@@ -303,7 +289,7 @@ def make_instructions(
     *,
     round: int,
 ) -> pl.DataFrame:
-    """The evolved instructions (`INSTRUCTION_SCHEMA`), one row per draw, unparseable ones too."""
+    """The evolved instructions (`Evolution`), one row per draw, unparseable ones too."""
     if len(responses) != len(draws):
         raise ValueError(f"{len(responses)} responses for {len(draws)} draws")
     texts = parent_texts(parents)
@@ -333,7 +319,7 @@ def make_instructions(
                 "error": None,
             }
         rows.append(row)
-    return pl.DataFrame(rows, schema=INSTRUCTION_SCHEMA, orient="row")
+    return Evolution.frame(rows, orient="row")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +470,7 @@ def parse_evolution(text: str | None) -> str | None:
     return text
 
 
-@stage(name="evolve", outputs=["evolutions"], shard=Shard("pool"))
+@stage(name="evolve", outputs={"evolutions": Evolution}, shard=Shard("pool"))
 def evolve_batch(
     ctx: StageContext, pool: pl.DataFrame, round: int, engine: EngineConfig, params: EvolutionParams
 ) -> StageOutput:

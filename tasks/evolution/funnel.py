@@ -14,22 +14,12 @@ from pathlib import Path
 
 import polars as pl
 
+from tasks.evolution.records import FunnelCounts
 from tasks.stage import Artifact, StageContext, StageOutput, stage
 
 PLOT_FILE = "funnel.png"
 FUNNEL_KEYS = ["round", "direction", "op"]
 OUTCOMES = ["eliminated", "duplicate", "contaminated", "kept"]
-FUNNEL_SCHEMA: dict[str, pl.DataType] = {
-    "round": pl.Int64,
-    "direction": pl.String,
-    "op": pl.String,
-    "generated": pl.Int64,
-    "eliminated": pl.Int64,
-    "duplicate": pl.Int64,
-    "contaminated": pl.Int64,
-    "kept": pl.Int64,
-    "eliminated_by_rule": pl.String,
-}
 DUPLICATE_RULES = {"exact_duplicate", "near_duplicate"}
 CONTAMINATION_RULES = {"contaminated_ngram", "contaminated_embedding"}
 
@@ -82,8 +72,8 @@ def round_funnel(
         counts.join(by_rule, on=FUNNEL_KEYS, how="left")
         .with_columns([pl.col(c).fill_null(0) for c in OUTCOMES])
         .with_columns(pl.col("eliminated_by_rule").fill_null(""))
-        .select(list(FUNNEL_SCHEMA))
-        .cast(FUNNEL_SCHEMA)
+        .select(FunnelCounts.columns())
+        .cast(FunnelCounts.schema())
         .sort(FUNNEL_KEYS)
     )
     total = counts.select(sum(pl.col(c) for c in OUTCOMES).alias("s"), "generated")
@@ -210,7 +200,7 @@ def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-@stage(name="funnel_plot", outputs=[Artifact("funnel_plot", kind="plot")])
+@stage(name="funnel_plot", outputs={"funnel_plot": Artifact(kind="plot")})
 def draw_funnel_plot(ctx: StageContext, funnel: pl.DataFrame) -> StageOutput:
     """The funnel per round and the kept evolutions per direction, as a PNG artifact."""
     plot_funnel(funnel, ctx.output_dir("funnel_plot") / PLOT_FILE)

@@ -23,24 +23,10 @@ import polars as pl
 
 from infra.verifier import VerifierPool
 from tasks.frames import require_columns
+from tasks.rewards.records import StepLabel
 from tasks.rewards.step_judge import judge_labels
 from tasks.solutions.answers import check_equivalence
 from tasks.stage import StageContext, StageOutput, stage
-
-STEP_LABEL_SCHEMA: dict[str, Any] = {
-    "solution_id": pl.String,
-    "instruction_id": pl.String,
-    "round": pl.Int64,
-    "kind": pl.String,
-    "label_source": pl.String,  # steps | execution
-    "step_index": pl.Int64,
-    "step_text": pl.String,
-    "judge": pl.Boolean,
-    "mc_soft": pl.Float64,
-    "mc_hard": pl.Boolean,
-    "consensus": pl.Boolean,
-    "note": pl.String,
-}
 
 
 def pot_outcomes(
@@ -78,7 +64,7 @@ def consensus_labels(
     rollouts: pl.DataFrame,
     pool: VerifierPool | None = None,
 ) -> pl.DataFrame:
-    """`STEP_LABEL_SCHEMA`: one row per CoT step and one per PoT solution."""
+    """`StepLabel`: one row per CoT step and one per PoT solution."""
     require_columns(
         segmented,
         ["solution_id", "instruction_id", "round", "kind", "steps", "target", "program"],
@@ -141,7 +127,7 @@ def consensus_labels(
                 "note": note,
             }
         )
-    return pl.DataFrame(rows, schema=STEP_LABEL_SCHEMA).sort("round", "solution_id", "step_index")
+    return StepLabel.frame(rows).sort("round", "solution_id", "step_index")
 
 
 def agreement_by_round(labels: pl.DataFrame) -> dict[str, dict[str, int]]:
@@ -162,7 +148,7 @@ def agreement_by_round(labels: pl.DataFrame) -> dict[str, dict[str, int]]:
     }
 
 
-@stage(name="label_steps", outputs=["step_labels"])
+@stage(name="label_steps", outputs={"step_labels": StepLabel})
 def label_steps(
     ctx: StageContext,
     segmented_solutions: pl.DataFrame,

@@ -30,23 +30,12 @@ from infra.engines.base import ChatRequest, Engine, SamplingParams
 from infra.verifier import VerifierPool
 from tasks.frames import require_columns
 from tasks.rewards.judging import stable_int
+from tasks.rewards.records import StepRollout
 from tasks.solutions.answers import check_equivalence, extract_answer
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
 
 TEMPLATE = "step_rollout"
-
-ROLLOUT_SCHEMA: dict[str, Any] = {
-    "solution_id": pl.String,
-    "step_index": pl.Int64,
-    "source": pl.String,  # rollouts | final_answer | skipped
-    "n_rollouts": pl.Int64,  # completions asked for
-    "n_judged": pl.Int64,  # completions with a verdict (failed requests, unjudged answers out)
-    "n_correct": pl.Int64,
-    "mc_soft": pl.Float64,
-    "mc_hard": pl.Boolean,
-    "note": pl.String,
-}
 
 
 class MonteCarloParams(BaseModel):
@@ -85,7 +74,7 @@ def monte_carlo_labels(
     params: MonteCarloParams,
     pool: VerifierPool | None = None,
 ) -> pl.DataFrame:
-    """`ROLLOUT_SCHEMA`, one row per step of each segmented CoT solution."""
+    """`StepRollout`, one row per step of each segmented CoT solution."""
     require_columns(
         segmented,
         ["solution_id", "kind", "problem", "steps", "extracted_answer", "target"],
@@ -156,13 +145,14 @@ def monte_carlo_labels(
         elif row["source"] != "skipped" and row["note"] is None:
             row["note"] = "no completion could be judged"
     return pl.DataFrame(
-        [{k: v for k, v in row.items() if k != "_target"} for row in rows], schema=ROLLOUT_SCHEMA
+        [{k: v for k, v in row.items() if k != "_target"} for row in rows],
+        schema=StepRollout.schema(),
     )
 
 
 @stage(
     name="rollout_steps",
-    outputs=["step_rollouts"],
+    outputs={"step_rollouts": StepRollout},
     shard=Shard("segmented_solutions", key="solution_id"),
 )
 def rollout_steps(

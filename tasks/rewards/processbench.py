@@ -30,14 +30,7 @@ from typing import Any
 import polars as pl
 
 from storage.settings import shared_data_dir
-
-ITEM_SCHEMA: dict[str, Any] = {
-    "id": pl.String,
-    "problem": pl.String,
-    "steps": pl.List(pl.String),
-    "answer": pl.String,
-    "label": pl.Int64,  # index of the first wrong step; null = no error
-}
+from tasks.rewards.records import ProcessBenchItem
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _RESULT = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
@@ -124,7 +117,7 @@ def processbench_items(limit: int | None = None, seed: int = 0) -> pl.DataFrame:
                 "label": label,
             }
         )
-    return pl.DataFrame(rows, schema=ITEM_SCHEMA)
+    return ProcessBenchItem.frame(rows)
 
 
 def processbench_scores(

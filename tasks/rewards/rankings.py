@@ -48,6 +48,7 @@ from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, Engine, SamplingParams
 from tasks.frames import require_columns
 from tasks.rewards.judging import JudgeError, json_object, kendall_tau_b, reply_text, stable_int
+from tasks.rewards.records import InstructionRanking, IrmPair
 from tasks.stage import StageContext, StageOutput, stage
 from tasks.templates import Template, load_template
 
@@ -55,64 +56,6 @@ TEMPLATE = "rank_siblings"
 CRITERIA = ("definition", "precision", "integrity")
 LABELS = string.ascii_uppercase
 MAX_SIBLINGS = len(LABELS)
-
-_ORDER_SCORE = pl.Struct(
-    {
-        "id": pl.String,
-        "definition": pl.Int64,
-        "precision": pl.Int64,
-        "integrity": pl.Int64,
-        "reason": pl.String,
-    }
-)
-_SCORE = pl.Struct(
-    {
-        "id": pl.String,
-        "source": pl.String,
-        "definition": pl.Float64,
-        "precision": pl.Float64,
-        "integrity": pl.Float64,
-        "score": pl.Float64,
-        "r_i": pl.Float64,
-        "r_i_sibling": pl.Float64,
-    }
-)
-RANKING_SCHEMA: dict[str, Any] = {
-    "group_id": pl.String,
-    "parent_id": pl.String,
-    "round": pl.Int64,
-    "n_siblings": pl.Int64,  # siblings shown to the judge
-    "sibling_ids": pl.List(pl.String),  # best first; null when no order was judged
-    "scores": pl.List(_SCORE),  # in rank order; null when no order was judged
-    "order_a": pl.List(pl.String),  # the seeded presentation order
-    "order_b": pl.List(pl.String),  # its reverse, or a second seeded permutation
-    "scores_a": pl.List(_ORDER_SCORE),  # in presentation order; null when that call failed
-    "scores_b": pl.List(_ORDER_SCORE),
-    "ranking_a": pl.List(pl.String),  # best first by order a's scores alone
-    "ranking_b": pl.List(pl.String),
-    "tau": pl.Float64,
-    "n_pairs": pl.Int64,
-    "n_consistent": pl.Int64,
-    "error_a": pl.String,
-    "error_b": pl.String,
-    "unrankable": pl.List(pl.String),  # sibling ids without text
-    "judge_model": pl.String,
-    "template_version": pl.String,
-}
-PAIR_SCHEMA: dict[str, Any] = {
-    "id": pl.String,  # <chosen_id>><rejected_id>
-    "parent_id": pl.String,
-    "round": pl.Int64,
-    "prompt": pl.String,  # the parent instruction
-    "chosen": pl.String,
-    "rejected": pl.String,
-    "chosen_id": pl.String,
-    "rejected_id": pl.String,
-    "chosen_score": pl.Float64,
-    "rejected_score": pl.Float64,
-    "margin": pl.Float64,  # chosen_score - rejected_score > 0
-    "consistent": pl.Boolean,
-}
 
 
 class RankingParams(BaseModel):
@@ -279,8 +222,8 @@ def rank_groups(
         row, pairs = _judge_group(group, responses, parent_texts, engine.identity, template.version)
         ranking_rows.append(row)
         pair_rows.extend(pairs)
-    rankings = pl.DataFrame(ranking_rows, schema=RANKING_SCHEMA, orient="row")
-    pairs = pl.DataFrame(pair_rows, schema=PAIR_SCHEMA, orient="row")
+    rankings = InstructionRanking.frame(ranking_rows, orient="row")
+    pairs = IrmPair.frame(pair_rows, orient="row")
     return rankings, pairs
 
 
@@ -382,7 +325,10 @@ def _judge_group(
     return row, pairs
 
 
-@stage(name="rank_siblings", outputs=["instruction_rankings", "irm_pairs"])
+@stage(
+    name="rank_siblings",
+    outputs={"instruction_rankings": InstructionRanking, "irm_pairs": IrmPair},
+)
 def rank_siblings(
     ctx: StageContext,
     siblings: pl.DataFrame,

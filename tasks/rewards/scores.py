@@ -26,23 +26,11 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.frames import require_columns
+from tasks.rewards.records import Reward
 from tasks.stage import StageContext, StageOutput, stage
 
 Aggregation = Literal["min", "product"]
 StepScore = Literal["consensus", "judge", "mc_soft", "mc_hard"]
-
-REWARD_SCHEMA: dict[str, Any] = {
-    "instruction_id": pl.String,
-    "solution_id": pl.String,
-    "round": pl.Int64,
-    "kind": pl.String,
-    "r_i": pl.Float64,  # instruction reward in [0, 1], one scale for all groups
-    "r_i_sibling": pl.Float64,  # normalised within the parent's siblings
-    "r_a": pl.Float64,  # answer reward in [0, 1] from the step labels
-    "r": pl.Float64,  # r_i * r_a; null when either is null
-    "r_i_note": pl.String,
-    "r_a_note": pl.String,
-}
 
 
 class ScoringParams(BaseModel):
@@ -112,7 +100,7 @@ def reward_table(
     labels: pl.DataFrame,
     params: ScoringParams,
 ) -> pl.DataFrame:
-    """`REWARD_SCHEMA`, one row per solution."""
+    """`Reward`, one row per solution."""
     require_columns(solutions, ["id", "instruction_id", "kind"], "compute_rewards solutions")
     require_columns(instructions, ["id", "round"], "compute_rewards instructions")
     rounds = dict(instructions.unique("id", keep="first").select("id", "round").iter_rows())
@@ -154,10 +142,10 @@ def reward_table(
                 "r_a_note": r_a_note,
             }
         )
-    return pl.DataFrame(rows, schema=REWARD_SCHEMA)
+    return Reward.frame(rows)
 
 
-@stage(name="compute_rewards", outputs=["rewards"])
+@stage(name="compute_rewards", outputs={"rewards": Reward})
 def compute_rewards(
     ctx: StageContext,
     solutions: pl.DataFrame,

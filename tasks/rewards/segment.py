@@ -1,7 +1,7 @@
 """Which solutions get step labels, their steps, and the answer a step must lead to (the
 `segment_solutions` stage).
 
-One row per selected solution (`SEGMENTED_SCHEMA`), so that the labelling stages can be sharded
+One row per selected solution (`SegmentedSolution`), so that the labelling stages can be sharded
 by solution and a solution's steps never straddle two shards. Rows are sorted by (round,
 solution id): a new round's solutions land in new shards and the earlier shards stay cached.
 
@@ -27,24 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.frames import require_columns
 from tasks.rewards.judging import unit_draw
+from tasks.rewards.records import SegmentedSolution
 from tasks.rewards.steps import segment_steps
 from tasks.stage import StageContext, StageOutput, stage
-
-SEGMENTED_SCHEMA: dict[str, Any] = {
-    "solution_id": pl.String,
-    "instruction_id": pl.String,
-    "round": pl.Int64,
-    "kind": pl.String,  # cot | pot_fallback_cot | pot
-    "problem": pl.String,
-    "text": pl.String,
-    "steps": pl.List(pl.String),  # null for pot
-    "n_steps": pl.Int64,
-    "extracted_answer": pl.String,
-    "program": pl.String,
-    "program_error": pl.String,
-    "target": pl.String,  # the answer to reach; null when the instruction is unverified
-    "target_source": pl.String,  # reference | majority | null
-}
 
 
 class StepParams(BaseModel):
@@ -146,11 +131,11 @@ def segment_solutions_frame(
             kept.extend(rows[: params.max_solutions_per_round])
             counts["over_cap"] += max(0, len(rows) - params.max_solutions_per_round)
         cot_rows = kept
-    out = pl.DataFrame(cot_rows + pot_rows, schema=SEGMENTED_SCHEMA, orient="row")
+    out = SegmentedSolution.frame(cot_rows + pot_rows, orient="row")
     return out.sort("round", "solution_id"), counts
 
 
-@stage(name="segment_solutions", outputs=["segmented_solutions"])
+@stage(name="segment_solutions", outputs={"segmented_solutions": SegmentedSolution})
 def segment_solutions(
     ctx: StageContext,
     solutions: pl.DataFrame,

@@ -38,24 +38,8 @@ from tasks.evolution.evolve import (
 )
 from tasks.frames import require_columns
 from tasks.rewards.judging import stable_int, unit_draw
+from tasks.rewards.records import Sibling
 from tasks.stage import StageContext, StageOutput, stage
-
-SIBLING_SCHEMA: dict[str, Any] = {
-    "group_id": pl.String,  # <parent_id>@<round>
-    "parent_id": pl.String,
-    "round": pl.Int64,
-    "id": pl.String,
-    "root_id": pl.String,
-    "source": pl.String,  # instructions | evolver
-    "evolver": pl.Int64,  # index into the evolver list; null for the data flow's evolutions
-    "direction": pl.String,
-    "op": pl.String,
-    "model": pl.String,
-    "template_version": pl.String,
-    "text": pl.String,  # null when the evolver's reply could not be parsed
-    "finish_reason": pl.String,
-    "error": pl.String,
-}
 
 
 class SiblingParams(BaseModel):
@@ -126,7 +110,7 @@ def sibling_evolutions(
     evolvers: list[Any],
     params: SiblingParams,
 ) -> pl.DataFrame:
-    """The sibling groups (`SIBLING_SCHEMA`), ordered by round, parent, source, id.
+    """The sibling groups (`Sibling`), ordered by round, parent, source, id.
 
     `evolvers` are engines (anything with `generate` and `identity`), one per evolver config.
     """
@@ -199,16 +183,16 @@ def sibling_evolutions(
                 )
             )
     if not frames:
-        return pl.DataFrame(schema=SIBLING_SCHEMA)
+        return Sibling.empty()
     out = pl.concat(frames, how="diagonal_relaxed").with_columns(
         (pl.col("parent_id") + "@" + pl.col("round").cast(pl.String)).alias("group_id")
     )
-    return out.select([pl.col(c).cast(t) for c, t in SIBLING_SCHEMA.items()]).sort(
+    return out.select([pl.col(c).cast(t) for c, t in Sibling.schema().items()]).sort(
         "round", "parent_id", "source", "id", descending=[False, False, True, False]
     )
 
 
-@stage(name="evolve_siblings", outputs=["siblings"])
+@stage(name="evolve_siblings", outputs={"siblings": Sibling})
 def evolve_siblings(
     ctx: StageContext,
     instructions: pl.DataFrame,

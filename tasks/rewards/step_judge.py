@@ -22,21 +22,11 @@ from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, Engine, SamplingParams
 from tasks.frames import require_columns
 from tasks.rewards.judging import JudgeError, json_object, reply_text
+from tasks.rewards.records import StepJudgment
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
 
 TEMPLATE = "judge_steps"
-
-JUDGMENT_SCHEMA: dict[str, Any] = {
-    "solution_id": pl.String,
-    "n_steps": pl.Int64,
-    "judged": pl.Boolean,  # false: the judge failed, every label of the solution is null
-    "first_error": pl.Int64,  # index of the first incorrect step; null = none (when judged)
-    "reason": pl.String,
-    "error": pl.String,
-    "judge_model": pl.String,
-    "template_version": pl.String,
-}
 
 
 class StepJudgeParams(BaseModel):
@@ -135,7 +125,7 @@ def judge_first_errors(
 def judge_solution_steps(
     segmented: pl.DataFrame, engine: Engine, params: StepJudgeParams
 ) -> pl.DataFrame:
-    """`JUDGMENT_SCHEMA`, one row per segmented CoT solution (PoT rows are not judged)."""
+    """`StepJudgment`, one row per segmented CoT solution (PoT rows are not judged)."""
     require_columns(segmented, ["solution_id", "kind", "problem", "steps"], "judge_steps")
     cot = segmented.filter(pl.col("kind") != "pot")
     steps = cot["steps"].to_list()
@@ -151,12 +141,12 @@ def judge_solution_steps(
         }
         for sid, s, j in zip(cot["solution_id"], steps, judgments, strict=True)
     ]
-    return pl.DataFrame(rows, schema=JUDGMENT_SCHEMA)
+    return StepJudgment.frame(rows)
 
 
 @stage(
     name="judge_steps",
-    outputs=["step_judgments"],
+    outputs={"step_judgments": StepJudgment},
     shard=Shard("segmented_solutions", key="solution_id"),
 )
 def judge_steps(

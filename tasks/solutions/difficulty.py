@@ -6,6 +6,7 @@ from __future__ import annotations
 import polars as pl
 
 from tasks.frames import require_columns
+from tasks.solutions.records import Difficulty
 from tasks.stage import StageOutput, stage
 
 
@@ -35,7 +36,7 @@ def difficulty_by_direction(instructions: pl.DataFrame, answers: pl.DataFrame) -
     return (
         joined.group_by("round", "direction")
         .agg(
-            pl.len().alias("n_evolutions"),
+            pl.len().cast(pl.Int64).alias("n_evolutions"),
             paired.sum().cast(pl.Int64).alias("n_pairs"),
             pl.col("difficulty").filter(paired).mean().alias("mean_difficulty"),
             pl.col("parent_difficulty").filter(paired).mean().alias("mean_parent_difficulty"),
@@ -48,11 +49,11 @@ def difficulty_by_direction(instructions: pl.DataFrame, answers: pl.DataFrame) -
     )
 
 
-@stage(name="difficulty", outputs=["difficulty"])
+@stage(name="difficulty", outputs={"difficulty": Difficulty})
 def report_difficulty(instructions: pl.DataFrame, answers: pl.DataFrame | None) -> StageOutput:
     """Mean difficulty of upward and downward evolutions vs their parents, per round."""
     if answers is None:
-        frame = pl.DataFrame(schema={"round": pl.Int64, "direction": pl.String})
+        frame = Difficulty.empty()
     else:
         frame = difficulty_by_direction(instructions, answers)
     return StageOutput({"difficulty": frame}, {"rows": frame.height})

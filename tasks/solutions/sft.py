@@ -21,6 +21,7 @@ from infra.engines.base import Engine, SamplingParams
 from infra.verifier import VerifierPool
 from tasks.frames import require_columns
 from tasks.solutions.answers import check_equivalence, extract_answer
+from tasks.solutions.records import SftAnswer
 from tasks.solutions.solve import COT_TEMPLATE, DEFAULT_COT_SAMPLING, chat_requests
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
@@ -44,18 +45,6 @@ class SftParams(BaseModel):
         return self.model_dump(mode="json", exclude={"enabled"})
 
 
-SFT_SCHEMA: dict[str, Any] = {
-    "seed_id": pl.String,
-    "solution": pl.String,
-    "predicted": pl.String,
-    "correct": pl.Boolean,
-    "tries": pl.Int64,
-    "reason": pl.String,
-    "model": pl.String,
-    "template_version": pl.String,
-}
-
-
 def sft_answers(
     seeds: pl.DataFrame,
     engine: Engine,
@@ -65,7 +54,7 @@ def sft_answers(
 ) -> pl.DataFrame:
     """Re-solve each seed step by step; keep the first sample whose answer matches the reference.
 
-    One row per seed (`SFT_SCHEMA`): `solution` is the kept sample (null when none matched),
+    One row per seed (`SftAnswer`): `solution` is the kept sample (null when none matched),
     `predicted` the kept or last extracted answer, `tries` the samples drawn for that seed.
     """
     require_columns(seeds, ["id", "question", "answer"], "sft_answers seeds")
@@ -117,10 +106,10 @@ def sft_answers(
                 state[i]["reason"] = "wrong_answer" if verdict is False else "unjudged"
             still_open.append(i)
         open_rows = still_open
-    return pl.DataFrame(state, schema=SFT_SCHEMA)
+    return SftAnswer.frame(state)
 
 
-@stage(name="sft_answers", outputs=["sft_answers"], shard=Shard("seeds"))
+@stage(name="sft_answers", outputs={"sft_answers": SftAnswer}, shard=Shard("seeds"))
 def write_sft_answers(
     ctx: StageContext, seeds: pl.DataFrame, engine: EngineConfig, params: SftParams
 ) -> StageOutput:

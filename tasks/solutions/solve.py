@@ -25,6 +25,7 @@ from infra.sandbox import SandboxSettings
 from tasks.frames import require_columns
 from tasks.solutions.answers import extract_answer, extract_program_answer
 from tasks.solutions.programs import ProgramRunner, extract_program, program_failure
+from tasks.solutions.records import Answer, SampledSolution, Solution
 from tasks.solutions.voting import vote_answers
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import Template, load_template
@@ -77,22 +78,6 @@ DEFAULT_COT_SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=51
 DEFAULT_POT_SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=384, seed=0)
 
 
-SOLUTION_SCHEMA: dict[str, Any] = {
-    "id": pl.String,  # <instruction_id>:<sample>, the solution's id in rewards and step labels
-    "instruction_id": pl.String,
-    "kind": pl.String,  # cot | pot | pot_fallback_cot
-    "sample": pl.Int64,
-    "text": pl.String,
-    "program": pl.String,
-    "program_stdout": pl.String,
-    "program_error": pl.String,
-    "extracted_answer": pl.String,
-    "finish_reason": pl.String,
-    "model": pl.String,
-    "template_version": pl.String,
-}
-
-
 def solution_id(instruction_id: str, sample: int) -> str:
     return f"{instruction_id}:{sample}"
 
@@ -129,7 +114,7 @@ def write_solutions(
 ) -> pl.DataFrame:
     """k_cot CoT samples and k_pot PoT programs per instruction, one row per sample slot.
 
-    Columns: `SOLUTION_SCHEMA`. PoT rows carry the program, its stdout and, when it gave no
+    Columns: `SampledSolution`. PoT rows carry the program, its stdout and, when it gave no
     answer, `program_error`. With `fallback`, a failed PoT slot is re-answered by a CoT sample
     (`kind = "pot_fallback_cot"`, `text` is the CoT, the failed program stays for audit).
     """
@@ -218,7 +203,7 @@ def write_solutions(
 
     order = {iid: i for i, iid in enumerate(ids)}
     rows.sort(key=lambda r: (order[r["instruction_id"]], r["sample"]))
-    return pl.DataFrame(rows, schema=SOLUTION_SCHEMA)
+    return SampledSolution.frame(rows)
 
 
 def _fallback_to_cot(
@@ -262,7 +247,7 @@ def _fallback_to_cot(
 
 @stage(
     name="solve",
-    outputs=["solutions", "answers"],
+    outputs={"solutions": Solution, "answers": Answer},
     # Shards by content, not by round: a round's few new instructions would make batches of a
     # few rows (the demo's eight rounds were eight sequential batches of 1-8 rows); new rows
     # still change only the shard they land in.

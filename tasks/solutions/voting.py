@@ -10,13 +10,13 @@ the agreement ratio.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import polars as pl
 
 from infra.verifier import VerifierPool
 from tasks.frames import require_columns
 from tasks.solutions.answers import check_equivalence, normalize_answer
+from tasks.solutions.records import VotedAnswer
 
 
 @dataclass(frozen=True)
@@ -125,21 +125,6 @@ def majority_vote(answers: list[str | None], pool: VerifierPool | None = None) -
 # Pseudo-labels of instructions
 # ---------------------------------------------------------------------------------------------
 
-ANSWER_SCHEMA: dict[str, Any] = {
-    "instruction_id": pl.String,
-    "answer": pl.String,
-    "agreement": pl.Float64,
-    "n_samples": pl.Int64,
-    "n_answered": pl.Int64,
-    "group_sizes": pl.List(pl.Int64),
-    "cot_answer": pl.String,
-    "pot_answer": pl.String,
-    "cot_pot_agreement": pl.Boolean,
-    "difficulty": pl.Float64,
-    "verified": pl.Boolean,
-    "reference_match": pl.Boolean,
-}
-
 
 def vote_answers(
     solutions: pl.DataFrame,
@@ -149,7 +134,7 @@ def vote_answers(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Majority answer per instruction, and the solutions with a `verdict` column.
 
-    `answers` has one row per instruction present in `solutions` (`ANSWER_SCHEMA`). `agreement`
+    `answers` has one row per instruction present in `solutions` (`VotedAnswer`). `agreement`
     counts unanswered samples in its denominator; `cot_answer`/`pot_answer` are the majorities
     of the CoT samples (fallbacks included, they are CoT) and of the programs;
     `cot_pot_agreement` is null unless both exist. `reference_match` is null where there is no
@@ -229,7 +214,7 @@ def vote_answers(
                 "reference_match": match,
             }
         )
-    answers = pl.DataFrame(answer_rows, schema=ANSWER_SCHEMA)
+    answers = VotedAnswer.frame(answer_rows)
     verdict_col = pl.Series(
         "verdict", [verdicts[r] for r in solutions["_row"].to_list()], dtype=pl.Boolean
     )

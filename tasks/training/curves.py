@@ -57,7 +57,7 @@ def plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     return path
 
 
-@stage(name="training_curves", outputs=[Artifact("training_curves", kind="plot")])
+@stage(name="training_curves", outputs={"training_curves": Artifact(kind="plot")})
 def draw_training_curves(
     ctx: StageContext,
     sft_model: ArtifactDir | None,

@@ -96,7 +96,7 @@ def training_pairs(irm_set: pl.DataFrame, params: IrmTrainParams, side: str) -> 
     return rows
 
 
-@stage(name="train_irm", outputs=[Artifact("irm_model", kind="model")])
+@stage(name="train_irm", outputs={"irm_model": Artifact(kind="model")})
 def train_irm(
     ctx: StageContext, irm_set: pl.DataFrame, base_model: BaseModelSpec, params: IrmTrainParams
 ) -> StageOutput:

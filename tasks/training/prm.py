@@ -137,7 +137,7 @@ def prm_dataset(rows: pl.DataFrame) -> Any:
     return Dataset.from_list(rows.select("prompt", "completions", "labels").to_dicts())
 
 
-@stage(name="train_prm", outputs=[Artifact("prm_model", kind="model")])
+@stage(name="train_prm", outputs={"prm_model": Artifact(kind="model")})
 def train_prm(
     ctx: StageContext,
     prm_steps: pl.DataFrame,

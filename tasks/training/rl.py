@@ -189,7 +189,7 @@ def held_out_eval(
     }
 
 
-@stage(name="train_rl", outputs=[Artifact("rl_model", kind="model")])
+@stage(name="train_rl", outputs={"rl_model": Artifact(kind="model")})
 def train_rl(
     ctx: StageContext,
     rl_prompts: pl.DataFrame,

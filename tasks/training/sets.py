@@ -38,63 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.frames import require_columns
 from tasks.stage import StageOutput, stage
 from tasks.training import formats
+from tasks.training.records import IrmExample, PrmExample, RlPrompt, SftExample
 
 TRAIN, TEST = "train", "test"
-
-SFT_SET_SCHEMA: dict[str, Any] = {
-    "id": pl.String,  # <instruction_id>:<kind>
-    "instruction_id": pl.String,
-    "root_id": pl.String,
-    "round": pl.Int64,
-    "source": pl.String,  # sft_answer (a seed's SFT answer) | solution (a voted solution)
-    "kind": pl.String,  # cot | pot
-    "solution_id": pl.String,  # null for SFT answers
-    "prompt": pl.String,
-    "completion": pl.String,
-    "answer": pl.String,
-    "split": pl.String,
-}
-IRM_SET_SCHEMA: dict[str, Any] = {
-    "id": pl.String,
-    "parent_id": pl.String,
-    "root_id": pl.String,
-    "round": pl.Int64,
-    "parent": pl.String,  # the parent instruction's text (irm_pairs.prompt)
-    "prompt": pl.String,  # formats.irm_prompt(parent): what the IRM reads before an evolution
-    "chosen": pl.String,
-    "rejected": pl.String,
-    "chosen_id": pl.String,
-    "rejected_id": pl.String,
-    "margin": pl.Float64,
-    "consistent": pl.Boolean,
-    "split": pl.String,
-}
-PRM_STEPS_SCHEMA: dict[str, Any] = {
-    "id": pl.String,  # the solution id
-    "instruction_id": pl.String,
-    "root_id": pl.String,
-    "round": pl.Int64,
-    "kind": pl.String,  # cot | pot_fallback_cot | pot
-    "prompt": pl.String,
-    "completions": pl.List(pl.String),  # the steps, in order
-    "labels": pl.List(pl.Boolean),  # true = correct step; null = not judged
-    "first_error": pl.Int64,  # index of the first step labelled false; null = none
-    "n_steps": pl.Int64,
-    "labeller": pl.String,
-    "split": pl.String,
-}
-RL_PROMPTS_SCHEMA: dict[str, Any] = {
-    "id": pl.String,  # the instruction id
-    "root_id": pl.String,
-    "round": pl.Int64,
-    "prompt": pl.String,
-    "instruction": pl.String,
-    "parent": pl.String,  # the parent instruction's text; null for seeds
-    "label": pl.String,  # the reference answer (seeds) or the verified majority answer
-    "label_source": pl.String,  # reference | majority
-    "r_i": pl.Float64,  # the judge's instruction reward (rewards dataset); null when absent
-    "split": pl.String,
-}
 
 
 class SplitParams(BaseModel):
@@ -240,7 +186,7 @@ def sft_set_frame(
     params: SftSetParams,
     held_out: frozenset[str],
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The SFT rows (`SFT_SET_SCHEMA`) and the counts of what was left out, by reason."""
+    """The SFT rows (`SftExample`) and the counts of what was left out, by reason."""
     require_columns(seeds, ["id", "question", "answer"], "seeds")
     table = _instruction_table(instructions)
     references = {
@@ -371,7 +317,7 @@ def sft_set_frame(
                 "split": TEST if inst["root_id"] in held_out else TRAIN,
             }
         )
-    frame = pl.DataFrame(rows, schema=SFT_SET_SCHEMA)
+    frame = SftExample.frame(rows)
     stats = split_stats(frame, "kind") | {
         "candidates": table.height,
         "left_out": left_out,
@@ -385,7 +331,7 @@ def sft_set_frame(
     return frame, stats
 
 
-@stage(name="sft_set", outputs=["sft_set"])
+@stage(name="sft_set", outputs={"sft_set": SftExample})
 def build_sft_set(
     seeds: pl.DataFrame,
     instructions: pl.DataFrame,
@@ -414,7 +360,7 @@ def build_sft_set(
 def irm_set_frame(
     irm_pairs: pl.DataFrame, instructions: pl.DataFrame, held_out: frozenset[str]
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The IRM pairs with their IRM prompt and root seed (`IRM_SET_SCHEMA`)."""
+    """The IRM pairs with their IRM prompt and root seed (`IrmExample`)."""
     require_columns(
         irm_pairs,
         ["id", "parent_id", "round", "prompt", "chosen", "rejected", "chosen_id", "rejected_id"],
@@ -442,13 +388,13 @@ def irm_set_frame(
         pl.col("rejected").str.strip_chars(),
         pl.col("margin").fill_null(0.0).cast(pl.Float64),
         _split_column(held_out),
-    ).select(list(IRM_SET_SCHEMA))
-    frame = frame.cast(IRM_SET_SCHEMA)
+    ).select(IrmExample.columns())
+    frame = frame.cast(IrmExample.schema())
     stats = split_stats(frame, "consistent") | {"candidates": irm_pairs.height}
     return frame, stats
 
 
-@stage(name="irm_set", outputs=["irm_set"])
+@stage(name="irm_set", outputs={"irm_set": IrmExample})
 def build_irm_set(
     irm_pairs: pl.DataFrame, instructions: pl.DataFrame, split: SplitParams, params: IrmSetParams
 ) -> StageOutput:
@@ -474,7 +420,7 @@ def prm_steps_frame(
     params: PrmStepsParams,
     held_out: frozenset[str],
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """One row per labelled solution (`PRM_STEPS_SCHEMA`), steps in `step_index` order."""
+    """One row per labelled solution (`PrmExample`), steps in `step_index` order."""
     require_columns(
         step_labels, ["solution_id", "instruction_id", "step_index", "step_text"], "step_labels"
     )
@@ -547,7 +493,7 @@ def prm_steps_frame(
                 "split": TEST if inst["root_id"] in held_out else TRAIN,
             }
         )
-    frame = pl.DataFrame(rows, schema=PRM_STEPS_SCHEMA)
+    frame = PrmExample.frame(rows)
     all_labels = (
         frame["labels"].explode().drop_nulls() if frame.height else pl.Series([], dtype=pl.Boolean)
     )
@@ -564,7 +510,7 @@ def prm_steps_frame(
     return frame, stats
 
 
-@stage(name="prm_steps", outputs=["prm_steps"])
+@stage(name="prm_steps", outputs={"prm_steps": PrmExample})
 def build_prm_steps(
     step_labels: pl.DataFrame,
     instructions: pl.DataFrame,
@@ -590,7 +536,7 @@ def rl_prompts_frame(
     params: RlPromptsParams,
     held_out: frozenset[str],
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The RL prompts (`RL_PROMPTS_SCHEMA`) with their labels and the judge's rI."""
+    """The RL prompts (`RlPrompt`) with their labels and the judge's rI."""
     require_columns(seeds, ["id", "answer"], "seeds")
     table = _instruction_table(instructions)
     parents = table.select(
@@ -650,7 +596,7 @@ def rl_prompts_frame(
                 "split": TEST if inst["root_id"] in held_out else TRAIN,
             }
         )
-    frame = pl.DataFrame(rows, schema=RL_PROMPTS_SCHEMA)
+    frame = RlPrompt.frame(rows)
     stats = split_stats(frame, "label_source") | {
         "candidates": table.height,
         "left_out": left_out,
@@ -660,7 +606,7 @@ def rl_prompts_frame(
     return frame, stats
 
 
-@stage(name="rl_prompts", outputs=["rl_prompts"])
+@stage(name="rl_prompts", outputs={"rl_prompts": RlPrompt})
 def build_rl_prompts(
     seeds: pl.DataFrame,
     instructions: pl.DataFrame,

@@ -46,7 +46,7 @@ def eval_metrics(trainer: Any, rows: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-@stage(name="train_sft", outputs=[Artifact("sft_model", kind="model")])
+@stage(name="train_sft", outputs={"sft_model": Artifact(kind="model")})
 def train_sft(
     ctx: StageContext, sft_set: pl.DataFrame, base_model: BaseModelSpec, params: SftTrainParams
 ) -> StageOutput:

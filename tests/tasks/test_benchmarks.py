@@ -9,7 +9,6 @@ import polars as pl
 import pytest
 
 from tasks.benchmarks import (
-    ITEM_SCHEMA,
     REGISTRY,
     BenchmarkError,
     BenchmarkSource,
@@ -20,6 +19,7 @@ from tasks.benchmarks import (
     seeded_subset,
     strip_unit_note,
 )
+from tasks.records import BenchmarkItem
 
 SIZES = {
     "gsm8k": 1319,
@@ -35,7 +35,7 @@ SIZES = {
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_shared_set_reads_into_normalised_items(shared_data, name):
     items = read_items(benchmark_source(name))
-    assert items.schema == pl.Schema(ITEM_SCHEMA)
+    assert items.schema == BenchmarkItem.schema()
     assert items.height == SIZES[name]
     assert items["id"].n_unique() == items.height
     assert items["question"].null_count() == 0 and items["answer"].null_count() == 0

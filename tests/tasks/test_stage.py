@@ -14,6 +14,7 @@ from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, SamplingParams
 from storage.catalog import Catalog
 from storage.datasets import DatasetStore
+from tasks.records import Record, RecordError
 from tasks.stage import (
     SHARD_PREFIX,
     Artifact,
@@ -29,6 +30,27 @@ from tests.fakes import ScriptedEngine
 CALLS: list[str] = []
 
 
+class Number(Record):
+    """A numbered row of the test inputs."""
+
+    id: pl.String
+    x: pl.Int64
+
+
+class Answered(Number):
+    """A number with the engine's answer."""
+
+    answer: pl.String
+
+
+class LabelledChild(Record):
+    """A child row with its parent's name."""
+
+    id: pl.String
+    parent: pl.String
+    name: pl.String
+
+
 class Scale(BaseModel):
     factor: int = 2
 
@@ -40,7 +62,7 @@ class ScaleWithNote(Scale):
     note: str = ""
 
 
-@stage(outputs=["scaled"])
+@stage(outputs={"scaled": Number})
 def scale_numbers(
     numbers: pl.DataFrame, offsets: pl.DataFrame | None, params: Scale
 ) -> StageOutput:
@@ -55,20 +77,23 @@ def scale_numbers(
     return StageOutput({"scaled": out}, {"rows": out.height})
 
 
-@stage(outputs=["doubled"], shard=Shard("numbers", rows=4))
+@stage(outputs={"doubled": Number}, shard=Shard("numbers", rows=4))
 def double_rows(numbers: pl.DataFrame) -> StageOutput:
     CALLS.append(f"shard:{numbers.height}")
     return StageOutput({"doubled": numbers.with_columns(pl.col("x") * 2)}, {"rows": numbers.height})
 
 
-@stage(outputs=["labelled"], shard=Shard("children", rows=2, lookups={"parents": ("parent", "id")}))
+@stage(
+    outputs={"labelled": LabelledChild},
+    shard=Shard("children", rows=2, lookups={"parents": ("parent", "id")}),
+)
 def label_children(children: pl.DataFrame, parents: pl.DataFrame) -> StageOutput:
     CALLS.append(f"lookup:{sorted(parents['id'].to_list())}")
     joined = children.join(parents.rename({"id": "parent"}), on="parent", how="left")
     return StageOutput({"labelled": joined})
 
 
-@stage(outputs=[Artifact("model", kind="model")])
+@stage(outputs={"model": Artifact(kind="model")})
 def train_toy(ctx: StageContext, numbers: pl.DataFrame, fail_after_checkpoint: bool) -> StageOutput:
     checkpoint = ctx.work_dir("model") / "checkpoint.txt"
     resumed = checkpoint.exists()
@@ -79,7 +104,7 @@ def train_toy(ctx: StageContext, numbers: pl.DataFrame, fail_after_checkpoint: b
     return StageOutput(stats={"resumed": resumed, "loss": 0.5})
 
 
-@stage(outputs=["answers"])
+@stage(outputs={"answers": Answered})
 def ask_engine(ctx: StageContext, numbers: pl.DataFrame, engine: EngineConfig) -> StageOutput:
     llm = ctx.engine(engine)
     requests = [
@@ -88,6 +113,27 @@ def ask_engine(ctx: StageContext, numbers: pl.DataFrame, engine: EngineConfig) -
     ]
     texts = [r.text for r in llm.generate(requests)]
     return StageOutput({"answers": numbers.with_columns(pl.Series("answer", texts))})
+
+
+@stage(outputs={"halved": Number, "kept": Number})
+def halve_numbers(numbers: pl.DataFrame, mistake: str) -> StageOutput:
+    """Halve x, making the `mistake` asked for in the `halved` output."""
+    halved = numbers.with_columns(pl.col("x") // 2)
+    if mistake == "dtype":
+        halved = halved.with_columns(pl.col("x") / 2)
+    elif mistake == "missing":
+        halved = halved.drop("x")
+    elif mistake == "extra":
+        halved = halved.with_columns(pl.lit(1.5).alias("half"))
+    elif mistake == "order":
+        halved = halved.select("x", "id")
+    return StageOutput({"halved": halved, "kept": numbers})
+
+
+@stage(outputs={"halves": Number}, shard=Shard("numbers", rows=4))
+def halve_rows(numbers: pl.DataFrame) -> StageOutput:
+    """A sharded stage that writes x / 2 (a Float64) where its record says Int64."""
+    return StageOutput({"halves": numbers.with_columns(pl.col("x") / 2)})
 
 
 def _numbers(store: DatasetStore, n: int, start: int = 0, name: str = "numbers"):
@@ -257,3 +303,56 @@ def test_in_a_flow_stages_are_cached_prefect_tasks(prefect_harness, store):
     CALLS.clear()
     second = pipeline()
     assert second.cached and second.refs == first.refs and CALLS == []
+
+
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        (
+            "dtype",
+            "stage halve_numbers: output 'halved' (Number): column 'x' has type Float64, "
+            "expected Int64",
+        ),
+        ("missing", "stage halve_numbers: output 'halved' (Number): column 'x' (Int64) is missing"),
+        (
+            "extra",
+            "stage halve_numbers: output 'halved' (Number): unexpected column 'half' (Float64)",
+        ),
+        (
+            "order",
+            "stage halve_numbers: output 'halved' (Number): column 'x' is at position 0, "
+            "expected 'id' there",
+        ),
+    ],
+)
+def test_a_frame_that_does_not_match_its_record_fails_the_stage_and_writes_nothing(
+    store, mistake, message
+):
+    numbers = _numbers(store, 5)
+    with pytest.raises(RecordError) as error:
+        halve_numbers.run(numbers=numbers, mistake=mistake)
+    assert str(error.value) == message
+    assert not store.versions("halved") and not store.versions("kept")
+    assert halve_numbers.run(numbers=numbers, mistake="none")["halved"]
+
+
+def test_each_shard_is_checked_before_it_is_written(store):
+    numbers = _numbers(store, 10)
+    with pytest.raises(
+        RecordError, match=r"stage halve_rows: output 'halves' .*'x' has type Float64"
+    ):
+        halve_rows.run(numbers=numbers)
+    assert SHARD_PREFIX + "halves" not in store.names(internal=True)
+
+
+def test_outputs_name_a_record_or_an_artifact():
+    def body(numbers: pl.DataFrame) -> StageOutput:
+        return StageOutput()
+
+    with pytest.raises(StageError, match="outputs must map each name"):
+        stage(outputs=["numbers"])(body)
+    with pytest.raises(StageError, match="output 'numbers' is <class 'dict'>"):
+        stage(outputs={"numbers": dict})(body)
+    declared = stage(outputs={"numbers": Number, "plot": Artifact(kind="plot")})(body)
+    assert declared.outputs == ["numbers", "plot"]
+    assert declared.records == {"numbers": Number} and set(declared.artifacts) == {"plot"}

@@ -8,7 +8,7 @@ from flows.reports.common import stage_lines
 from flows.reports.data import data_report_markdown, render_summary, round_line
 from flows.state import DataState, Step
 from storage.datasets import DatasetStore
-from tasks.evolution.funnel import FUNNEL_SCHEMA
+from tasks.evolution.records import FunnelCounts
 
 
 def _state(home) -> DataState:
@@ -31,7 +31,7 @@ def _state(home) -> DataState:
                 "eliminated_by_rule": "no_question: 1",
             }
         ],
-        schema=FUNNEL_SCHEMA,
+        schema=FunnelCounts.schema(),
     )
     difficulty = pl.DataFrame(
         {

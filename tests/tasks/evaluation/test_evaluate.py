@@ -11,7 +11,6 @@ import infra.engines as engines
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, Completion
 from infra.sandbox import SandboxSettings
-from tasks.benchmarks import ITEM_SCHEMA
 from tasks.evaluation.evaluate import (
     DecodingParams,
     evaluate_batch,
@@ -23,6 +22,7 @@ from tasks.evaluation.evaluate import (
     vote_letters,
 )
 from tasks.evaluation.models import ModelTarget
+from tasks.records import BenchmarkItem
 from tasks.templates import load_template
 from tests.fakes import FakeResult, FakeSandbox, ScriptedEngine, last_user_message
 
@@ -47,7 +47,7 @@ def item(bench: str, id: str, question: str, answer: str, choices=None) -> dict:
 
 
 def items(*rows: dict) -> pl.DataFrame:
-    return pl.DataFrame(list(rows), schema=ITEM_SCHEMA)
+    return BenchmarkItem.frame(list(rows))
 
 
 def target(label: str = "m", fmt: str = "alpaca", model: str | None = None) -> ModelTarget:

@@ -10,13 +10,13 @@ from storage.datasets import DatasetStore
 from storage.settings import home
 from tasks.benchmarks import benchmark_source, read_items
 from tasks.evaluation.guard import (
-    CONTAMINATION_SCHEMA,
     GuardParams,
     guard_contamination,
     guard_models,
     training_texts,
 )
 from tasks.evaluation.models import ModelTarget
+from tasks.evaluation.records import Contamination
 
 UNRELATED = (
     "Tom keeps chickens that lay 20 eggs per day. He uses 5 eggs every day to bake bread and "
@@ -68,7 +68,7 @@ def setup(shared_data):
 def test_items_in_a_models_training_sets_are_flagged(setup):
     models = [target("base", []), target("sft", [setup["sft_set"]])]
     frame, stats = guard_models(setup["items"], models, GuardParams(), setup["store"])
-    assert frame.schema == pl.Schema(CONTAMINATION_SCHEMA)
+    assert frame.schema == Contamination.schema()
     assert frame.height == 2 * setup["items"].height  # one row per model x item
     base = frame.filter(pl.col("model") == "base")
     assert base["contaminated"].null_count() == base.height  # unknown, not clean

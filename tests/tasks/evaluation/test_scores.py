@@ -6,8 +6,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from tasks.evaluation.evaluate import RESULT_SCHEMA
-from tasks.evaluation.guard import CONTAMINATION_SCHEMA
+from tasks.evaluation.records import Contamination, EvalResult
 from tasks.evaluation.scores import PLOT_FILE, plot_scores, score_results, wilson_interval
 
 
@@ -44,7 +43,7 @@ def test_wilson_interval_edge_cases():
 
 
 def result(model, bench, item, mode, correct, answer="1", **extra) -> dict:
-    row = dict.fromkeys(RESULT_SCHEMA)
+    row = dict.fromkeys(EvalResult.columns())
     row.update(
         model=model,
         model_ref=None,
@@ -62,8 +61,8 @@ def result(model, bench, item, mode, correct, answer="1", **extra) -> dict:
     return row
 
 
-def frame(rows, schema) -> pl.DataFrame:
-    return pl.DataFrame(rows, schema=schema)
+def frame(rows, record) -> pl.DataFrame:
+    return record.frame(rows)
 
 
 def test_scores_count_judged_items_fallbacks_and_overlap():
@@ -79,7 +78,7 @@ def test_scores_count_judged_items_fallbacks_and_overlap():
             result("sft", "gsm8k", "2", "cot", True),
             result("sft", "gsm8k", "3", "cot", False),
         ],
-        RESULT_SCHEMA,
+        EvalResult,
     )
     guard = frame(
         [{"model": "base", "benchmark": "gsm8k", "item_id": i, "contaminated": None} for i in "123"]
@@ -87,7 +86,7 @@ def test_scores_count_judged_items_fallbacks_and_overlap():
             {"model": "sft", "benchmark": "gsm8k", "item_id": i, "contaminated": i == "2"}
             for i in "123"
         ],
-        CONTAMINATION_SCHEMA,
+        Contamination,
     )
     scores = score_results(results, guard)
     rows = {(r["model"], r["mode"]): r for r in scores.to_dicts()}
@@ -108,7 +107,7 @@ def test_scores_count_judged_items_fallbacks_and_overlap():
 
 
 def test_scores_without_a_guard_have_unknown_overlap():
-    results = frame([result("m", "b", "1", "cot", True)], RESULT_SCHEMA)
+    results = frame([result("m", "b", "1", "cot", True)], EvalResult)
     scores = score_results(results, None)
     assert scores.row(0, named=True)["contaminated"] is None
     assert scores.row(0, named=True)["accuracy"] == 1.0
@@ -121,7 +120,7 @@ def test_nothing_judged_has_no_accuracy_and_the_chart_still_draws(tmp_path):
             result("n", "b", "1", "cot", True),
             result("n", "c", "1", "hybrid", False),
         ],
-        RESULT_SCHEMA,
+        EvalResult,
     )
     scores = score_results(results, None)
     first = scores.row(0, named=True)

@@ -6,16 +6,13 @@ import polars as pl
 
 from storage.datasets import DatasetStore
 from tasks.evolution.combine import (
-    INSTRUCTIONS_SCHEMA,
-    REMOVED_SCHEMA,
     combine_round,
     next_pool,
     removed_rows,
     seeds_as_instructions,
 )
-from tasks.evolution.dedup import REMOVED_SCHEMA as DEDUP_SCHEMA
-from tasks.evolution.eliminate import ELIMINATED_SCHEMA
-from tasks.evolution.evolve import INSTRUCTION_SCHEMA, EvolutionParams
+from tasks.evolution.evolve import EvolutionParams
+from tasks.evolution.records import DedupRemoved, Eliminated, Evolution, Instruction, Removed
 
 
 def rows(ids, parents, round=1, **extra):
@@ -34,7 +31,7 @@ def rows(ids, parents, round=1, **extra):
         "finish_reason": ["stop"] * n,
         "error": [None] * n,
     }
-    return pl.DataFrame({**data, **extra}, schema=INSTRUCTION_SCHEMA)
+    return pl.DataFrame({**data, **extra}, schema=Evolution.schema())
 
 
 SEEDS = pl.DataFrame(
@@ -44,16 +41,14 @@ SEEDS = pl.DataFrame(
 
 def test_next_pool_keeps_evolutions_and_returns_parents_without_one():
     previous = seeds_as_instructions(SEEDS)
-    kept = rows(["a.1"], ["a"]).select(list(INSTRUCTIONS_SCHEMA))
+    kept = rows(["a.1"], ["a"]).select(Instruction.columns())
     pool = next_pool(previous, kept, None, seed=0, round=1)
     assert pool["id"].to_list() == ["a.1", "b", "c"]  # a evolved; b and c come back
 
 
 def test_next_pool_cap_is_a_seeded_sample():
     previous = seeds_as_instructions(SEEDS)
-    kept = rows(["a.1", "a.2", "b.1", "c.1"], ["a", "a", "b", "c"]).select(
-        list(INSTRUCTIONS_SCHEMA)
-    )
+    kept = rows(["a.1", "a.2", "b.1", "c.1"], ["a", "a", "b", "c"]).select(Instruction.columns())
     capped = next_pool(previous, kept, 2, seed=0, round=1)
     assert capped.height == 2 and set(capped["id"]) <= {"a.1", "a.2", "b.1", "c.1"}
     assert next_pool(previous, kept, 2, seed=0, round=1).equals(capped)
@@ -62,7 +57,7 @@ def test_next_pool_cap_is_a_seeded_sample():
 
 
 def test_removed_rows_puts_both_stages_in_one_table():
-    elimination = pl.DataFrame(
+    elimination = Eliminated.frame(
         [
             {
                 "id": "a.1",
@@ -75,10 +70,9 @@ def test_removed_rows_puts_both_stages_in_one_table():
                 "rule": "no_question",
                 "evidence": "no question mark",
             }
-        ],
-        schema=ELIMINATED_SCHEMA,
+        ]
     )
-    dedup = pl.DataFrame(
+    dedup = DedupRemoved.frame(
         [
             {
                 "id": "b.1",
@@ -95,15 +89,14 @@ def test_removed_rows_puts_both_stages_in_one_table():
             }
         ]
     )
-    assert set(DEDUP_SCHEMA) <= set(dedup.columns)
     out = removed_rows(elimination, dedup, round=1)
-    assert out.schema == pl.Schema(REMOVED_SCHEMA)
+    assert out.schema == Removed.schema()
     assert out.select("id", "stage", "rule", "collided_with").rows() == [
         ("a.1", "elimination", "no_question", None),
         ("b.1", "dedup", "exact_duplicate", "c"),
     ]
     empty = removed_rows(elimination.clear(), pl.DataFrame(), round=1)
-    assert empty.is_empty() and empty.schema == pl.Schema(REMOVED_SCHEMA)
+    assert empty.is_empty() and empty.schema == Removed.schema()
 
 
 def test_combine_stage_counts_reconcile(evolforge_home):
@@ -114,23 +107,14 @@ def test_combine_stage_counts_reconcile(evolforge_home):
 
     start = seeds_as_instructions(SEEDS)
     evolutions = rows(["a.1", "b.1", "c.1"], ["a", "b", "c"])
-    elimination = pl.DataFrame(
-        [
-            {
-                **{
-                    k: v for k, v in evolutions.row(1, named=True).items() if k in ELIMINATED_SCHEMA
-                },
-                "rule": "sorry_answer",
-                "evidence": "sorry",
-            }
-        ],
-        schema=ELIMINATED_SCHEMA,
+    elimination = Eliminated.frame(
+        [{**evolutions.row(1, named=True), "rule": "sorry_answer", "evidence": "sorry"}]
     )
     result = combine_round.run(
         round=1,
         evolutions=put("evolutions", evolutions),
         elimination=put("elimination", elimination),
-        dedup=put("dedup", pl.DataFrame(schema={**DEDUP_SCHEMA, "parent_id": pl.String})),
+        dedup=put("dedup", DedupRemoved.empty()),
         instructions=put("instructions", start),
         pool=put("pool", start),
         eliminated=None,

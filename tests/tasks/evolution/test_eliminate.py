@@ -12,8 +12,6 @@ from pydantic import ValidationError
 
 from infra.engines.base import ChatRequest, ChatResponse, Completion, SamplingParams
 from tasks.evolution.eliminate import (
-    CHECKS_SCHEMA,
-    ELIMINATED_SCHEMA,
     RULES,
     EliminationParams,
     Verdict,
@@ -38,6 +36,7 @@ from tasks.evolution.evolve import (
     draw_operations,
     make_instructions,
 )
+from tasks.evolution.records import Eliminated, EliminationCheck
 from tasks.templates import load_template
 from tests.fakes import ScriptedEngine, last_user_message
 
@@ -316,7 +315,7 @@ def test_eliminate_applies_every_rule_once_and_reconciles():
     assert kept.height + eliminated.height == instructions.height
     assert kept.columns == instructions.columns  # kept rows pass through unchanged
     assert sorted(kept["id"]) == ["judge_garbage", "keep", "probe_error"]
-    assert eliminated.schema == pl.Schema(ELIMINATED_SCHEMA)
+    assert eliminated.schema == Eliminated.schema()
     got = dict(zip(eliminated["id"], eliminated["rule"], strict=True))
     assert got == {name: rule for name, (_, rule) in CASES.items() if rule}
     assert set(got.values()) == set(RULES)  # every rule fired on its own case
@@ -334,7 +333,7 @@ def test_eliminate_applies_every_rule_once_and_reconciles():
     assert versions == sorted(versions, key=[PROBE, EQUAL, SOLVABLE].index)
 
     checks = {row["id"]: row for row in result.checks.to_dicts()}
-    assert result.checks.schema == pl.Schema(CHECKS_SCHEMA)
+    assert result.checks.schema == EliminationCheck.schema()
     assert list(checks) == list(CASES)
     assert checks["keep"]["probe_answer"].endswith("The answer is: 260")
     assert checks["keep"]["equal_verdict"] == "Not Equal" and checks["keep"]["solvable"] is True

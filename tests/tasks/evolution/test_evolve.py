@@ -14,7 +14,6 @@ from pydantic import ValidationError
 from infra.engines.base import ChatResponse, Completion, SamplingParams
 from tasks.evolution.evolve import (
     DOWNWARD_OPS,
-    INSTRUCTION_SCHEMA,
     OPERATIONS,
     UPWARD_OPS,
     EvolutionMix,
@@ -24,6 +23,7 @@ from tasks.evolution.evolve import (
     make_instructions,
     parse_evolution,
 )
+from tasks.evolution.records import Evolution
 from tasks.templates import PROMPTS_DIR, load_template
 
 PROBLEM = r"If $\frac{x}{2} + 3 = 7$, what is the value of $x$?"
@@ -265,7 +265,7 @@ def test_make_instructions_keeps_every_draw_with_lineage():
         ChatResponse(completions=[], error="TimeoutError: took too long"),
     ]
     df = make_instructions(parents, draws, responses, "smollm2@abc", round=2)
-    assert df.schema == pl.Schema(INSTRUCTION_SCHEMA)
+    assert df.schema == Evolution.schema()
     rows = df.to_dicts()
     assert [r["id"] for r in rows] == [
         evolution_id("r1-aaa", 2, "concretize", 0),

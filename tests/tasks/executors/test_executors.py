@@ -15,18 +15,26 @@ from tasks.executors import (
     current_executor,
     use_executor,
 )
+from tasks.records import Record
 from tasks.stage import Shard, stage
 
 BODY_CALLS: list[int] = []
 
 
-@stage(outputs=["tripled"], shard=Shard("numbers", rows=4))
+class Number(Record):
+    """A numbered row."""
+
+    id: pl.String
+    x: pl.Int64
+
+
+@stage(outputs={"tripled": Number}, shard=Shard("numbers", rows=4))
 def triple_rows(numbers: pl.DataFrame) -> StageOutput:
     BODY_CALLS.append(numbers.height)
     return StageOutput({"tripled": numbers.with_columns(pl.col("x") * 3)})
 
 
-@stage(outputs=["broken"])
+@stage(outputs={"broken": Number})
 def return_a_list(numbers: pl.DataFrame) -> StageOutput:
     return StageOutput({"broken": numbers["x"].to_list()})  # type: ignore[dict-item]
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from tasks.rewards.consensus import STEP_LABEL_SCHEMA, agreement_by_round, consensus_labels
-from tasks.rewards.monte_carlo import ROLLOUT_SCHEMA
+from tasks.rewards.consensus import agreement_by_round, consensus_labels
+from tasks.rewards.records import StepJudgment, StepLabel, StepRollout
 from tasks.rewards.segment import StepParams, segment_solutions_frame
-from tasks.rewards.step_judge import JUDGMENT_SCHEMA
 from tests.tasks.rewards.helpers import (
     answers_frame,
     instructions_frame,
@@ -36,7 +35,7 @@ def judgments(first_errors: dict[str, int | None], failed: set[str] = frozenset(
         }
         for sid, n in zip(seg["solution_id"], seg["n_steps"], strict=True)
     ]
-    return pl.DataFrame(rows, schema={k: JUDGMENT_SCHEMA[k] for k in rows[0]})
+    return pl.DataFrame(rows, schema={k: StepJudgment.schema()[k] for k in rows[0]})
 
 
 def rollouts(hard: dict[tuple[str, int], bool | None]) -> pl.DataFrame:
@@ -53,7 +52,7 @@ def rollouts(hard: dict[tuple[str, int], bool | None]) -> pl.DataFrame:
                     "mc_hard": h,
                 }
             )
-    return pl.DataFrame(rows, schema={k: ROLLOUT_SCHEMA[k] for k in rows[0]})
+    return pl.DataFrame(rows, schema={k: StepRollout.schema()[k] for k in rows[0]})
 
 
 def test_consensus_keeps_agreement_and_counts_disagreement(pool):
@@ -63,7 +62,7 @@ def test_consensus_keeps_agreement_and_counts_disagreement(pool):
         rollouts({("a:1", 0): False, ("a:1", 1): False, ("a1:0", 1): True, ("a1x:0", 0): None}),
         pool,
     )
-    assert labels.schema == pl.Schema(STEP_LABEL_SCHEMA)
+    assert labels.schema == StepLabel.schema()
     steps = {(r["solution_id"], r["step_index"]): r for r in labels.iter_rows(named=True)}
     assert steps[("a:1", 0)]["judge"] is False and steps[("a:1", 0)]["consensus"] is False
     assert steps[("a:1", 1)]["judge"] is None and steps[("a:1", 1)]["consensus"] is None

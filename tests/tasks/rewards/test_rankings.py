@@ -9,14 +9,13 @@ import pytest
 
 from tasks.rewards.judging import JudgeError, kendall_tau_b
 from tasks.rewards.rankings import (
-    PAIR_SCHEMA,
-    RANKING_SCHEMA,
     RankingParams,
     parse_ranking,
     presentation_orders,
     rank_groups,
     ranking_schema,
 )
+from tasks.rewards.records import InstructionRanking, IrmPair
 from tests.fakes import ScriptedEngine
 from tests.tasks.rewards.helpers import listed_siblings, ranking_reply
 
@@ -89,7 +88,7 @@ def test_kendall_tau_b():
 def test_a_fair_judge_agrees_with_itself_across_orders():
     engine = ScriptedEngine(ranking_reply(by_length), identity="judge")
     rankings, pairs = rank_groups(siblings_frame(), PARENTS, engine, RankingParams())
-    assert rankings.schema == pl.Schema(RANKING_SCHEMA) and pairs.schema == pl.Schema(PAIR_SCHEMA)
+    assert rankings.schema == InstructionRanking.schema() and pairs.schema == IrmPair.schema()
     assert len(engine.calls) == 4  # two orders per group
     p = rankings.filter(pl.col("group_id") == "p@1").row(0, named=True)
     assert p["sibling_ids"] == ["x3", "x2", "x1"]  # best first

@@ -5,7 +5,8 @@ from __future__ import annotations
 import polars as pl
 
 from infra.engines.base import ChatRequest
-from tasks.solutions.sft import SFT_SCHEMA, sft_answers
+from tasks.solutions.records import SftAnswer
+from tasks.solutions.sft import sft_answers
 from tasks.templates import load_template
 from tests.fakes import ScriptedEngine, last_user_message
 
@@ -44,7 +45,7 @@ def test_sft_answers_keeps_first_correct_sample(pool):
 
     engine = ScriptedEngine(reply, identity="scripted-sft")
     out = sft_answers(SEEDS, engine, samples_per_seed=3, pool=pool)
-    assert out.schema == pl.Schema(SFT_SCHEMA)
+    assert out.schema == SftAnswer.schema()
     assert out.height == SEEDS.height
     rows = {r["seed_id"]: r for r in out.to_dicts()}
     assert rows["s1"] | {} == rows["s1"]

@@ -6,8 +6,9 @@ import polars as pl
 import pytest
 
 from infra.engines.base import ChatRequest, Completion, SamplingParams
+from tasks.solutions.records import SampledSolution
 from tasks.solutions.sft import sft_answers
-from tasks.solutions.solve import FALLBACK_SEED_OFFSET, SOLUTION_SCHEMA, write_solutions
+from tasks.solutions.solve import FALLBACK_SEED_OFFSET, write_solutions
 from tasks.solutions.voting import vote_answers
 from tasks.templates import load_template, render_messages
 from tests.fakes import FakeSandbox, ScriptedEngine, last_user_message
@@ -82,7 +83,7 @@ def test_write_solutions_hybrid_fallback():
     engine = ScriptedEngine(solution_reply, identity="scripted-sol")
     sandbox = FakeSandbox()
     out = write_solutions(INSTRUCTIONS, engine, sandbox, k_cot=3, k_pot=3)
-    assert out.schema == pl.Schema(SOLUTION_SCHEMA)
+    assert out.schema == SampledSolution.schema()
     assert out["id"].n_unique() == out.height and out["id"][0] == f"{out['instruction_id'][0]}:0"
     # Every sample slot has a row: 3 instructions x (3 + 3).
     assert out.height == 18

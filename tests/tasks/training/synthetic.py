@@ -15,10 +15,8 @@ from typing import Any
 import polars as pl
 
 from storage.datasets import DatasetRef, DatasetStore
-from tasks.evolution.combine import INSTRUCTIONS_SCHEMA
-from tasks.solutions.sft import SFT_SCHEMA
-from tasks.solutions.solve import SOLUTION_SCHEMA
-from tasks.solutions.voting import ANSWER_SCHEMA
+from tasks.evolution.records import Instruction
+from tasks.solutions.records import Answer, SftAnswer, Solution
 
 N_SEEDS = 6
 
@@ -114,10 +112,10 @@ def frames() -> dict[str, pl.DataFrame]:
         )  # fmt: skip
     return {
         "seeds": pl.DataFrame(seeds, schema_overrides={"subject": pl.String, "level": pl.Int64}),
-        "instructions": pl.DataFrame(instructions, schema=INSTRUCTIONS_SCHEMA),
-        "sft_answers": pl.DataFrame(sft, schema=SFT_SCHEMA),
-        "solutions": pl.DataFrame(solutions, schema={**SOLUTION_SCHEMA, "verdict": pl.Boolean}),
-        "answers": pl.DataFrame(answers, schema={**ANSWER_SCHEMA, "round": pl.Int64}),
+        "instructions": Instruction.frame(instructions),
+        "sft_answers": SftAnswer.frame(sft),
+        "solutions": Solution.frame(solutions),
+        "answers": Answer.frame(answers),
         "irm_pairs": pl.DataFrame(pairs),
         "step_labels": pl.DataFrame(steps),
         "rewards": pl.DataFrame(rewards),

@@ -9,11 +9,8 @@ import pytest
 from storage.datasets import DatasetStore
 from storage.settings import home
 from tasks.training import sets
+from tasks.training.records import IrmExample, PrmExample, RlPrompt, SftExample
 from tasks.training.sets import (
-    IRM_SET_SCHEMA,
-    PRM_STEPS_SCHEMA,
-    RL_PROMPTS_SCHEMA,
-    SFT_SET_SCHEMA,
     PrmStepsParams,
     RlPromptsParams,
     SftSetParams,
@@ -43,7 +40,7 @@ def test_sft_set_rows_prompts_and_completions(data):
         SftSetParams(pot_ratio=0.0),
         _held_out(data),
     )
-    assert frame.schema == pl.Schema(SFT_SET_SCHEMA)
+    assert frame.schema == SftExample.schema()
     # 6 seeds + 6 verified evolutions (the ".b" evolutions are unverified).
     assert frame.height == 12 and stats["left_out"] == {"unverified": 6}
     assert stats["candidates"] == frame.height + sum(stats["left_out"].values())
@@ -96,7 +93,7 @@ def test_prm_steps_labels_by_labeller(data):
         PrmStepsParams(),
         _held_out(data),
     )
-    assert frame.schema == pl.Schema(PRM_STEPS_SCHEMA)
+    assert frame.schema == PrmExample.schema()
     # 36 CoT solutions; s4's two seed solutions have null consensus labels: left out.
     assert stats["left_out"] == {"unlabelled": 2} and frame.height == 34
     bad = frame.filter(pl.col("id") == "s0.r1.a:1").row(0, named=True)
@@ -126,7 +123,7 @@ def test_rl_prompts_labels_and_judge_r_i(data):
         data["seeds"], data["instructions"], data["answers"], data["rewards"],
         RlPromptsParams(), _held_out(data),
     )  # fmt: skip
-    assert frame.schema == pl.Schema(RL_PROMPTS_SCHEMA)
+    assert frame.schema == RlPrompt.schema()
     assert stats["by_label_source"] == {"majority": 6, "reference": 6}
     assert stats["left_out"] == {"unverified": 6} and stats["with_r_i"] == 12
     rows = {r["id"]: r for r in frame.to_dicts()}
@@ -142,7 +139,7 @@ def test_rl_prompts_labels_and_judge_r_i(data):
 
 def test_irm_set_renders_the_parent_and_checks_rows(data):
     frame, _stats = sets.irm_set_frame(data["irm_pairs"], data["instructions"], _held_out(data))
-    assert frame.schema == pl.Schema(IRM_SET_SCHEMA) and frame.height == 6
+    assert frame.schema == IrmExample.schema() and frame.height == 6
     row = frame.row(0, named=True)
     assert row["prompt"].endswith(
         "### Original instruction:\nWhat is 3 + 5?\n\n### Evolved instruction:\n"

@@ -60,7 +60,14 @@ def _nearest(model: type[BaseModel], loc: tuple[Any, ...], key: str) -> str | No
         node = annotation
     fields = getattr(node, "model_fields", None) or {}
     match = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-    return match[0] if match else None
+    if match:
+        return match[0]
+    # A key that moved into a group of settings (`temperature` → `sampling.temperature`).
+    for name, info in fields.items():
+        inner = getattr(info.annotation, "model_fields", None) or {}
+        if key in inner:
+            return f"{name}.{key}"
+    return None
 
 
 def validation_message(exc: ValidationError, model: type[BaseModel], where: str) -> str:

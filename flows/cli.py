@@ -26,14 +26,27 @@ from typing import Any
 from storage.errors import UserError
 
 EXIT_ERROR = 2
-# The flows `evolforge run --flow` knows (flows/registry.py; listed here so that `sql` and
-# `datasets` start without importing Prefect).
-FLOW_NAMES = ["factory", "data", "rewards", "training_sets", "training", "evaluation"]
 EPHEMERAL_STARTUP_TIMEOUT_S = 180
 
 
 class CliError(UserError):
     """A user-facing error: printed as one line."""
+
+
+class _FlowNames:
+    """The names of `flows.registry.FLOWS`, read only when `run --flow` is parsed or its help
+    printed, so that `sql` and `datasets` start without importing Prefect and the flows."""
+
+    def _names(self) -> list[str]:
+        from flows.registry import FLOWS
+
+        return list(FLOWS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 def _prepare_env() -> None:
@@ -302,21 +315,17 @@ def _export(store, manifest, args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.params import FLOW_PARAMS, load_params
+    from flows.registry import FLOWS, load_params
 
-    if args.flow not in FLOW_PARAMS:
-        raise CliError(f"no flow named {args.flow!r} (known: {', '.join(FLOW_PARAMS)})")
     params = load_params(args.config, args.set or [], args.flow)
-    from flows.registry import FLOWS, SUMMARIES
-
-    state = FLOWS[args.flow](params=params)
-    print(SUMMARIES[args.flow](state))
+    entry = FLOWS[args.flow]
+    print(entry.summary(entry.flow(params=params)))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from flows.evaluation import eval_params_from_cli, evaluation
-    from tasks.evaluation.report import render_evaluation_summary
+    from flows.evaluation import eval_params_from_cli
+    from flows.registry import FLOWS
 
     def split(text: str | None) -> list[str]:
         return [part.strip() for part in (text or "").split(",") if part.strip()]
@@ -332,7 +341,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config=args.config,
         overrides=args.set or [],
     )
-    print(render_evaluation_summary(evaluation(params=params)))
+    entry = FLOWS["evaluation"]
+    print(entry.summary(entry.flow(params=params)))
     return 0
 
 
@@ -378,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--flow",
         default="factory",
-        choices=FLOW_NAMES,
-        help="which flow: the whole factory (default) or one part of it",
+        choices=_FlowNames(),
+        metavar="NAME",
+        help="which flow: the whole factory (default) or one part of it: %(choices)s",
     )
     run.add_argument("--config", help="run profile (YAML), e.g. configs/demo.yaml")
     run.add_argument(

@@ -163,3 +163,42 @@ def test_export_push_to_hub_offline_is_one_clear_line(capsys, evolforge_home, mo
         capsys, "datasets", "export", "seeds", "--as", "jsonl", "--push-to-hub", "me/x"
     )
     assert code == 2 and "--push-to-hub needs --as hf" in err
+
+
+def test_eval_follows_extends_like_run(capsys, evolforge_home, tmp_path, monkeypatch):
+    """`evolforge eval --config` reads a profile as `run` does: `extends:` included."""
+    from flows.registry import FLOWS, FlowEntry
+
+    seen = []
+
+    def evaluation(params):
+        seen.append(params)
+
+    monkeypatch.setitem(
+        FLOWS, "evaluation", FlowEntry(evaluation, lambda full: full.evaluation, lambda _: "done")
+    )
+    (tmp_path / "base.yaml").write_text(
+        "evaluation:\n  k: 4\n  modes: [cot]\n  decoding: {cot_max_tokens: 96}\n"
+    )
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nevaluation:\n  limit: 3\n")
+    code, out, err = run(
+        capsys, "eval", "--config", str(tmp_path / "child.yaml"), "--set", "evaluation.seed=7"
+    )
+    assert (code, out.strip(), err) == (0, "done", "")
+    (params,) = seen
+    assert (params.limit, params.k, params.seed, params.modes) == (3, 4, 7, ["cot"])
+    assert params.decoding.cot_max_tokens == 96
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    code, _, err = run(capsys, "eval", "--config", str(tmp_path / "loop.yaml"))
+    assert code != 0 and "profiles extend each other in a circle" in err
+
+
+def test_run_knows_the_registrys_flows(capsys, evolforge_home):
+    from flows.registry import FLOWS
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert ", ".join(FLOWS) in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--flow", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.params import ConfigError, DataParams, FactoryParams, load_params
+from flows.params import ConfigError, DataParams, FactoryParams
+from flows.registry import load_params
 from infra.engines.base import SamplingParams
 from storage.settings import PROJECT_ROOT
 
@@ -96,3 +97,15 @@ def test_a_sampling_key_is_set_in_its_group_and_the_old_key_points_there():
     assert (params.evolution.sampling.temperature, params.evolution.sampling.top_p) == (0.2, 0.95)
     with pytest.raises(ConfigError, match=r"did you mean 'evolution\.sampling\.temperature'"):
         load_params(None, ["evolution.temperature=0.2"])
+
+
+def test_each_registered_flow_gets_the_parameters_its_signature_declares():
+    import typing
+
+    from flows.registry import FLOWS
+
+    full = FactoryParams()
+    for name, entry in FLOWS.items():
+        hints = typing.get_type_hints(entry.flow.fn)
+        assert type(entry.params(full)) is hints["params"], name
+        assert callable(entry.summary), name

@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -147,17 +148,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             "--path/--name apply to one source; ingest several files with one command each and --add"
         )
     try:
+        options = {field: getattr(args, field) for field in INGEST_OPTIONS.values()}
         sources = [
-            SeedSource(
-                kind=kind,
-                path=args.path,
-                name=args.name,
-                config=args.hf_config,
-                split=args.split,
-                format=args.format,
-                mapping=_parse_mapping(args.map),
-                label=args.label,
-            )
+            SeedSource(kind=kind, mapping=_parse_mapping(args.map), **options)
             for kind in args.source
         ]
         previous = _previous_seeds()
@@ -355,34 +348,70 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+# `evolforge ingest` options that set a field of each `SeedSource` (option → field): their
+# choices, defaults and help are the model's.
+INGEST_OPTIONS = {
+    "--path": "path",
+    "--name": "name",
+    "--config": "config",
+    "--split": "split",
+    "--format": "format",
+    "--label": "label",
+    "--limit": "limit",
+}
+
+
+def _option_from_field(parser: argparse.ArgumentParser, flag: str, info: Any, **extra) -> None:
+    """An option whose type, choices, default and help come from a pydantic field."""
+    annotation = info.annotation
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = options[0] if len(options) == 1 else None
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    default = info.get_default(call_default_factory=True)
+    help_text = (info.description or "").replace("%", "%%")
+    if default is not None:
+        help_text += " (default: %(default)s)"
+    parser.add_argument(
+        flag,
+        type=kind if kind in (int, float) else None,
+        choices=choices,
+        default=default,
+        help=help_text,
+        **extra,
+    )
+
+
+def _add_ingest(sub: Any) -> None:
+    # pydantic and the seed models only; nothing heavy, so `sql` and `datasets` still start fast.
+    from tasks.seeds import IngestParams, SeedSource
+
+    ingest = sub.add_parser("ingest", help="load seed problems into the seeds dataset")
+    kind = SeedSource.model_fields["kind"]
+    ingest.add_argument(
+        "source", nargs="+", choices=typing.get_args(kind.annotation), help=kind.description
+    )
+    for flag, field in INGEST_OPTIONS.items():
+        _option_from_field(ingest, flag, SeedSource.model_fields[field], dest=field)
+    ingest.add_argument("--map", help="field mapping, e.g. question=q,answer=a,solution=s,id=uid")
+    ingest.add_argument(
+        "--strict",
+        action="store_true",
+        help=IngestParams.model_fields["strict"].description,
+    )
+    ingest.add_argument(
+        "--add", action="store_true", help="add to the current seeds instead of replacing them"
+    )
+    _option_from_field(ingest, "--max-row-chars", IngestParams.model_fields["max_row_chars"])
+    ingest.set_defaults(func=cmd_ingest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evolforge", description="A data factory for math instruction data."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ingest = sub.add_parser("ingest", help="load seed problems into the seeds dataset")
-    ingest.add_argument("source", nargs="+", choices=["gsm8k", "math", "sample", "file", "hf"])
-    ingest.add_argument(
-        "--path",
-        help="local file (jsonl, json, csv, parquet); gsm8k/math default to ../shared/data train",
-    )
-    ingest.add_argument("--name", help="hub data set name (hf)")
-    ingest.add_argument("--config", dest="hf_config", help="hub data set config (hf)")
-    ingest.add_argument("--split", default="train")
-    ingest.add_argument(
-        "--format", choices=["gsm8k", "math", "seed"], help="record layout of a file/hf source"
-    )
-    ingest.add_argument("--map", help="field mapping, e.g. question=q,answer=a,solution=s,id=uid")
-    ingest.add_argument("--label", help="value of the source column (default: the source kind)")
-    ingest.add_argument(
-        "--strict", action="store_true", help="fail on the first bad row instead of rejecting it"
-    )
-    ingest.add_argument(
-        "--add", action="store_true", help="add to the current seeds instead of replacing them"
-    )
-    ingest.add_argument("--max-row-chars", type=int, default=20_000)
-    ingest.set_defaults(func=cmd_ingest)
+    _add_ingest(sub)
 
     run = sub.add_parser("run", help="run the factory flow (or one of its flows)")
     run.add_argument(

@@ -202,3 +202,32 @@ def test_run_knows_the_registrys_flows(capsys, evolforge_home):
     with pytest.raises(SystemExit):
         main(["run", "--flow", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_ingest_options_take_their_defaults_and_choices_from_the_seed_models(monkeypatch):
+    import typing
+
+    from flows.cli import INGEST_OPTIONS, build_parser
+    from tasks.seeds import IngestParams, SeedSource
+
+    args = build_parser().parse_args(["ingest", "sample"])
+    source = SeedSource()
+    for field in INGEST_OPTIONS.values():
+        assert getattr(args, field) == getattr(source, field), field
+    assert args.max_row_chars == IngestParams().max_row_chars
+    assert args.strict is IngestParams().strict
+    # One source of truth: a changed model default is the command's default.
+    monkeypatch.setattr(SeedSource.model_fields["split"], "default", "validation")
+    monkeypatch.setattr(IngestParams.model_fields["max_row_chars"], "default", 123)
+    args = build_parser().parse_args(["ingest", "sample"])
+    assert (args.split, args.max_row_chars) == ("validation", 123)
+    formats = typing.get_args(typing.get_args(SeedSource.model_fields["format"].annotation)[0])
+    for name in formats:
+        assert build_parser().parse_args(["ingest", "file", "--format", name]).format == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ingest", "file", "--format", "alpaca"])
+
+
+def test_ingest_limit_reads_only_the_first_rows(capsys, evolforge_home):
+    code, out, _ = run(capsys, "ingest", "sample", "--limit", "5")
+    assert code == 0 and "read 5 = accepted 5 + rejected 0" in out

@@ -6,6 +6,7 @@
     evolforge run --config configs/demo.yaml --set evolution.rounds=2
     evolforge run --flow data --config configs/demo.yaml
     evolforge sql "SELECT source, count(*) FROM seeds GROUP BY ALL"
+    evolforge sql --shell                            # a read-only SQL prompt (or stdin)
     evolforge datasets ls | show seeds | export seeds --to out.jsonl
 
 Every command fails with one line on stderr and a non-zero exit; set EVOLFORGE_DEBUG=1 for the
@@ -215,12 +216,98 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from storage.catalog import Catalog
     from storage.settings import home
 
+    if args.shell == (args.query is not None):
+        raise CliError("sql needs a QUERY or --shell (not both)")
+    if args.shell:
+        return _sql_shell(Catalog(home()), args.format)
     try:
         columns, rows = Catalog(home()).query(args.query)
     except duckdb.Error as exc:
         raise CliError(f"sql: {str(exc).splitlines()[0]}") from exc
     print_rows(columns, rows, args.format)
     return 0
+
+
+SHELL_HELP = """Statements end with ';' and may span lines. Each opens the catalog read-only on
+its own, so a running flow can update it in between. .tables lists the tables and views,
+.quit (or end of input) leaves."""
+
+
+def _shell_line(interactive: bool, prompt: str) -> str | None:
+    """The next line typed at the prompt, or read from stdin when it is not a terminal; None at
+    the end of input."""
+    if not interactive:
+        return sys.stdin.readline() or None
+    try:
+        return input(prompt)
+    except EOFError:
+        print()
+        return None
+
+
+def _sql_shell(catalog: Any, fmt: str) -> int:
+    """A read-only SQL prompt on the catalog: the DuckDB of this environment, which reads the
+    catalog file the project wrote (a DuckDB CLI of another version may not)."""
+    import duckdb
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        print(f"evolforge sql shell on {catalog.path} (read-only).\n{SHELL_HELP}")
+    failed = False
+    buffer: list[str] = []
+    while True:
+        try:
+            line = _shell_line(interactive, "     ...> " if buffer else "evolforge> ")
+        except KeyboardInterrupt:  # at the prompt: drop the statement being typed
+            print()
+            buffer = []
+            continue
+        if line is None:
+            break
+        command = line.strip()
+        if not buffer and command in (".quit", ".exit"):
+            break
+        if not buffer and command == ".help":
+            print(SHELL_HELP)
+            continue
+        if not buffer and command == ".tables":
+            failed |= not _shell_run(catalog, "SHOW TABLES", fmt)
+            continue
+        if command:
+            buffer.append(line.rstrip("\n"))
+        if not command.endswith(";"):
+            continue
+        text, buffer = "\n".join(buffer), []
+        try:
+            statements = [s.query for s in duckdb.extract_statements(text)]
+        except duckdb.Error as exc:
+            _shell_error(exc)
+            failed = True
+            continue
+        for statement in statements:
+            failed |= not _shell_run(catalog, statement, fmt)
+    if buffer:  # a last statement without ';'
+        failed |= not _shell_run(catalog, "\n".join(buffer), fmt)
+    return EXIT_ERROR if failed and not interactive else 0
+
+
+def _shell_run(catalog: Any, statement: str, fmt: str) -> bool:
+    import duckdb
+
+    try:
+        columns, rows = catalog.query(statement)
+    except duckdb.Error as exc:
+        _shell_error(exc)
+        return False
+    if columns:
+        print_rows(columns, rows, fmt)
+    return True
+
+
+def _shell_error(exc: Exception) -> None:
+    print(f"evolforge: sql: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -428,7 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     sql = sub.add_parser("sql", help="query the catalog (read-only)")
-    sql.add_argument("query")
+    sql.add_argument("query", nargs="?", help="one statement; or --shell")
+    sql.add_argument(
+        "--shell",
+        action="store_true",
+        help="a read-only SQL prompt (statements from stdin when it is not a terminal)",
+    )
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.set_defaults(func=cmd_sql)
 

@@ -231,3 +231,31 @@ def test_ingest_options_take_their_defaults_and_choices_from_the_seed_models(mon
 def test_ingest_limit_reads_only_the_first_rows(capsys, evolforge_home):
     code, out, _ = run(capsys, "ingest", "sample", "--limit", "5")
     assert code == 0 and "read 5 = accepted 5 + rejected 0" in out
+
+
+def test_sql_shell_reads_statements_from_stdin(capsys, evolforge_home):
+    """`evolforge sql --shell`: the catalog's views, statements over lines and several on a
+    line, read-only; a failed statement is reported and the others still run."""
+    run(capsys, "ingest", "sample", "--limit", "4")
+    script = (
+        "SELECT count(*) AS n\n  FROM seeds;\n"
+        ".tables\n"
+        "SELECT name FROM versions WHERE name = 'seeds'; SELECT 'a;b' AS s;\n"
+        "CREATE TABLE x (a INT);\n"
+        "SELECT 7 AS last\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "sql", "--shell", "--format", "json"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    views = {row["name"] for row in rows if "name" in row} - {"seeds"}
+    assert rows[0] == {"n": 4} and rows[-2:] == [{"s": "a;b"}, {"last": 7}]
+    assert {"seeds_rejected", "versions", "models", "artifacts"} <= views
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "read-only mode" in proc.stderr
+    code, _, err = run(capsys, "sql", "SELECT 1", "--shell")
+    assert code != 0 and "a QUERY or --shell" in err

@@ -261,6 +261,8 @@ def _sql_shell(catalog: Any, fmt: str) -> int:
         try:
             line = _shell_line(interactive, "     ...> " if buffer else "evolforge> ")
         except KeyboardInterrupt:  # at the prompt: drop the statement being typed
+            if not interactive:
+                raise
             print()
             buffer = []
             continue

@@ -69,7 +69,9 @@ def processbench_part(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
         items["problem"].to_list(),
         items["steps"].to_list(),
         engine,
-        StepJudgeParams(reason_max_chars=args.reason_chars, max_tokens=args.judge_tokens),
+        StepJudgeParams(
+            reason_max_chars=args.reason_chars, sampling={"max_tokens": args.judge_tokens}
+        ),
     )
     predictions = [j["first_error"] if j["judged"] else math.nan for j in judgments]
     out["judge"] = processbench_scores(labels, predictions) | _cost(engine, before, start)
@@ -86,7 +88,9 @@ def processbench_part(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     rollouts = monte_carlo_labels(
         segmented,
         engine,
-        MonteCarloParams(n=args.n, max_tokens=args.rollout_tokens, temperature=0.7),
+        MonteCarloParams(
+            n=args.n, sampling={"max_tokens": args.rollout_tokens, "temperature": 0.7}
+        ),
     )
     hard = rollouts.group_by("solution_id", maintain_order=True).agg(
         pl.col("mc_hard").sort_by("step_index")
@@ -123,7 +127,10 @@ def ranking_part(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
         groups,
         [engine],
         SiblingParams(
-            k=args.k, share=1.0, include_data_evolutions=False, max_tokens=args.evolve_tokens
+            k=args.k,
+            share=1.0,
+            include_data_evolutions=False,
+            sampling={"max_tokens": args.evolve_tokens},
         ),
     )
     evolve_cost = _cost(engine, before, start)
@@ -132,7 +139,9 @@ def ranking_part(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
         siblings,
         dict(zip(instructions["id"], instructions["text"], strict=True)),
         engine,
-        RankingParams(reason_max_chars=args.reason_chars, max_tokens=args.rank_tokens),
+        RankingParams(
+            reason_max_chars=args.reason_chars, sampling={"max_tokens": args.rank_tokens}
+        ),
     )
     figures = ranking_figures(rankings, pairs)
     failed = int(rankings["error_a"].is_not_null().sum() + rankings["error_b"].is_not_null().sum())

@@ -45,7 +45,7 @@ DEMO_TRAINING = {
         "processbench_limit": 8, "eval_rows": 4,
     },
     "rl": {
-        "max_steps": 2, "batch_size": 1, "num_generations": 2, "max_completion_length": 48,
+        "max_steps": 2, "batch_size": 1, "num_generations": 2, "sampling": {"max_tokens": 48},
         "learning_rate": 1.0e-6, "eval_rows": 1, "reward_max_length": 256,
         "judge_fallback": False, "r_i_default": 1.0,
     },

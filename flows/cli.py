@@ -6,6 +6,7 @@
     evolforge run --config configs/demo.yaml --set evolution.rounds=2
     evolforge run --flow data --config configs/demo.yaml
     evolforge sql "SELECT source, count(*) FROM seeds GROUP BY ALL"
+    evolforge sql --shell                            # a read-only SQL prompt (or stdin)
     evolforge datasets ls | show seeds | export seeds --to out.jsonl
 
 Every command fails with one line on stderr and a non-zero exit; set EVOLFORGE_DEBUG=1 for the
@@ -20,20 +21,34 @@ import csv
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 from storage.errors import UserError
 
 EXIT_ERROR = 2
-# The flows `evolforge run --flow` knows (flows/registry.py; listed here so that `sql` and
-# `datasets` start without importing Prefect).
-FLOW_NAMES = ["factory", "data", "rewards", "training_sets", "training", "evaluation"]
 EPHEMERAL_STARTUP_TIMEOUT_S = 180
 
 
 class CliError(UserError):
     """A user-facing error: printed as one line."""
+
+
+class _FlowNames:
+    """The names of `flows.registry.FLOWS`, read only when `run --flow` is parsed or its help
+    printed, so that `sql` and `datasets` start without importing Prefect and the flows."""
+
+    def _names(self) -> list[str]:
+        from flows.registry import FLOWS
+
+        return list(FLOWS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 def _prepare_env() -> None:
@@ -134,17 +149,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             "--path/--name apply to one source; ingest several files with one command each and --add"
         )
     try:
+        options = {field: getattr(args, field) for field in INGEST_OPTIONS.values()}
         sources = [
-            SeedSource(
-                kind=kind,
-                path=args.path,
-                name=args.name,
-                config=args.hf_config,
-                split=args.split,
-                format=args.format,
-                mapping=_parse_mapping(args.map),
-                label=args.label,
-            )
+            SeedSource(kind=kind, mapping=_parse_mapping(args.map), **options)
             for kind in args.source
         ]
         previous = _previous_seeds()
@@ -209,12 +216,100 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from storage.catalog import Catalog
     from storage.settings import home
 
+    if args.shell == (args.query is not None):
+        raise CliError("sql needs a QUERY or --shell (not both)")
+    if args.shell:
+        return _sql_shell(Catalog(home()), args.format)
     try:
         columns, rows = Catalog(home()).query(args.query)
     except duckdb.Error as exc:
         raise CliError(f"sql: {str(exc).splitlines()[0]}") from exc
     print_rows(columns, rows, args.format)
     return 0
+
+
+SHELL_HELP = """Statements end with ';' and may span lines. Each opens the catalog read-only on
+its own, so a running flow can update it in between. .tables lists the tables and views,
+.quit (or end of input) leaves."""
+
+
+def _shell_line(interactive: bool, prompt: str) -> str | None:
+    """The next line typed at the prompt, or read from stdin when it is not a terminal; None at
+    the end of input."""
+    if not interactive:
+        return sys.stdin.readline() or None
+    try:
+        return input(prompt)
+    except EOFError:
+        print()
+        return None
+
+
+def _sql_shell(catalog: Any, fmt: str) -> int:
+    """A read-only SQL prompt on the catalog: the DuckDB of this environment, which reads the
+    catalog file the project wrote (a DuckDB CLI of another version may not)."""
+    import duckdb
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        print(f"evolforge sql shell on {catalog.path} (read-only).\n{SHELL_HELP}")
+    failed = False
+    buffer: list[str] = []
+    while True:
+        try:
+            line = _shell_line(interactive, "     ...> " if buffer else "evolforge> ")
+        except KeyboardInterrupt:  # at the prompt: drop the statement being typed
+            if not interactive:
+                raise
+            print()
+            buffer = []
+            continue
+        if line is None:
+            break
+        command = line.strip()
+        if not buffer and command in (".quit", ".exit"):
+            break
+        if not buffer and command == ".help":
+            print(SHELL_HELP)
+            continue
+        if not buffer and command == ".tables":
+            failed |= not _shell_run(catalog, "SHOW TABLES", fmt)
+            continue
+        if command:
+            buffer.append(line.rstrip("\n"))
+        if not command.endswith(";"):
+            continue
+        text, buffer = "\n".join(buffer), []
+        try:
+            statements = [s.query for s in duckdb.extract_statements(text)]
+        except duckdb.Error as exc:
+            _shell_error(exc)
+            failed = True
+            continue
+        for statement in statements:
+            failed |= not _shell_run(catalog, statement, fmt)
+    if buffer:  # a last statement without ';'
+        failed |= not _shell_run(catalog, "\n".join(buffer), fmt)
+    return EXIT_ERROR if failed and not interactive else 0
+
+
+def _shell_run(catalog: Any, statement: str, fmt: str) -> bool:
+    import duckdb
+
+    try:
+        columns, rows = catalog.query(statement)
+    except duckdb.Error as exc:
+        _shell_error(exc)
+        return False
+    if columns:
+        print_rows(columns, rows, fmt)
+    return True
+
+
+def _shell_error(exc: Exception) -> None:
+    print(f"evolforge: sql: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -302,21 +397,17 @@ def _export(store, manifest, args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.params import FLOW_PARAMS, load_params
+    from flows.registry import FLOWS, load_params
 
-    if args.flow not in FLOW_PARAMS:
-        raise CliError(f"no flow named {args.flow!r} (known: {', '.join(FLOW_PARAMS)})")
     params = load_params(args.config, args.set or [], args.flow)
-    from flows.registry import FLOWS, SUMMARIES
-
-    state = FLOWS[args.flow](params=params)
-    print(SUMMARIES[args.flow](state))
+    entry = FLOWS[args.flow]
+    print(entry.summary(entry.flow(params=params)))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from flows.evaluation import eval_params_from_cli, evaluation
-    from flows.reports.evaluation import render_evaluation_summary
+    from flows.evaluation import eval_params_from_cli
+    from flows.registry import FLOWS
 
     def split(text: str | None) -> list[str]:
         return [part.strip() for part in (text or "").split(",") if part.strip()]
@@ -332,7 +423,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config=args.config,
         overrides=args.set or [],
     )
-    print(render_evaluation_summary(evaluation(params=params)))
+    entry = FLOWS["evaluation"]
+    print(entry.summary(entry.flow(params=params)))
     return 0
 
 
@@ -345,41 +437,78 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+# `evolforge ingest` options that set a field of each `SeedSource` (option → field): their
+# choices, defaults and help are the model's.
+INGEST_OPTIONS = {
+    "--path": "path",
+    "--name": "name",
+    "--config": "config",
+    "--split": "split",
+    "--format": "format",
+    "--label": "label",
+    "--limit": "limit",
+}
+
+
+def _option_from_field(parser: argparse.ArgumentParser, flag: str, info: Any, **extra) -> None:
+    """An option whose type, choices, default and help come from a pydantic field."""
+    annotation = info.annotation
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = options[0] if len(options) == 1 else None
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    default = info.get_default(call_default_factory=True)
+    help_text = (info.description or "").replace("%", "%%")
+    if default is not None:
+        help_text += " (default: %(default)s)"
+    parser.add_argument(
+        flag,
+        type=kind if kind in (int, float) else None,
+        choices=choices,
+        default=default,
+        help=help_text,
+        **extra,
+    )
+
+
+def _add_ingest(sub: Any) -> None:
+    # pydantic and the seed models only; nothing heavy, so `sql` and `datasets` still start fast.
+    from tasks.seeds import IngestParams, SeedSource
+
+    ingest = sub.add_parser("ingest", help="load seed problems into the seeds dataset")
+    kind = SeedSource.model_fields["kind"]
+    ingest.add_argument(
+        "source", nargs="+", choices=typing.get_args(kind.annotation), help=kind.description
+    )
+    for flag, field in INGEST_OPTIONS.items():
+        _option_from_field(ingest, flag, SeedSource.model_fields[field], dest=field)
+    ingest.add_argument("--map", help="field mapping, e.g. question=q,answer=a,solution=s,id=uid")
+    ingest.add_argument(
+        "--strict",
+        action="store_true",
+        help=IngestParams.model_fields["strict"].description,
+    )
+    ingest.add_argument(
+        "--add", action="store_true", help="add to the current seeds instead of replacing them"
+    )
+    _option_from_field(ingest, "--max-row-chars", IngestParams.model_fields["max_row_chars"])
+    ingest.set_defaults(func=cmd_ingest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evolforge", description="A data factory for math instruction data."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ingest = sub.add_parser("ingest", help="load seed problems into the seeds dataset")
-    ingest.add_argument("source", nargs="+", choices=["gsm8k", "math", "sample", "file", "hf"])
-    ingest.add_argument(
-        "--path",
-        help="local file (jsonl, json, csv, parquet); gsm8k/math default to ../shared/data train",
-    )
-    ingest.add_argument("--name", help="hub data set name (hf)")
-    ingest.add_argument("--config", dest="hf_config", help="hub data set config (hf)")
-    ingest.add_argument("--split", default="train")
-    ingest.add_argument(
-        "--format", choices=["gsm8k", "math", "seed"], help="record layout of a file/hf source"
-    )
-    ingest.add_argument("--map", help="field mapping, e.g. question=q,answer=a,solution=s,id=uid")
-    ingest.add_argument("--label", help="value of the source column (default: the source kind)")
-    ingest.add_argument(
-        "--strict", action="store_true", help="fail on the first bad row instead of rejecting it"
-    )
-    ingest.add_argument(
-        "--add", action="store_true", help="add to the current seeds instead of replacing them"
-    )
-    ingest.add_argument("--max-row-chars", type=int, default=20_000)
-    ingest.set_defaults(func=cmd_ingest)
+    _add_ingest(sub)
 
     run = sub.add_parser("run", help="run the factory flow (or one of its flows)")
     run.add_argument(
         "--flow",
         default="factory",
-        choices=FLOW_NAMES,
-        help="which flow: the whole factory (default) or one part of it",
+        choices=_FlowNames(),
+        metavar="NAME",
+        help="which flow: the whole factory (default) or one part of it: %(choices)s",
     )
     run.add_argument("--config", help="run profile (YAML), e.g. configs/demo.yaml")
     run.add_argument(
@@ -388,7 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     sql = sub.add_parser("sql", help="query the catalog (read-only)")
-    sql.add_argument("query")
+    sql.add_argument("query", nargs="?", help="one statement; or --shell")
+    sql.add_argument(
+        "--shell",
+        action="store_true",
+        help="a read-only SQL prompt (statements from stdin when it is not a terminal)",
+    )
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.set_defaults(func=cmd_sql)
 

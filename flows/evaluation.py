@@ -18,19 +18,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from flows.overrides import ConfigError, set_dotted, validation_message
+from flows.overrides import load_profile
 from flows.reports.evaluation import publish_evaluation_report
 from flows.state import EvaluationState, FlowState
 from infra.engines import EngineConfig
@@ -213,22 +211,11 @@ def eval_params_from_cli(
 ) -> EvaluationParams:
     """`evolforge eval` options → `EvaluationParams`.
 
-    The `evaluation:` section of `config` (a run profile) is the base; the command's options
+    The `evaluation:` section of `config` (a run profile, `extends:` followed as for `run`) is
+    the base; the command's options
     replace its fields (empty lists and None leave them); `--set key=value` overrides any field
     of the section by its dotted path (`--set decoding.cot_max_tokens=256`).
     """
-    data: dict[str, Any] = {}
-    if config:
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-        if not isinstance(loaded, dict) or not isinstance(loaded.get("evaluation", {}), dict):
-            raise ConfigError(f"{path}: expected a mapping under 'evaluation'")
-        data = dict(loaded.get("evaluation") or {})
     given: dict[str, Any] = {
         "models": models,
         "benchmarks": benchmarks,
@@ -238,19 +225,13 @@ def eval_params_from_cli(
         "k": k,
         "prompt_format": prompt_format,
     }
-    data.update({key: value for key, value in given.items() if value not in (None, [])})
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        set_dotted(
-            data, key.strip().removeprefix("evaluation."), yaml.safe_load(raw) if raw else ""
-        )
-    try:
-        params = EvaluationParams.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(validation_message(exc, EvaluationParams, "evaluation")) from exc
-    return params
+    return load_profile(
+        config,
+        overrides or [],
+        EvaluationParams,
+        section="evaluation",
+        given={key: value for key, value in given.items() if value not in (None, [])},
+    )
 
 
 if __name__ == "__main__":

@@ -11,18 +11,14 @@ the key and the nearest valid one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.evaluation import EvaluationParams
-from flows.overrides import ConfigError, set_dotted, validation_message
+from flows.overrides import ConfigError, load_profile
 from flows.rewards import RewardParams
-from flows.training import TrainingParams
-from flows.training_sets import TrainingSetsParams
 from infra.engines import EngineConfig
 from tasks.evolution.dedup import DecontamParams, DedupParams
 from tasks.evolution.eliminate import EliminationParams
@@ -124,88 +120,7 @@ class FactoryParams(DataParams):
         return params
 
 
-# Each flow's parameters, taken from the factory's: a whole run profile serves every flow.
-FLOW_PARAMS: dict[str, Callable[[FactoryParams], BaseModel]] = {
-    "factory": lambda full: full,
-    "data": FactoryParams.data_params,
-    "rewards": lambda full: full.rewards,
-    "training_sets": lambda full: full.for_flow(TrainingSetsParams),
-    "training": lambda full: full.for_flow(TrainingParams),
-    "evaluation": lambda full: full.evaluation,
-}
-
-
-def _defaults_for(data: dict[str, Any], model: type[BaseModel]) -> None:
-    """Fill list fields that an override indexes into with their defaults, so that
-    `seeds.sources.0.limit=6` edits the default source instead of replacing the list."""
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            data.setdefault(name, {})
-            if isinstance(data[name], dict):
-                _defaults_for(data[name], annotation)
-        elif name not in data and info.default_factory is not None:
-            default = info.default_factory()
-            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
-                data[name] = [item.model_dump(exclude_unset=True) for item in default]
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` on top of `base`, groups merged key by key (lists and values replaced)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A run profile as a dict. `extends: other.yaml` (relative to the profile) starts from
-    another profile and changes only what this one sets."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: profiles extend each other in a circle")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of parameters at the top level")
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise ConfigError(f"{path}: extends: expected a profile file name")
-    return _merge(read_profile(path.parent / parent, (*seen, path.resolve())), data)
-
-
-def load_params(
-    config: str | Path | None, overrides: list[str], flow: str = "factory"
-) -> BaseModel:
-    """A flow's parameters from a run profile and `--set` overrides."""
-    data = read_profile(Path(config)) if config else {}
-    if overrides:
-        _defaults_for(data, FactoryParams)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
-    try:
-        full = FactoryParams.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(
-            validation_message(exc, FactoryParams, str(config or "parameters"))
-        ) from exc
-    if flow == "factory":
-        full.check_factory()
-    return FLOW_PARAMS[flow](full)
-
-
-def load_factory_params(config: str | Path | None, overrides: list[str]) -> FactoryParams:
-    params = load_params(config, overrides, "factory")
-    assert isinstance(params, FactoryParams)
-    return params
+def load_factory_params(config: str | Path | None, overrides: Sequence[str]) -> FactoryParams:
+    """Every section's parameters from a run profile and `--set` overrides (a whole factory
+    run also needs `check_factory`; `flows.registry.load_params` gives each flow its part)."""
+    return load_profile(config, overrides, FactoryParams)

@@ -40,6 +40,7 @@ def build_deployments(nightly_config: str | Path | None = None):
     os.environ.setdefault("EVOLFORGE_HOME", str(home()))
     (home() / "inbox").mkdir(exist_ok=True)  # the nightly profile's folder of new seed files
     nightly_params = load_factory_params(config, [])
+    nightly_params.check_factory()
     nightly = factory.to_deployment(
         name="nightly",
         cron=NIGHTLY_CRON,
@@ -49,12 +50,12 @@ def build_deployments(nightly_config: str | Path | None = None):
         tags=["evolforge", "nightly"],
     )
     adhoc = [
-        flow.to_deployment(
+        entry.flow.to_deployment(
             name="adhoc",
             description=f"Run the {name} flow with parameters from the UI form.",
             tags=["evolforge", "adhoc"],
         )
-        for name, flow in FLOWS.items()
+        for name, entry in FLOWS.items()
     ]
     return tuple(for_the_ui(d) for d in (nightly, *adhoc))
 

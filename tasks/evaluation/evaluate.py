@@ -36,7 +36,7 @@ from dataclasses import replace
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
@@ -45,6 +45,7 @@ from infra.verifier import VerifierPool
 from tasks.evaluation.models import ModelTarget
 from tasks.evaluation.records import EvalRequest, EvalResult
 from tasks.frames import require_columns
+from tasks.sampling import Sampling
 from tasks.solutions.answers import (
     LETTERS,
     check_equivalence,
@@ -63,16 +64,33 @@ MODE_PATTERN = re.compile(r"^(cot|pot|hybrid|maj@(k|\d+))$")
 ALPACA_STOPS = ("\n### Instruction", "\n### Response")
 
 
+MajoritySampling = Sampling.defaults(
+    "MajoritySampling",
+    "Sampling of maj@k's chains of thought.",
+    temperature=0.7,
+    top_p=0.95,
+    max_tokens=512,
+)
+
+
 class DecodingParams(BaseModel):
     """Token budgets of the greedy modes and the sampling of maj@k."""
 
     model_config = ConfigDict(extra="forbid")
 
-    cot_max_tokens: int = Field(512, ge=16, description="new tokens of a chain of thought")
-    pot_max_tokens: int = Field(512, ge=16, description="new tokens of a program")
-    temperature: float = Field(0.7, gt=0, description="maj@k sampling temperature")
-    top_p: float = Field(0.95, gt=0, le=1, description="maj@k nucleus")
+    cot_max_tokens: int = Field(512, ge=16, description="new tokens of a greedy chain of thought")
+    pot_max_tokens: int = Field(512, ge=16, description="new tokens of a greedy program")
+    maj_sampling: MajoritySampling = Field(
+        default_factory=MajoritySampling,
+        description="sampling of maj@k's chains of thought (its own token limit)",
+    )
     seed: int = Field(0, description="maj@k sampling seed")
+
+    @model_validator(mode="after")
+    def _sampled(self) -> DecodingParams:
+        if self.maj_sampling.temperature <= 0:
+            raise ValueError("maj_sampling.temperature must be > 0 (maj@k votes over samples)")
+        return self
 
 
 def parse_mode(mode: str, k: int) -> tuple[str, int]:
@@ -216,35 +234,32 @@ def evaluate_requests(
     """
     require_columns(requests, EvalRequest.columns(), "evaluate_requests")
     rows = requests.to_dicts()
-    greedy: dict[str, dict[str, SamplingParams]] = {}
+    samplings: dict[str, dict[str, SamplingParams]] = {}
     templates: dict[str, dict[str, Template]] = {}
     for fmt in {r["prompt_format"] for r in rows}:
         templates[fmt] = prompt_templates(fmt)
         stop = ALPACA_STOPS if fmt == "alpaca" else ()
-        greedy[fmt] = {
+        samplings[fmt] = {
             "cot": SamplingParams(temperature=0.0, max_tokens=decoding.cot_max_tokens, stop=stop),
             "pot": SamplingParams(temperature=0.0, max_tokens=decoding.pot_max_tokens, stop=stop),
+            "maj": decoding.maj_sampling.engine_params(seed=decoding.seed, stop=stop),
         }
 
     def cot_request(row: dict[str, Any]) -> ChatRequest:
         text = instruction_text(row["question"], row["choices"])
         fmt = row["prompt_format"]
-        return _request(templates[fmt]["cot"], text, greedy[fmt]["cot"], fmt == "alpaca")
+        return _request(templates[fmt]["cot"], text, samplings[fmt]["cot"], fmt == "alpaca")
 
     first: list[ChatRequest] = []
     for row in rows:
         fmt, mode = row["prompt_format"], row["mode"]
         text = instruction_text(row["question"], row["choices"])
         if mode in ("pot", "hybrid"):
-            first.append(_request(templates[fmt]["pot"], text, greedy[fmt]["pot"], fmt == "alpaca"))
-        elif mode.startswith("maj@"):
-            sampling = replace(
-                greedy[fmt]["cot"],
-                temperature=decoding.temperature,
-                top_p=decoding.top_p,
-                n=row["samples"],
-                seed=decoding.seed,
+            first.append(
+                _request(templates[fmt]["pot"], text, samplings[fmt]["pot"], fmt == "alpaca")
             )
+        elif mode.startswith("maj@"):
+            sampling = replace(samplings[fmt]["maj"], n=row["samples"])
             first.append(_request(templates[fmt]["cot"], text, sampling, fmt == "alpaca"))
         else:
             first.append(cot_request(row))

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
 
 from storage.catalog import connect
 from storage.datasets import DatasetStore
@@ -27,31 +26,23 @@ from storage.settings import home
 from tasks.benchmarks import Benchmark
 from tasks.evaluation.models import TRAINING_TEXT_COLUMNS, ModelTarget
 from tasks.evaluation.records import Contamination, TrainingOverlap
-from tasks.evolution.dedup import DecontamParams, DedupParams, configure, find_contamination
+from tasks.evolution.dedup import (
+    DecontamParams,
+    DedupParams,
+    NgramRule,
+    configure,
+    find_contamination,
+)
 from tasks.stage import StageOutput, stage
 
 
-class GuardParams(BaseModel):
+class GuardParams(NgramRule):
     """The n-gram overlap rule of decontamination, applied to benchmark items vs training sets."""
 
-    model_config = ConfigDict(extra="forbid")
-
     enabled: bool = True
-    ngram: int = Field(6, ge=1, description="words per n-gram")
-    overlap_threshold: float = Field(
-        0.3, gt=0, le=1, description="share of an item's n-grams that flags it"
-    )
-    min_shared: int | None = Field(None, ge=1, description="shared n-grams that always flag")
-    max_ngram_df: int = Field(10, ge=1, description="n-grams in more items are boilerplate")
 
     def decontam(self, benchmarks: list[Benchmark]) -> DecontamParams:
-        return DecontamParams(
-            benchmarks=benchmarks,
-            ngram=self.ngram,
-            overlap_threshold=self.overlap_threshold,
-            min_shared=self.min_shared,
-            max_ngram_df=self.max_ngram_df,
-        )
+        return DecontamParams(benchmarks=benchmarks, **self.ngram_rule())
 
 
 def training_texts(frame: pl.DataFrame, ref: str) -> pl.DataFrame:

@@ -110,13 +110,13 @@ class DedupParams(BaseModel):
         return self.num_perm // self.bands
 
 
-class DecontamParams(BaseModel):
-    """Overlap with benchmark test sets (GSM8K test and MATH test by default)."""
+class NgramRule(BaseModel):
+    """The word n-gram overlap rule of decontamination, shared by the data flow's
+    `decontaminate` stage and the evaluation's contamination guard."""
 
     model_config = ConfigDict(extra="forbid")
 
-    benchmarks: list[Benchmark] = Field(default_factory=default_benchmarks)
-    # N-gram overlap. A GSM8K question is ~45 words: with 13-grams (GPT-3) a paraphrase that
+    # A GSM8K question is ~45 words: with 13-grams (GPT-3) a paraphrase that
     # renames a person, changes a number and a few words shares almost none, so a candidate is
     # flagged when it holds `overlap_threshold` of a benchmark question's word 6-grams.
     # Measured with these defaults: of GSM8K test questions with a new name, a new number and 2
@@ -127,12 +127,22 @@ class DecontamParams(BaseModel):
     # (8 six-grams: at least a verbatim 13-word passage may be all they have in common).
     ngram: int = Field(6, ge=1, description="words per n-gram")
     overlap_threshold: float = Field(
-        0.3, gt=0, le=1, description="share of a benchmark row's n-grams that flags a candidate"
+        0.3, gt=0, le=1, description="share of a benchmark row's n-grams that flags a text"
     )
     min_shared: int | None = Field(None, ge=1, description="shared n-grams that always flag")
     max_ngram_df: int = Field(
         10, ge=1, description="n-grams in more benchmark rows than this are boilerplate"
     )
+
+    def ngram_rule(self) -> dict[str, Any]:
+        """The rule's fields alone (without those of a model that extends it)."""
+        return self.model_dump(include=set(NgramRule.model_fields))
+
+
+class DecontamParams(NgramRule):
+    """Overlap with benchmark test sets (GSM8K test and MATH test by default)."""
+
+    benchmarks: list[Benchmark] = Field(default_factory=default_benchmarks)
     # Sentence-embedding cosine similarity (all-MiniLM-L6-v2, offline), off by default: it costs
     # a model load and ~1 ms per text on CPU.
     embeddings: bool = False

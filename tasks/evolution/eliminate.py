@@ -56,10 +56,11 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.engines import EngineConfig
-from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
+from infra.engines.base import ChatRequest, ChatResponse, Engine
 from storage.settings import PROJECT_ROOT
 from tasks.evolution.evolve import OPERATIONS, parent_texts
 from tasks.evolution.records import Eliminated, EliminationCheck
+from tasks.sampling import Sampling
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
 
@@ -121,6 +122,14 @@ def _clip(text: str, limit: int = EVIDENCE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+ProbeSampling = Sampling.defaults(
+    "ProbeSampling", "Sampling of the answer probe (greedy).", temperature=0.0, max_tokens=192
+)
+JudgeSampling = Sampling.defaults(
+    "JudgeSampling", "Sampling of the equal and solvable judges (greedy).", max_tokens=64
+)
+
+
 class EliminationParams(BaseModel):
     """Which rules run and with what bounds; the judges and the probe use the round's engine."""
 
@@ -141,8 +150,9 @@ class EliminationParams(BaseModel):
     stopword_rule: bool = Field(
         True, description="drop when the probe answer is only punctuation and stop words"
     )
-    probe_max_tokens: int = Field(192, ge=1, description="token limit of the probe answer")
-    probe_temperature: float = Field(0.0, ge=0, description="probe sampling temperature")
+    probe_sampling: ProbeSampling = Field(
+        default_factory=ProbeSampling, description="sampling of the probe answer"
+    )
     # No information gain without a judge: an evolution whose words match its parent's this
     # closely (difflib ratio over lower-cased words, 1.0 = identical) is dropped before any
     # engine call. It also covers engines whose equal judge cannot be trusted.
@@ -151,7 +161,9 @@ class EliminationParams(BaseModel):
     )
     equal_judge: bool = Field(True, description="LLM judge: is the evolution equal to its parent?")
     solvable_judge: bool = Field(True, description="LLM judge: is the evolution solvable?")
-    judge_max_tokens: int = Field(64, ge=8, description="token limit of a judge's JSON reply")
+    judge_sampling: JudgeSampling = Field(
+        default_factory=JudgeSampling, description="sampling of a judge's JSON reply"
+    )
     seed: int = Field(0, description="sampling seed of the probe and the judges")
     # Active Evol-Instruct: a trained IRM (`irm_model@<version>` from the models view, or a
     # checkpoint folder) scores the evolutions of round `irm_from_round` and later; those
@@ -188,14 +200,6 @@ class EliminationParams(BaseModel):
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars {self.min_chars} > max_chars {self.max_chars}")
         return self
-
-    def probe_sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.probe_temperature, max_tokens=self.probe_max_tokens, seed=self.seed
-        )
-
-    def judge_sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=0.0, max_tokens=self.judge_max_tokens, seed=self.seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +583,7 @@ def eliminate_with_checks(
     if cfg.sorry_rule or cfg.stopword_rule:
         alive = [row for row in rows if row.alive]
         tpl = load_template("answer_probe")
-        sampling = cfg.probe_sampling()
+        sampling = cfg.probe_sampling.engine_params(seed=cfg.seed)
         requests = [
             ChatRequest(
                 messages=tuple(tpl.messages(problem=row.record["text"])),
@@ -608,7 +612,7 @@ def eliminate_with_checks(
             requests.append(
                 ChatRequest(
                     messages=tuple(tpl.messages(first=texts[pid][1], second=row.record["text"])),
-                    sampling=cfg.judge_sampling(),
+                    sampling=cfg.judge_sampling.engine_params(seed=cfg.seed),
                     json_schema=EQUAL_SCHEMA,
                     template_version=tpl.version,
                 )
@@ -623,7 +627,7 @@ def eliminate_with_checks(
         requests = [
             ChatRequest(
                 messages=tuple(tpl.messages(problem=row.record["text"])),
-                sampling=cfg.judge_sampling(),
+                sampling=cfg.judge_sampling.engine_params(seed=cfg.seed),
                 json_schema=SOLVABLE_SCHEMA,
                 template_version=tpl.version,
             )

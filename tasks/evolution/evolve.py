@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, SamplingParams
 from tasks.evolution.records import Evolution
+from tasks.sampling import Sampling
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import Template, load_template
 
@@ -129,6 +130,15 @@ class EvolutionMix(BaseModel):
         return {op: p / norm for op, p in raw.items()}
 
 
+EvolverSampling = Sampling.defaults(
+    "EvolverSampling",
+    "The evolver's sampling; max_tokens limits an evolved problem.",
+    temperature=0.7,
+    top_p=0.95,
+    max_tokens=256,
+)
+
+
 class EvolutionParams(BaseModel):
     """How instructions are evolved, round after round."""
 
@@ -148,23 +158,15 @@ class EvolutionParams(BaseModel):
         "per parent)",
     )
     seed: int = Field(0, description="seed of the operation draws and of the evolver's sampling")
-    temperature: float = Field(0.7, ge=0, description="evolver sampling temperature")
-    top_p: float = Field(0.95, gt=0, le=1, description="evolver nucleus sampling")
-    max_tokens: int = Field(256, ge=16, description="token limit of an evolved problem")
+    sampling: EvolverSampling = Field(
+        default_factory=EvolverSampling, description="the evolver's sampling"
+    )
 
     def fingerprint(self) -> dict:
         """What changes an evolution: everything but the number of rounds (round r's outputs
         are the same whether the run stops at r or goes on), so adding rounds reuses the
         earlier ones."""
         return self.model_dump(mode="json", exclude={"rounds"})
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_tokens=self.max_tokens,
-            seed=self.seed,
-        )
 
 
 def _stable_int(*parts: object, bits: int = 64) -> int:
@@ -478,7 +480,9 @@ def evolve_batch(
     draws = draw_operations(
         pool["id"].to_list(), params.seed, round, params.mix, params.evolutions_per_parent
     )
-    requests = build_evolution_requests(pool, draws, params.sampling(), round=round)
+    requests = build_evolution_requests(
+        pool, draws, params.sampling.engine_params(seed=params.seed), round=round
+    )
     llm = ctx.engine(engine)
     frame = make_instructions(pool, draws, llm.generate(requests), llm.identity, round=round)
     return StageOutput({"evolutions": frame}, {"parents": pool.height, "generated": frame.height})

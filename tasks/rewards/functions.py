@@ -45,16 +45,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.engines import EngineConfig
-from infra.engines.base import ChatRequest, Engine, SamplingParams
+from infra.engines.base import ChatRequest, Engine
 from tasks.rewards.judging import JudgeError, json_object, reply_text
 from tasks.rewards.rankings import CRITERIA, criterion_score
 from tasks.rewards.scores import Aggregation, aggregate_steps
 from tasks.rewards.step_judge import StepJudgeParams, judge_first_errors, judge_labels
 from tasks.rewards.steps import segment_steps
+from tasks.sampling import Sampling
 from tasks.templates import load_template
 
 INSTRUCTION_TEMPLATE = "judge_instruction"
 _ALPACA = re.compile(r"###\s*Instruction:\s*(.*?)\s*(?:###\s*Response:.*)?\Z", re.DOTALL)
+
+
+InstructionJudgeSampling = Sampling.defaults(
+    "InstructionJudgeSampling", "Sampling of the rI judge (greedy).", max_tokens=256
+)
 
 
 class JudgeRewardParams(BaseModel):
@@ -65,7 +71,10 @@ class JudgeRewardParams(BaseModel):
     aggregation: Aggregation = Field("min", description="min or product of the step scores")
     use_dataset_r_i: bool = Field(True, description="take rI from an `r_i` column when present")
     reason_max_chars: int = Field(120, ge=8, le=2000)
-    instruction_max_tokens: int = Field(256, ge=16)
+    instruction_sampling: InstructionJudgeSampling = Field(
+        default_factory=InstructionJudgeSampling,
+        description="sampling of the rI judge's JSON reply",
+    )
     steps: StepJudgeParams = Field(default_factory=StepJudgeParams)
 
 
@@ -171,7 +180,7 @@ class JudgeReward:
         }
         return ChatRequest(
             messages=tuple(template.messages(problem=instruction)),
-            sampling=SamplingParams(temperature=0.0, max_tokens=self.params.instruction_max_tokens),
+            sampling=self.params.instruction_sampling.engine_params(),
             json_schema=schema,
             template_version=template.version,
         )

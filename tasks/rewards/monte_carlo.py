@@ -19,23 +19,32 @@ does not count in the denominator; with nothing judged the labels are null.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.engines import EngineConfig
-from infra.engines.base import ChatRequest, Engine, SamplingParams
+from infra.engines.base import ChatRequest, Engine
 from infra.verifier import VerifierPool
 from tasks.frames import require_columns
 from tasks.rewards.judging import stable_int
 from tasks.rewards.records import StepRollout
+from tasks.sampling import Sampling
 from tasks.solutions.answers import check_equivalence, extract_answer
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
 
 TEMPLATE = "step_rollout"
+
+
+RolloutSampling = Sampling.defaults(
+    "RolloutSampling",
+    "Sampling of the Monte Carlo rollouts; max_tokens limits a completion.",
+    temperature=0.7,
+    top_p=0.95,
+    max_tokens=512,
+)
 
 
 class MonteCarloParams(BaseModel):
@@ -44,15 +53,10 @@ class MonteCarloParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n: int = Field(8, ge=1, le=64, description="completions per step prefix")
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(512, ge=16)
+    sampling: RolloutSampling = Field(
+        default_factory=RolloutSampling, description="sampling of the rollouts"
+    )
     seed: int = 0
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, n=self.n
-        )
 
 
 def rollout_request(
@@ -61,8 +65,8 @@ def rollout_request(
     template = load_template(TEMPLATE)
     return ChatRequest(
         messages=tuple(template.messages(problem=problem.strip(), prefix=prefix.strip())),
-        sampling=replace(
-            params.sampling(), seed=stable_int("rollout", params.seed, solution_id, step, bits=31)
+        sampling=params.sampling.engine_params(
+            seed=stable_int("rollout", params.seed, solution_id, step, bits=31), n=params.n
         ),
         template_version=template.version,
     )

@@ -45,10 +45,11 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.engines import EngineConfig
-from infra.engines.base import ChatRequest, Engine, SamplingParams
+from infra.engines.base import ChatRequest, Engine
 from tasks.frames import require_columns
 from tasks.rewards.judging import JudgeError, json_object, kendall_tau_b, reply_text, stable_int
 from tasks.rewards.records import InstructionRanking, IrmPair
+from tasks.sampling import Sampling
 from tasks.stage import StageContext, StageOutput, stage
 from tasks.templates import Template, load_template
 
@@ -56,6 +57,11 @@ TEMPLATE = "rank_siblings"
 CRITERIA = ("definition", "precision", "integrity")
 LABELS = string.ascii_uppercase
 MAX_SIBLINGS = len(LABELS)
+
+
+RankingSampling = Sampling.defaults(
+    "RankingSampling", "Sampling of the listwise judge (greedy).", max_tokens=1024
+)
 
 
 class RankingParams(BaseModel):
@@ -72,11 +78,9 @@ class RankingParams(BaseModel):
     reason_max_chars: int = Field(
         160, ge=8, le=2000, description="length cap of each reason (it is decoded, so it costs)"
     )
-    temperature: float = Field(0.0, ge=0)
-    max_tokens: int = Field(1024, ge=32)
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens)
+    sampling: RankingSampling = Field(
+        default_factory=RankingSampling, description="sampling of the judge's JSON reply"
+    )
 
 
 def ranking_schema(labels: list[str], reason_max_chars: int) -> dict[str, Any]:
@@ -121,7 +125,7 @@ def ranking_request(
         messages=tuple(
             template.messages(parent=parent.strip(), siblings=listing, labels=", ".join(labels))
         ),
-        sampling=params.sampling(),
+        sampling=params.sampling.engine_params(),
         json_schema=ranking_schema(labels, params.reason_max_chars),
         template_version=template.version,
     )

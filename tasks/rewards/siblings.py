@@ -32,6 +32,7 @@ from infra.engines import EngineConfig
 from infra.engines.base import SamplingParams
 from tasks.evolution.evolve import (
     EvolutionMix,
+    EvolverSampling,
     build_evolution_requests,
     draw_operations,
     make_instructions,
@@ -61,18 +62,13 @@ class SiblingParams(BaseModel):
     )
     mix: EvolutionMix = Field(default_factory=EvolutionMix)
     seed: int = 0
-    # Sampling of the evolvers
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(256, ge=16)
+    sampling: EvolverSampling = Field(
+        default_factory=EvolverSampling, description="sampling of the evolvers"
+    )
 
-    def sampling(self, evolver: int) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_tokens=self.max_tokens,
-            seed=stable_int("siblings", self.seed, evolver, bits=31),
-        )
+    def evolver_sampling(self, evolver: int) -> SamplingParams:
+        """Each evolver samples with its own seed."""
+        return self.sampling.engine_params(seed=stable_int("siblings", self.seed, evolver, bits=31))
 
 
 def per_evolver(k: int, evolvers: int) -> list[int]:
@@ -155,7 +151,9 @@ def sibling_evolutions(
             draws = draw_operations(
                 sorted(parent_ids), stable_int("siblings", params.seed, e), rnd, params.mix, k_e
             )
-            requests = build_evolution_requests(parents, draws, params.sampling(e), round=rnd)
+            requests = build_evolution_requests(
+                parents, draws, params.evolver_sampling(e), round=rnd
+            )
             batches.append((rnd, parents, draws, requests))
         if not batches:
             continue

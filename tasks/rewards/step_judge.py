@@ -19,14 +19,20 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.engines import EngineConfig
-from infra.engines.base import ChatRequest, Engine, SamplingParams
+from infra.engines.base import ChatRequest, Engine
 from tasks.frames import require_columns
 from tasks.rewards.judging import JudgeError, json_object, reply_text
 from tasks.rewards.records import StepJudgment
+from tasks.sampling import Sampling
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
 
 TEMPLATE = "judge_steps"
+
+
+StepJudgeSampling = Sampling.defaults(
+    "StepJudgeSampling", "Sampling of the step judge (greedy).", max_tokens=512
+)
 
 
 class StepJudgeParams(BaseModel):
@@ -37,11 +43,9 @@ class StepJudgeParams(BaseModel):
     reason_max_chars: int = Field(
         200, ge=8, le=4000, description="length cap of the judge's reason (decoded, so it costs)"
     )
-    temperature: float = Field(0.0, ge=0)
-    max_tokens: int = Field(512, ge=16)
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens)
+    sampling: StepJudgeSampling = Field(
+        default_factory=StepJudgeSampling, description="sampling of the judge's JSON reply"
+    )
 
 
 def first_error_schema(n_steps: int, reason_max_chars: int) -> dict[str, Any]:
@@ -68,7 +72,7 @@ def step_judge_requests(
     return [
         ChatRequest(
             messages=tuple(template.messages(problem=p.strip(), steps=tagged_steps(s))),
-            sampling=params.sampling(),
+            sampling=params.sampling.engine_params(),
             json_schema=first_error_schema(len(s), params.reason_max_chars),
             template_version=template.version,
         )

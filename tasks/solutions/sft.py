@@ -20,11 +20,19 @@ from infra.engines import EngineConfig
 from infra.engines.base import Engine, SamplingParams
 from infra.verifier import VerifierPool
 from tasks.frames import require_columns
+from tasks.sampling import Sampling
 from tasks.solutions.answers import check_equivalence, extract_answer
 from tasks.solutions.records import SftAnswer
-from tasks.solutions.solve import COT_TEMPLATE, DEFAULT_COT_SAMPLING, chat_requests
+from tasks.solutions.solve import COT_TEMPLATE, chat_requests
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import load_template
+
+SftSampling = Sampling.defaults(
+    "SftSampling",
+    "Sampling of the SFT answers; max_tokens limits a solution.",
+    temperature=0.7,
+    max_tokens=384,
+)
 
 
 class SftParams(BaseModel):
@@ -36,8 +44,9 @@ class SftParams(BaseModel):
     samples_per_seed: int = Field(
         2, ge=1, le=64, description="tries per seed until one matches the reference"
     )
-    temperature: float = Field(0.7, ge=0, description="sampling temperature")
-    max_tokens: int = Field(384, ge=16, description="token limit of a solution")
+    sampling: SftSampling = Field(
+        default_factory=SftSampling, description="sampling of the step-by-step solutions"
+    )
     seed: int = Field(0, description="sampling seed")
 
     def fingerprint(self) -> dict[str, Any]:
@@ -49,14 +58,16 @@ def sft_answers(
     seeds: pl.DataFrame,
     engine: Engine,
     samples_per_seed: int = 4,
-    sampling: SamplingParams = DEFAULT_COT_SAMPLING,
+    sampling: SamplingParams | None = None,
     pool: VerifierPool | None = None,
 ) -> pl.DataFrame:
     """Re-solve each seed step by step; keep the first sample whose answer matches the reference.
 
     One row per seed (`SftAnswer`): `solution` is the kept sample (null when none matched),
     `predicted` the kept or last extracted answer, `tries` the samples drawn for that seed.
+    `sampling` defaults to the stage's (`SftParams`).
     """
+    sampling = sampling or SftParams().sampling.engine_params()
     require_columns(seeds, ["id", "question", "answer"], "sft_answers seeds")
     if samples_per_seed < 1:
         raise ValueError(f"samples_per_seed must be >= 1, got {samples_per_seed}")
@@ -114,10 +125,12 @@ def write_sft_answers(
     ctx: StageContext, seeds: pl.DataFrame, engine: EngineConfig, params: SftParams
 ) -> StageOutput:
     """Re-solve seeds few-shot step by step; keep solutions whose answer matches the reference."""
-    sampling = SamplingParams(
-        temperature=params.temperature, max_tokens=params.max_tokens, seed=params.seed
+    frame = sft_answers(
+        seeds,
+        ctx.engine(engine),
+        params.samples_per_seed,
+        params.sampling.engine_params(seed=params.seed),
     )
-    frame = sft_answers(seeds, ctx.engine(engine), params.samples_per_seed, sampling)
     return StageOutput(
         {"sft_answers": frame}, {"seeds": frame.height, "correct": int(frame["correct"].sum())}
     )

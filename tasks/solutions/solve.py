@@ -23,12 +23,21 @@ from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
 from infra.sandbox import SandboxSettings
 from tasks.frames import require_columns
+from tasks.sampling import Sampling
 from tasks.solutions.answers import extract_answer, extract_program_answer
 from tasks.solutions.programs import ProgramRunner, extract_program, program_failure
 from tasks.solutions.records import Answer, SampledSolution, Solution
 from tasks.solutions.voting import vote_answers
 from tasks.stage import Shard, StageContext, StageOutput, stage
 from tasks.templates import Template, load_template
+
+SolutionSampling = Sampling.defaults(
+    "SolutionSampling",
+    "Sampling of the CoT and PoT solutions; max_tokens limits a CoT solution.",
+    temperature=0.7,
+    top_p=0.95,
+    max_tokens=384,
+)
 
 
 class SolutionParams(BaseModel):
@@ -39,10 +48,11 @@ class SolutionParams(BaseModel):
     enabled: bool = Field(True, description="write and verify solutions")
     k_cot: int = Field(2, ge=0, le=64, description="chain-of-thought samples per instruction")
     k_pot: int = Field(2, ge=0, le=64, description="program-of-thought samples per instruction")
-    temperature: float = Field(0.7, ge=0, description="sampling temperature")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling")
-    cot_max_tokens: int = Field(384, ge=16, description="token limit of a CoT solution")
-    pot_max_tokens: int = Field(384, ge=16, description="token limit of a program")
+    sampling: SolutionSampling = Field(
+        default_factory=SolutionSampling,
+        description="sampling of the solutions; max_tokens limits a CoT solution",
+    )
+    pot_max_tokens: int = Field(384, ge=1, description="token limit of a program")
     fallback: bool = Field(
         True,
         description="MAmmoTH's hybrid decoding: a failed program's slot gets a CoT sample",
@@ -62,6 +72,12 @@ class SolutionParams(BaseModel):
         data = self.model_dump(mode="json", exclude={"enabled", "sandbox"})
         return {**data, "sandbox": self.sandbox.fingerprint()}
 
+    def cot_sampling(self) -> SamplingParams:
+        return self.sampling.engine_params(seed=self.seed)
+
+    def pot_sampling(self) -> SamplingParams:
+        return replace(self.cot_sampling(), max_tokens=self.pot_max_tokens)
+
 
 COT_TEMPLATE = "cot_fewshot"
 
@@ -72,10 +88,11 @@ POT_TEMPLATE = "pot"
 FALLBACK_SEED_OFFSET = 100_003
 
 
-DEFAULT_COT_SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=512, seed=0)
+# The defaults of `write_solutions` are those of the stage (`SolutionParams`).
+DEFAULT_COT_SAMPLING = SolutionParams().cot_sampling()
 
 
-DEFAULT_POT_SAMPLING = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=384, seed=0)
+DEFAULT_POT_SAMPLING = SolutionParams().pot_sampling()
 
 
 def solution_id(instruction_id: str, sample: int) -> str:
@@ -266,13 +283,7 @@ def solve_batch(
     and a recomputed shard sends only its new requests (the request cache). Seeds carry their
     reference answer."""
     references = dict(zip(seeds["id"], seeds["answer"], strict=True))
-    cot = SamplingParams(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        max_tokens=params.cot_max_tokens,
-        seed=params.seed,
-    )
-    pot = replace(cot, max_tokens=params.pot_max_tokens)
+    cot, pot = params.cot_sampling(), params.pot_sampling()
     with params.sandbox.open() as sandbox:
         samples = write_solutions(
             instructions,

@@ -25,15 +25,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from infra.engines import EngineConfig
 from infra.scoring import IrmScorer, PrmScorer
 from tasks.evolution.instruction_reward import InstructionReward
+from tasks.sampling import Sampling
 from tasks.stage import Artifact, ArtifactDir, StageContext, StageOutput, stage
 from tasks.training import common
 from tasks.training.common import BaseModelSpec, TrainerParams
 from tasks.training.reward import InstructionAnswerReward
+
+PolicySampling = Sampling.defaults(
+    "PolicySampling",
+    "Sampling of the policy's completions during RL.",
+    temperature=0.9,
+    max_tokens=256,
+)
 
 
 class RlTrainParams(TrainerParams):
@@ -43,9 +51,11 @@ class RlTrainParams(TrainerParams):
     learning_rate: float = Field(1e-6, gt=0)
     batch_size: int = Field(1, ge=1, description="prompts per device and step")
     num_generations: int = Field(4, ge=2, description="completions per prompt")
-    max_completion_length: int = Field(256, ge=1)
-    temperature: float = Field(0.9, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    sampling: PolicySampling = Field(
+        default_factory=PolicySampling,
+        description="sampling of the policy's completions; max_tokens limits a completion "
+        "(trl's max_completion_length)",
+    )
     beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model)")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "batch", description="GRPO: how advantages are scaled ('group' divides rI out)"
@@ -68,6 +78,12 @@ class RlTrainParams(TrainerParams):
     reward_max_length: int = Field(512, ge=16, description="tokens the IRM and PRM read")
     reward_batch_size: int = Field(8, ge=1)
     eval_rows: int = Field(16, ge=0, description="held-out prompts decoded greedily at the end")
+
+    @model_validator(mode="after")
+    def _sampled(self) -> RlTrainParams:
+        if self.sampling.temperature <= 0:
+            raise ValueError("sampling.temperature must be > 0 (GRPO compares sampled completions)")
+        return self
 
 
 def prompt_dataset(rows: pl.DataFrame) -> Any:
@@ -131,9 +147,9 @@ def config_for(params: RlTrainParams, checkpoints: Path) -> Any:
     extra: dict[str, Any] = {
         "per_device_train_batch_size": params.batch_size * params.num_generations,
         "num_generations": params.num_generations,
-        "max_completion_length": params.max_completion_length,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
+        "max_completion_length": params.sampling.max_tokens,
+        "temperature": params.sampling.temperature,
+        "top_p": params.sampling.top_p,
         "beta": params.beta,
         "use_vllm": params.use_vllm,
         "vllm_mode": params.vllm_mode,
@@ -239,7 +255,7 @@ def train_rl(
             tokenizer,
             common.split_rows(rl_prompts, "test", params.eval_rows),
             reward,
-            params.max_completion_length,
+            params.sampling.max_tokens,
             params.reward_batch_size,
         ),
     }

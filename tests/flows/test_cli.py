@@ -163,3 +163,99 @@ def test_export_push_to_hub_offline_is_one_clear_line(capsys, evolforge_home, mo
         capsys, "datasets", "export", "seeds", "--as", "jsonl", "--push-to-hub", "me/x"
     )
     assert code == 2 and "--push-to-hub needs --as hf" in err
+
+
+def test_eval_follows_extends_like_run(capsys, evolforge_home, tmp_path, monkeypatch):
+    """`evolforge eval --config` reads a profile as `run` does: `extends:` included."""
+    from flows.registry import FLOWS, FlowEntry
+
+    seen = []
+
+    def evaluation(params):
+        seen.append(params)
+
+    monkeypatch.setitem(
+        FLOWS, "evaluation", FlowEntry(evaluation, lambda full: full.evaluation, lambda _: "done")
+    )
+    (tmp_path / "base.yaml").write_text(
+        "evaluation:\n  k: 4\n  modes: [cot]\n  decoding: {cot_max_tokens: 96}\n"
+    )
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nevaluation:\n  limit: 3\n")
+    code, out, err = run(
+        capsys, "eval", "--config", str(tmp_path / "child.yaml"), "--set", "evaluation.seed=7"
+    )
+    assert (code, out.strip(), err) == (0, "done", "")
+    (params,) = seen
+    assert (params.limit, params.k, params.seed, params.modes) == (3, 4, 7, ["cot"])
+    assert params.decoding.cot_max_tokens == 96
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    code, _, err = run(capsys, "eval", "--config", str(tmp_path / "loop.yaml"))
+    assert code != 0 and "profiles extend each other in a circle" in err
+
+
+def test_run_knows_the_registrys_flows(capsys, evolforge_home):
+    from flows.registry import FLOWS
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert ", ".join(FLOWS) in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--flow", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_ingest_options_take_their_defaults_and_choices_from_the_seed_models(monkeypatch):
+    import typing
+
+    from flows.cli import INGEST_OPTIONS, build_parser
+    from tasks.seeds import IngestParams, SeedSource
+
+    args = build_parser().parse_args(["ingest", "sample"])
+    source = SeedSource()
+    for field in INGEST_OPTIONS.values():
+        assert getattr(args, field) == getattr(source, field), field
+    assert args.max_row_chars == IngestParams().max_row_chars
+    assert args.strict is IngestParams().strict
+    # One source of truth: a changed model default is the command's default.
+    monkeypatch.setattr(SeedSource.model_fields["split"], "default", "validation")
+    monkeypatch.setattr(IngestParams.model_fields["max_row_chars"], "default", 123)
+    args = build_parser().parse_args(["ingest", "sample"])
+    assert (args.split, args.max_row_chars) == ("validation", 123)
+    formats = typing.get_args(typing.get_args(SeedSource.model_fields["format"].annotation)[0])
+    for name in formats:
+        assert build_parser().parse_args(["ingest", "file", "--format", name]).format == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ingest", "file", "--format", "alpaca"])
+
+
+def test_ingest_limit_reads_only_the_first_rows(capsys, evolforge_home):
+    code, out, _ = run(capsys, "ingest", "sample", "--limit", "5")
+    assert code == 0 and "read 5 = accepted 5 + rejected 0" in out
+
+
+def test_sql_shell_reads_statements_from_stdin(capsys, evolforge_home):
+    """`evolforge sql --shell`: the catalog's views, statements over lines and several on a
+    line, read-only; a failed statement is reported and the others still run."""
+    run(capsys, "ingest", "sample", "--limit", "4")
+    script = (
+        "SELECT count(*) AS n\n  FROM seeds;\n"
+        ".tables\n"
+        "SELECT name FROM versions WHERE name = 'seeds'; SELECT 'a;b' AS s;\n"
+        "CREATE TABLE x (a INT);\n"
+        "SELECT 7 AS last\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "sql", "--shell", "--format", "json"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    views = {row["name"] for row in rows if "name" in row} - {"seeds"}
+    assert rows[0] == {"n": 4} and rows[-2:] == [{"s": "a;b"}, {"last": 7}]
+    assert {"seeds_rejected", "versions", "models", "artifacts"} <= views
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "read-only mode" in proc.stderr
+    code, _, err = run(capsys, "sql", "SELECT 1", "--shell")
+    assert code != 0 and "a QUERY or --shell" in err

@@ -50,9 +50,9 @@ def scripted(monkeypatch):
 def params(**overrides) -> RewardParams:
     data = {
         "evolvers": [{"kind": "embedded"}, {"kind": "embedded", "model": "second-evolver"}],
-        "siblings": {"share": 1.0, "k": 2, "max_tokens": 64},
+        "siblings": {"share": 1.0, "k": 2, "sampling": {"max_tokens": 64}},
         "steps": {"max_solutions_per_round": 2},
-        "monte_carlo": {"n": 2, "max_tokens": 32},
+        "monte_carlo": {"n": 2, "sampling": {"max_tokens": 32}},
     }
     data.update(overrides)
     return RewardParams.model_validate(data)
@@ -139,7 +139,7 @@ def test_rewards_flow_on_the_data_flow(prefect_harness, evolforge_home, scripted
     assert len(scripted.calls) == calls
 
     # more rollouts recompute the rollouts and what follows them, not the rankings
-    more = rewards(params(monte_carlo={"n": 4, "max_tokens": 32}), data=data)
+    more = rewards(params(monte_carlo={"n": 4, "sampling": {"max_tokens": 32}}), data=data)
     cached = {s.stage: s.cached for s in more.steps}
     assert cached["evolve_siblings"] and cached["rank_siblings"] and cached["judge_steps"]
     assert not cached["rollout_steps"] and not cached["compute_rewards"]

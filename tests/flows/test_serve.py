@@ -76,8 +76,8 @@ with get_client(sync_client=True) as client:
 good = {"seeds": {"sources": [{"kind": "sample", "limit": 4}]}, "sft": {"enabled": False},
         "rewards": {"enabled": False}, "training_sets": {"enabled": False},
         "training": {"enabled": False}, "evaluation": {"enabled": False},
-        "solutions": {"enabled": False}, "evolution": {"rounds": 1, "max_tokens": 48},
-        "elimination": {"equal_judge": False, "solvable_judge": False, "probe_max_tokens": 16}}
+        "solutions": {"enabled": False}, "evolution": {"rounds": 1, "sampling": {"max_tokens": 48}},
+        "elimination": {"equal_judge": False, "solvable_judge": False, "probe_sampling": {"max_tokens": 16}}}
 run = run_deployment("factory/adhoc", parameters={"params": good}, timeout=900)
 print(json.dumps({"id": str(run.id), "state": run.state.type.value, "name": run.state.name}))
 bad = {"seeds": {"sources": [{"kind": "file", "path": "/no/such/seeds.jsonl", "format": "gsm8k"}]}}

@@ -52,7 +52,7 @@ def _params(tiny, **changes):
         "sft": small,
         "irm": small,
         "prm": {**small, "processbench_limit": 0},
-        "rl": {**small, "num_generations": 2, "max_completion_length": 8},
+        "rl": {**small, "num_generations": 2, "sampling": {"max_tokens": 8}},
     }
     for name, change in changes.items():
         sections[name] = {**sections[name], **change}

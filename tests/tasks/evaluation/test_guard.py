@@ -8,7 +8,7 @@ import pytest
 
 from storage.datasets import DatasetStore
 from storage.settings import home
-from tasks.benchmarks import benchmark_source, read_items
+from tasks.benchmarks import Benchmark, benchmark_source, read_items
 from tasks.evaluation.guard import (
     GuardParams,
     guard_contamination,
@@ -114,3 +114,14 @@ def test_training_texts_take_the_first_text_column():
     assert training_texts(pl.DataFrame({"question": ["q"]}), "s@1").rows() == [("0", "q")]
     with pytest.raises(ValueError, match=r"training set s@1 has none of the text columns"):
         training_texts(pl.DataFrame({"chosen": ["a"]}), "s@1")
+
+
+def test_the_guard_uses_the_decontamination_rule_with_its_defaults():
+    """One n-gram rule: the guard's settings are decontamination's, fields and defaults."""
+    from tasks.evolution.dedup import DecontamParams, NgramRule
+
+    assert issubclass(GuardParams, NgramRule) and issubclass(DecontamParams, NgramRule)
+    assert GuardParams().ngram_rule() == DecontamParams().ngram_rule() == NgramRule().model_dump()
+    rule = {"ngram": 4, "overlap_threshold": 0.5, "min_shared": 3, "max_ngram_df": 7}
+    decontam = GuardParams(**rule).decontam([Benchmark(name="b", path="b.jsonl", text_field="q")])
+    assert decontam.ngram_rule() == rule and [b.name for b in decontam.benchmarks] == ["b"]

@@ -229,8 +229,8 @@ def test_solvable_judge():
 def test_config_validates_bounds():
     with pytest.raises(ValidationError, match="min_words 50 > max_words 10"):
         EliminationParams(min_words=50, max_words=10)
-    cfg = EliminationParams(probe_max_tokens=99, judge_max_tokens=20)
-    assert cfg.probe_sampling().max_tokens == 99 and cfg.judge_sampling().temperature == 0
+    cfg = EliminationParams(probe_sampling={"max_tokens": 99}, judge_sampling={"max_tokens": 20})
+    assert cfg.probe_sampling.max_tokens == 99 and cfg.judge_sampling.temperature == 0
 
 
 # --- whole passes with the scripted engine -----------------------------------------------------
@@ -455,7 +455,7 @@ def test_one_round_with_the_embedded_model(model_home, monkeypatch):
     assert set(instructions["finish_reason"]) <= {"stop", "length"}
     assert instructions["raw"].null_count() == 0
 
-    cfg = EliminationParams(probe_max_tokens=48, judge_max_tokens=32)
+    cfg = EliminationParams(probe_sampling={"max_tokens": 48}, judge_sampling={"max_tokens": 32})
     result = eliminate_with_checks(instructions, seeds, engine, cfg)
     assert result.kept.height + result.eliminated.height == 3
     assert set(result.eliminated["rule"]) <= set(RULES)
@@ -478,7 +478,7 @@ def test_one_round_with_the_embedded_model(model_home, monkeypatch):
         written,
         seeds,
         engine,
-        EliminationParams(sorry_rule=False, stopword_rule=False, judge_max_tokens=32),
+        EliminationParams(sorry_rule=False, stopword_rule=False, judge_sampling={"max_tokens": 32}),
     )
     checks = judged.checks.to_dicts()
     assert [row["equal_verdict"] in ("Equal", "Not Equal") for row in checks] == [True] * 3

@@ -162,7 +162,9 @@ def test_judge_reward_with_the_embedded_model(evolforge_home, models_dir):
     reward = JudgeReward(
         EngineConfig(kind="embedded"),
         JudgeRewardParams(
-            reason_max_chars=16, instruction_max_tokens=64, steps=StepJudgeParams(max_tokens=64)
+            reason_max_chars=16,
+            instruction_sampling={"max_tokens": 64},
+            steps=StepJudgeParams(sampling={"max_tokens": 64}),
         ),
     )
     trainer = Trainer()

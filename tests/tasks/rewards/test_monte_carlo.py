@@ -101,7 +101,7 @@ def test_rollout_steps_stage_with_the_embedded_model(evolforge_home, models_dir)
     result = rollout_steps.run(
         segmented_solutions=ref,
         engine=EngineConfig(kind="embedded"),
-        params=MonteCarloParams(n=2, max_tokens=32),
+        params=MonteCarloParams(n=2, sampling={"max_tokens": 32}),
     )
     out = store.read(result["step_rollouts"])
     assert out.height == 3 + 2  # a1:0 has three steps, a1x:0 (unverified, skipped) two

@@ -224,7 +224,7 @@ def test_rank_siblings_stage_with_the_embedded_model(evolforge_home, models_dir)
         siblings=refs["siblings"],
         instructions=refs["instructions"],
         judge=EngineConfig(kind="embedded"),
-        params=RankingParams(reason_max_chars=16, max_tokens=200),
+        params=RankingParams(reason_max_chars=16, sampling={"max_tokens": 200}),
     )
     rankings = store.read(result["instruction_rankings"])
     pairs = store.read(result["irm_pairs"])

@@ -135,7 +135,7 @@ def test_evolve_siblings_stage_with_the_embedded_model(evolforge_home, models_di
     result = evolve_siblings.run(
         instructions=ref,
         evolvers=[EngineConfig(kind="embedded")],
-        params=SiblingParams(share=1.0, k=2, max_tokens=48),
+        params=SiblingParams(share=1.0, k=2, sampling={"max_tokens": 48}),
     )
     frame = store.read(result["siblings"])
     assert frame.height == 4 and set(frame["group_id"]) == {"a@1"}

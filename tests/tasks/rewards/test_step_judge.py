@@ -106,7 +106,7 @@ def test_judge_steps_stage_with_the_embedded_model(evolforge_home, models_dir):
     result = judge_steps.run(
         segmented_solutions=ref,
         judge=EngineConfig(kind="embedded"),
-        params=StepJudgeParams(reason_max_chars=16, max_tokens=64),
+        params=StepJudgeParams(reason_max_chars=16, sampling={"max_tokens": 64}),
     )
     out = store.read(result["step_judgments"])
     assert out.height == 2 and result.stats["engine"]["requests"] == 2

@@ -64,7 +64,7 @@ def _sets(store):
     return irm_set, prm_steps, rl_prompts
 
 
-FAST = dict(max_steps=2, num_generations=2, max_completion_length=8, eval_rows=2, max_length=128)
+FAST = dict(max_steps=2, num_generations=2, sampling={"max_tokens": 8}, eval_rows=2, max_length=128)
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
@@ -180,8 +180,8 @@ def test_grpo_raises_the_probability_of_what_the_reward_pays(
     )  # fmt: skip
     ref = store.write("rl_prompts", frame, stage="t", code_version="t", params={}).ref
     params = RlTrainParams(
-        max_steps=4, num_generations=8, max_completion_length=2, learning_rate=2e-5,
-        temperature=1.0, eval_rows=0,
+        max_steps=4, num_generations=8, learning_rate=2e-5,
+        sampling={"temperature": 1.0, "max_tokens": 2}, eval_rows=0,
     )  # fmt: skip
     result = train_rl.run(
         rl_prompts=ref, sft_model=None, irm_model=None, prm_model=None, base_model=base,

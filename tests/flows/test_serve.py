@@ -8,6 +8,7 @@ Set `EVOLFORGE_SCREENSHOTS=docs/screenshots` to keep the screenshots (the README
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,18 +32,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+def tail(path: Path, size: int = 3000) -> str:
+    return path.read_text(errors="replace")[-size:] if path.exists() else ""
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+            raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{tail(log)}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            with urllib.request.urlopen(url + "/health", timeout=10) as response:
                 if response.status == 200:
                     return
         except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("prefect server did not become healthy")
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"prefect server not healthy after {timeout}s:\n{tail(log)}")
 
 
 def api(url: str, path: str, body: dict | None = None):
@@ -54,6 +60,49 @@ def api(url: str, path: str, body: dict | None = None):
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+EXPECTED_DEPLOYMENTS = [
+    "data/adhoc",
+    "evaluation/adhoc",
+    "factory/adhoc",
+    "factory/nightly",
+    "rewards/adhoc",
+    "training/adhoc",
+    "training_sets/adhoc",
+]
+
+
+def registered_deployments(api_url: str) -> list[str]:
+    """`flow/deployment` for every deployment the server knows, sorted."""
+    flows = {f["id"]: f["name"] for f in api(api_url, "/flows/filter")}
+    return sorted(
+        f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in api(api_url, "/deployments/filter")
+    )
+
+
+def wait_for_deployments(
+    api_url: str, runner: subprocess.Popen, log: Path, timeout: float = 600
+) -> None:
+    """Until every expected deployment is registered: `flows.serve` registers them one at a
+    time, and a loaded machine can take a while between the first and the last."""
+    deadline = time.monotonic() + timeout
+    names: list[str] = []
+    while time.monotonic() < deadline:
+        if runner.poll() is not None:
+            raise RuntimeError(
+                f"flows.serve exited with {runner.returncode} after registering {names}:\n"
+                f"{tail(log)}"
+            )
+        with contextlib.suppress(OSError):  # the server is busy: ask again
+            names = registered_deployments(api_url)
+        if set(EXPECTED_DEPLOYMENTS) <= set(names):
+            return
+        time.sleep(1)
+    missing = sorted(set(EXPECTED_DEPLOYMENTS) - set(names))
+    raise TimeoutError(
+        f"after {timeout}s the server has {names}; missing {missing}. flows.serve:\n{tail(log)}"
+    )
 
 
 TRIGGER = """
@@ -86,9 +135,10 @@ print(json.dumps({"id": str(run.id), "state": run.state.type.value, "message": r
 """
 
 
-def browse(url: str, out: Path | None, height: int = 1100, expect: str = "") -> str:
-    """The page's DOM after its scripts ran (again, up to three times, until it holds `expect`:
-    the UI loads data after it renders); a screenshot too when `out` is given."""
+def browse(url: str, out: Path | None, height: int = 1100, expect: tuple[str, ...] = ()) -> str:
+    """The page's DOM after its scripts ran (again, up to three times, until it holds every
+    string of `expect`: the UI loads data after it renders); a screenshot too when `out` is
+    given."""
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
     dom = ""
     for budget in (25000, 45000, 90000):
@@ -96,7 +146,7 @@ def browse(url: str, out: Path | None, height: int = 1100, expect: str = "") -> 
         dom = subprocess.run(
             [*args, "--dump-dom", url], capture_output=True, text=True, timeout=300
         ).stdout
-        if expect in dom:
+        if all(text in dom for text in expect):
             break
     if out is not None:
         subprocess.run(
@@ -122,46 +172,35 @@ def test_deployments_ui_adhoc_run_and_a_failed_run(tmp_path, evolforge_home, mod
         "EVOLFORGE_MODELS": str(model_home / "models"),
     }
     bin_dir = os.path.dirname(sys.executable)
-    server = subprocess.Popen(
-        [os.path.join(bin_dir, "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+    server_log, runner_log = tmp_path / "server.log", tmp_path / "serve.log"
+    # Their output goes to files (a pipe nobody reads would fill and block them), which a
+    # failure quotes.
+    with server_log.open("w") as log:
+        server = subprocess.Popen(
+            [os.path.join(bin_dir, "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     runner = None
     try:
-        wait_healthy(f"{url}/api", server)
-        runner = subprocess.Popen(
-            [sys.executable, "-m", "flows.serve"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 180
-        while True:
-            trigger = subprocess.run(
-                [sys.executable, "-c", TRIGGER],
+        wait_healthy(f"{url}/api", server, server_log)
+        with runner_log.open("w") as log:
+            runner = subprocess.Popen(
+                [sys.executable, "-m", "flows.serve"],
                 env=env,
-                capture_output=True,
-                text=True,
-                timeout=1800,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-            if trigger.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(2)  # the deployments are not registered yet
+        wait_for_deployments(f"{url}/api", runner, runner_log)
+        trigger = subprocess.run(
+            [sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=1800
+        )
         assert trigger.returncode == 0, trigger.stderr[-3000:]
         info, good, bad = [json.loads(x) for x in trigger.stdout.splitlines() if x.startswith("{")]
-        assert info["names"] == [
-            "data/adhoc",
-            "evaluation/adhoc",
-            "factory/adhoc",
-            "factory/nightly",
-            "rewards/adhoc",
-            "training/adhoc",
-            "training_sets/adhoc",
-        ]
+        assert info["names"] == EXPECTED_DEPLOYMENTS
         assert info["nightly_cron"] == ["0 2 * * *"]
         assert info["nightly_limit"] == 1 and info["adhoc_schedules"] == 0
         assert (good["state"], good["name"]) == ("COMPLETED", "Completed")
@@ -170,17 +209,19 @@ def test_deployments_ui_adhoc_run_and_a_failed_run(tmp_path, evolforge_home, mod
         assert "/no/such/seeds.jsonl: no such file" in bad["message"]
         assert "\n" not in bad["message"].strip()
 
-        page = browse(f"{url}/deployments", shots / "deployments.png", 700, "nightly")
-        for text in ("nightly", "adhoc", "factory", "data", "At 02:00 AM every day"):
+        shown = ("nightly", "adhoc", "factory", "data", "At 02:00 AM every day")
+        page = browse(f"{url}/deployments", shots / "deployments.png", 700, shown)
+        for text in shown:
             assert text in page, text
 
+        titles = ("Seeds", "LLM engine", "Evolution", "Elimination", "Solutions")
         form = browse(
             f"{url}/deployments/deployment/{info['ids']['factory/adhoc']}/run",
             shots / "run-form.png",
             1600,
-            "LLM engine",
+            tuple(f">{title}" for title in titles),
         )
-        for title in ("Seeds", "LLM engine", "Evolution", "Elimination", "Solutions"):
+        for title in titles:
             assert f">{title}" in form, title
         assert "Seed problems: sources" in form and "evolution rounds (WizardMath: 8)" in form
         assert "Property is type None" not in form
@@ -191,11 +232,17 @@ def test_deployments_ui_adhoc_run_and_a_failed_run(tmp_path, evolforge_home, mod
             and api(f"{url}/api", "/flows/filter", {"flows": {"id": {"any_": [r["flow_id"]]}}})[0]["name"] == "data"
         )  # fmt: skip
         run_page = browse(
-            f"{url}/runs/flow-run/{data_run['id']}", shots / "finished-run.png", 1100, "Completed"
+            f"{url}/runs/flow-run/{data_run['id']}",
+            shots / "finished-run.png",
+            1100,
+            (data_run["name"], "Completed"),
         )
         assert data_run["name"] in run_page and "Completed" in run_page
-        artifacts = browse(f"{url}/artifacts", None, 1100, "/artifacts/key/data-report")
-        for key in ("data-report", "funnel-round-1"):
+        keys = ("data-report", "funnel-round-1")
+        artifacts = browse(
+            f"{url}/artifacts", None, 1100, tuple(f"/artifacts/key/{key}" for key in keys)
+        )
+        for key in keys:
             assert f"/artifacts/key/{key}" in artifacts, key
         (report_artifact,) = api(
             f"{url}/api", "/artifacts/filter", {"artifacts": {"key": {"any_": ["data-report"]}}}
@@ -204,7 +251,7 @@ def test_deployments_ui_adhoc_run_and_a_failed_run(tmp_path, evolforge_home, mod
             f"{url}/artifacts/artifact/{report_artifact['id']}",
             shots / "report.png",
             1600,
-            "evolforge data run",
+            ("evolforge data run", "Evolution funnel", "<img"),
         )
         assert "evolforge data run" in report and "Evolution funnel" in report
         assert "<img" in report  # the funnel plot, embedded

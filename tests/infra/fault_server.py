@@ -5,7 +5,9 @@ advance which requests fail and how (about 30% fail permanently):
 
     0: 429 with Retry-After on the first attempt, then a normal answer
     1: 500 every time
-    2: answers after `slow_s` (past the client's timeout) every time
+    2: no answer, every time: the request is held until the client gives up and hangs up (or
+       the server stops), so it times out whatever the client's deadline and however slow the
+       machine; no answer meant to succeed has to beat a clock
     3: a 200 whose body is not JSON, every time
     4: a normal answer cut by max_tokens (finish_reason "length")
     5-9: a normal answer
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import select
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,10 +41,10 @@ def behaviour(content: str) -> int:
 
 
 class FaultServer:
-    def __init__(self, slow_s: float = 1.0):
-        self.slow_s = slow_s
+    def __init__(self):
         self.log: list[dict] = []
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._seen_429: set[str] = set()
         server = self
 
@@ -64,6 +67,7 @@ class FaultServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stopping.set()  # lets go of the requests still held
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -97,7 +101,7 @@ class FaultServer:
         if kind == 1:
             return self._send(handler, 500, {"error": {"message": "internal error"}})
         if kind == 2:
-            time.sleep(self.slow_s)
+            return self._hold(handler)
         if kind == 3:
             return self._send_raw(handler, 200, b'{"choices": [ {"index": 0, "mess')
         n = body.get("n", 1)
@@ -120,6 +124,14 @@ class FaultServer:
             "usage": {"prompt_tokens": 7, "completion_tokens": 4 * n, "total_tokens": 7 + 4 * n},
         }
         return self._send(handler, 200, payload)
+
+    def _hold(self, handler: BaseHTTPRequestHandler) -> None:
+        """Answer nothing until the client hangs up (its timeout fired) or the server stops."""
+        handler.close_connection = True
+        while not self._stopping.is_set():
+            readable, _, _ = select.select([handler.connection], [], [], 0.05)
+            if readable:  # end of file: the client closed the connection
+                return
 
     def _send(self, handler, status: int, payload: dict, headers: dict | None = None) -> None:
         self._send_raw(handler, status, json.dumps(payload).encode(), headers)

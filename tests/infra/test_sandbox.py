@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
 import shutil
@@ -113,6 +114,18 @@ def box(host_secrets):
 
 
 @pytest.fixture(scope="module")
+def roomy_box(host_secrets):
+    """`box` with the wall and CPU limits far out of the way, for tests that measure another
+    limit: on a loaded machine a program that fills memory can take longer than `LIMITS.wall_s`,
+    and the wall limit then kills it before it reports (it printed nothing)."""
+    if not AVAILABLE:
+        pytest.skip(f"sandbox isolation unavailable: {REASON}")
+    with Sandbox(LIMITS.model_copy(update={"wall_s": 120, "cpu_s": 30}), workers=1) as sandbox:
+        sandbox.warm_up()
+        yield sandbox
+
+
+@pytest.fixture(scope="module")
 def listener():
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
@@ -153,6 +166,21 @@ def assert_stdout(expected: str):
         return True
 
     return check
+
+
+def printed_json(result: SandboxResult):
+    """The JSON value a program printed, or a failure that says what became of the program (its
+    exit status, the limit that stopped it, its stderr, the sandbox's own error) when it printed
+    none."""
+    try:
+        return json.loads(result.stdout)
+    except ValueError:
+        pytest.fail(
+            f"the program printed {result.stdout!r}, not JSON: exit code {result.exit_code}, "
+            f"timed out {result.timed_out}, stopped by {result.killed_by_limit}, "
+            f"{result.wall_s:.2f}s, sandbox error {result.error!r}, "
+            f"stderr {result.stderr_tail[-2000:]!r}"
+        )
 
 
 # (program, check on its result). Every program prints what it managed to do; `{port}` is the
@@ -809,32 +837,46 @@ def test_concurrent_programs_do_not_share_the_process_limit(host_secrets, host_u
 
 
 @needs_bwrap
-def test_memory_of_all_processes_is_bounded_by_the_cgroup(box, host_unchanged):
+def test_memory_of_all_processes_is_bounded_by_the_cgroup(roomy_box, host_unchanged):
+    box = roomy_box
     if box.isolation.cgroup is None:
         pytest.skip(f"no cgroup here ({box.isolation.cgroup_reason}): rlimits bound each process")
     worker = next(iter(box._all))
     # Four children of 150 MB each: every one is under the per-process limit (400 MB), together
-    # they are over the program's 400 MB; the cgroup's OOM killer stops some of them.
+    # they are over the program's 400 MB; the cgroup's OOM killer stops some of them. Each child
+    # holds its block until every child holds one or was killed, so they overlap however slowly
+    # a loaded machine runs them (a fixed sleep let early children exit before late ones filled
+    # their blocks). The children volunteer as the OOM killer's victims: the parent reports.
     result = box.run(
         src(
             """
-            import os, time
-            children = []
+            import json, os
+            release_r, release_w = os.pipe()
+            holding = {}  # read end of each child's "I hold my block" pipe -> its pid
             for _ in range(4):
+                ready_r, ready_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:
+                    for fd in (release_w, ready_r, *holding):
+                        os.close(fd)
+                    open("/proc/self/oom_score_adj", "w").write("1000")
                     block = bytearray(150_000_000)
                     for i in range(0, len(block), 4096):
                         block[i] = 1
-                    time.sleep(0.5)
+                    os.write(ready_w, b"1")
+                    os.read(release_r, 1)  # EOF once the parent lets go
                     os._exit(0)
-                children.append(pid)
-            print([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children])
+                os.close(ready_w)
+                holding[ready_r] = pid
+            held = [os.read(fd, 1) == b"1" for fd in holding]  # b"": killed before it held
+            os.close(release_w)
+            codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in holding.values()]
+            print(json.dumps({"held": held, "codes": codes}))
             """
         )
     )
-    codes = eval(result.stdout)
-    assert -9 in codes, result
+    report = printed_json(result)
+    assert -9 in report["codes"], (report, result)
     memory_dir = next(
         d for d in worker.cgroup.dirs if (d / box.isolation.cgroup.memory_limit).exists()
     )
@@ -859,10 +901,13 @@ def test_a_cgroup_without_both_limits_is_refused_and_removed():
 
 
 @needs_bwrap
-def test_a_program_killed_by_the_cgroup_is_reported_as_memory(box):
+def test_a_program_killed_by_the_cgroup_is_reported_as_memory(roomy_box):
+    box = roomy_box
     if box.isolation.cgroup is None:
         pytest.skip(f"no cgroup here ({box.isolation.cgroup_reason}): rlimits bound each process")
-    # The main process volunteers as the OOM killer's victim; its children fill the cgroup.
+    # The main process volunteers as the OOM killer's victim; its children fill the cgroup. All
+    # of them wait for that kill rather than for a fixed time, which a loaded machine could
+    # outlast before the children have filled the cgroup (the wall limit would win the race).
     result = box.run(
         src(
             """
@@ -874,9 +919,9 @@ def test_a_program_killed_by_the_cgroup_is_reported_as_memory(box):
                     block = bytearray(150_000_000)
                     for i in range(0, len(block), 4096):
                         block[i] = 1
-                    time.sleep(5)
+                    time.sleep(1000)
                     os._exit(0)
-            time.sleep(5)
+            time.sleep(1000)
             """
         )
     )

@@ -28,7 +28,7 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from infra.engines import EngineConfig
-from infra.scoring import IrmScorer, PrmScorer
+from infra.scoring import IrmScorer, PrmScorer, ScoringDevice, ScoringDtype
 from tasks.evolution.instruction_reward import InstructionReward
 from tasks.sampling import Sampling
 from tasks.stage import Artifact, ArtifactDir, StageContext, StageOutput, stage
@@ -77,6 +77,14 @@ class RlTrainParams(TrainerParams):
     vllm_mode: Literal["colocate", "server"] = "colocate"
     reward_max_length: int = Field(512, ge=16, description="tokens the IRM and PRM read")
     reward_batch_size: int = Field(8, ge=1)
+    reward_device: ScoringDevice = Field(
+        "auto", description="where the IRM and PRM score: auto is CUDA when there is a GPU"
+    )
+    reward_dtype: ScoringDtype = Field(
+        "auto",
+        description="the IRM's and PRM's dtype: auto is bfloat16 on a GPU that has it, "
+        "else float32",
+    )
     eval_rows: int = Field(16, ge=0, description="held-out prompts decoded greedily at the end")
 
     @model_validator(mode="after")
@@ -95,6 +103,16 @@ def prompt_dataset(rows: pl.DataFrame) -> Any:
     )
 
 
+def scorer_settings(params: RlTrainParams) -> dict[str, Any]:
+    """How the IRM and PRM are loaded: placement, dtype, tokens read, batch size."""
+    return {
+        "device": params.reward_device,
+        "dtype": params.reward_dtype,
+        "max_length": params.reward_max_length,
+        "batch_size": params.reward_batch_size,
+    }
+
+
 def make_reward(
     irm_model: Path | None,
     prm_model: Path | None,
@@ -103,21 +121,11 @@ def make_reward(
 ) -> InstructionAnswerReward:
     """The ONE reward function: trained models where given, the judge where not."""
     irm = (
-        InstructionReward(
-            IrmScorer.load(
-                irm_model, max_length=params.reward_max_length, batch_size=params.reward_batch_size
-            )
-        )
+        InstructionReward(IrmScorer.load(irm_model, **scorer_settings(params)))
         if irm_model is not None
         else None
     )
-    prm = (
-        PrmScorer.load(
-            prm_model, max_length=params.reward_max_length, batch_size=params.reward_batch_size
-        )
-        if prm_model is not None
-        else None
-    )
+    prm = PrmScorer.load(prm_model, **scorer_settings(params)) if prm_model is not None else None
     if prm is None and judge is None:
         raise ValueError(
             "train_rl: rA needs a PRM checkpoint (prm_model) or a judge engine to fall back on"

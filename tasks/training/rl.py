@@ -7,7 +7,10 @@ The policy starts from the SFT checkpoint (the base model when there is none) an
 instruction (once per prompt), rA from the trained PRM on the completion's steps (min over the
 steps), falling back to the `r_i` column and the judge-based reward (`tasks.rewards.functions`)
 where a model is not given; optionally gated on the answer being right. rI and rA are logged
-separately (`rI`, `rA` in the trainer's log, curves in the report).
+separately (`rI`, `rA` in the trainer's log, curves in the report). The IRM and PRM read
+`reward_max_length` tokens, by default the longest prompt plus a whole completion
+(`reward_length`); a completion with a step past it gets rA None, counted (`rA_cut` in the log,
+`rA_unscored` in the stats). They score on the GPU when there is one (`infra.scoring`).
 
 GRPO's advantages are rewards minus the group mean; `scale_rewards="batch"` (the default here)
 divides by the batch's standard deviation, so rI weighs prompts against each other instead of
@@ -75,7 +78,13 @@ class RlTrainParams(TrainerParams):
     )
     use_vllm: bool = Field(False, description="generate with vLLM (GPU)")
     vllm_mode: Literal["colocate", "server"] = "colocate"
-    reward_max_length: int = Field(512, ge=16, description="tokens the IRM and PRM read")
+    reward_max_length: int | None = Field(
+        None,
+        ge=16,
+        description="tokens the IRM and PRM read; None: the longest prompt of rl_prompts plus "
+        "sampling.max_tokens (and a margin), so a whole completion is scored. A completion "
+        "with a step past it gets rA None (counted as rA_cut), never a min over fewer steps",
+    )
     reward_batch_size: int = Field(8, ge=1)
     reward_device: ScoringDevice = Field(
         "auto", description="where the IRM and PRM score: auto is CUDA when there is a GPU"
@@ -91,6 +100,15 @@ class RlTrainParams(TrainerParams):
     def _sampled(self) -> RlTrainParams:
         if self.sampling.temperature <= 0:
             raise ValueError("sampling.temperature must be > 0 (GRPO compares sampled completions)")
+        if (
+            self.reward_max_length is not None
+            and self.reward_max_length <= self.sampling.max_tokens
+        ):
+            raise ValueError(
+                f"reward_max_length ({self.reward_max_length}) must exceed sampling.max_tokens "
+                f"({self.sampling.max_tokens}): the PRM reads the prompt and the whole completion "
+                "(leave it unset to derive it from the prompts)"
+            )
         return self
 
 
@@ -101,6 +119,19 @@ def prompt_dataset(rows: pl.DataFrame) -> Any:
     return Dataset.from_list(
         rows.select("prompt", "instruction", "parent", "label", "r_i").to_dicts()
     )
+
+
+# Tokens beyond prompt + completion: the line break `join_steps` may put after the prompt, and
+# a completion that re-tokenizes a little longer than it was sampled.
+REWARD_LENGTH_MARGIN = 16
+
+
+def reward_length(params: RlTrainParams, tokenizer: Any, prompts: list[str]) -> int:
+    """`reward_max_length`, or the longest prompt in tokens + `sampling.max_tokens` + a margin."""
+    if params.reward_max_length is not None:
+        return params.reward_max_length
+    longest = max((len(tokenizer(p)["input_ids"]) for p in prompts), default=0)
+    return longest + params.sampling.max_tokens + REWARD_LENGTH_MARGIN
 
 
 def scorer_settings(params: RlTrainParams) -> dict[str, Any]:
@@ -238,6 +269,8 @@ def train_rl(
         AutoModelForCausalLM, policy_path, tokenizer, dtype=common.weights_dtype(params)
     )
     sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
+    length = reward_length(params, tokenizer, rl_prompts["prompt"].to_list())
+    params = params.model_copy(update={"reward_max_length": length})
     reward = make_reward(irm_model, prm_model, judge_reward(ctx, judge), params)
     checkpoints = ctx.work_dir("rl_model") / common.CHECKPOINTS
     trainer_cls = GRPOTrainer if params.algorithm == "grpo" else RLOOTrainer
@@ -276,6 +309,8 @@ def train_rl(
             if irm_model is not None
             else ("r_i column / judge" if judge is not None else "r_i column"),
             "rA_source": "prm_model" if prm_model is not None else "judge",
+            "reward_max_length": length,
+            "rA_unscored": dict(reward.unscored),
             "train_rows": train.height,
             **sizes,
             "base_model": base.identity,

@@ -85,8 +85,10 @@ class EvaluationParams(BaseModel):
     k: int = Field(8, ge=1, le=64, description="samples of maj@k")
     prompt_format: Literal["auto", "alpaca", "chat"] = Field(
         "auto",
-        description="alpaca (WizardMath's prompt) or the model's chat template; auto: alpaca for "
-        "models trained on sft_set",
+        description="auto and alpaca: WizardMath's Alpaca prompt, sent raw, for every model (the "
+        "base, the SFT and RL checkpoints alike, as WizardMath evaluates them; a base without a "
+        "chat template works); chat: each model's chat template, and the Alpaca prompt for a "
+        "local model whose tokenizer has none (its rows say alpaca)",
     )
     engine: EngineConfig = Field(
         default_factory=EngineConfig,

@@ -15,6 +15,14 @@ prompt, the PRM's Alpaca prompt) is the tasks' business (`tasks.evolution.instru
   visible character; `encode_steps` is that placement (`join_steps` the text), shared with the
   PRM's training collator so training and scoring see the same tokens. A step cut off by
   `max_length` has no probability (None).
+- **Placement.** `load` puts a scorer's model on the best device there is and picks its dtype
+  (`scoring_placement`): `auto` is CUDA when torch sees a GPU, else the CPU; in bfloat16 on a
+  GPU that computes it, float32 everywhere else. The CPU stays in float32 although the embedded
+  engine decodes in bf16 on CPUs with native bf16 (`infra.engines.cpu.choose_dtype`): a score is
+  compared with thresholds (the Active Evol-Instruct cut, the min over steps), bf16 moves a
+  sigmoid by about 1e-2, and scoring is one forward pass per text, where bf16 gains little on
+  a CPU; so CPU scores stay what they were. Inputs go to the model's device; scores come back
+  as Python floats.
 - `resolve_checkpoint` turns what a config names (`irm_model@<version>` from the `models` view,
   or a folder) into a folder.
 """
@@ -25,7 +33,7 @@ import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 IGNORE = -100
 WRONG, CORRECT = 0, 1
@@ -60,14 +68,40 @@ def load_tokenizer(path: str, padding_side: str = "right") -> Any:
     return tokenizer
 
 
+ScoringDevice = Literal["auto", "cpu", "cuda"]
+ScoringDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def scoring_placement(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """The device and dtype a reward model scores on (see the module docstring): `auto` is
+    CUDA when available, else the CPU; bfloat16 on a GPU that has it, else float32."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"reward model device {device!r}: torch sees no CUDA device")
+    if dtype == "auto":
+        cuda = device.startswith("cuda")
+        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
+
 def load_model(
-    auto_cls: Any, path: str, tokenizer: Any, dtype: str = "float32", **kwargs: Any
+    auto_cls: Any,
+    path: str,
+    tokenizer: Any,
+    dtype: str = "float32",
+    device: str | None = None,
+    **kwargs: Any,
 ) -> Any:
-    """A model in `dtype` (fp32 unless a GPU trains in bf16), its pad token set from the
-    tokenizer."""
+    """A model in `dtype` (fp32 unless a GPU trains in bf16), on `device` when one is given
+    (the trainers leave placement to the Trainer), its pad token set from the tokenizer."""
     import torch
 
     model = auto_cls.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+    if device is not None:
+        model = model.to(device)
     model.config.pad_token_id = tokenizer.pad_token_id
     generation = getattr(model, "generation_config", None)
     if generation is not None:
@@ -75,7 +109,17 @@ def load_model(
     return model
 
 
-_loaded: dict[tuple[str, str, int], Any] = {}
+def _load_scorer(auto_cls: Any, path: str | Path, device: str, dtype: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a reward model checkpoint, placed by `scoring_placement`."""
+    from infra.engines.cpu import log_choice_once
+
+    device, dtype = scoring_placement(device, dtype)
+    log_choice_once("scoring", f"reward models score on {device} in {dtype}")
+    tokenizer = load_tokenizer(str(path))
+    return load_model(auto_cls, str(path), tokenizer, dtype=dtype, device=device), tokenizer
+
+
+_loaded: dict[tuple[str, str, int, str, str], Any] = {}
 _loaded_lock = threading.Lock()
 
 
@@ -98,20 +142,24 @@ class IrmScorer:
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> IrmScorer:
+    def load(
+        cls, path: str | Path, device: str = "auto", dtype: str = "auto", **kwargs: Any
+    ) -> IrmScorer:
         from transformers import AutoModelForSequenceClassification
 
-        tokenizer = load_tokenizer(str(path))
-        model = load_model(AutoModelForSequenceClassification, str(path), tokenizer)
+        model, tokenizer = _load_scorer(AutoModelForSequenceClassification, path, device, dtype)
         return cls(model, tokenizer, **kwargs)
 
     @classmethod
-    def cached(cls, path: str | Path, max_length: int = 512) -> IrmScorer:
-        """One loaded IRM per (folder, max length) and process: the shards of a stage share it."""
-        key = ("irm", str(Path(path).resolve()), max_length)
+    def cached(
+        cls, path: str | Path, max_length: int = 512, device: str = "auto", dtype: str = "auto"
+    ) -> IrmScorer:
+        """One loaded IRM per (folder, max length, placement) and process: the shards of a stage
+        share it."""
+        key = ("irm", str(Path(path).resolve()), max_length, device, dtype)
         with _loaded_lock:
             if key not in _loaded:
-                _loaded[key] = cls.load(path, max_length=max_length)
+                _loaded[key] = cls.load(path, device=device, dtype=dtype, max_length=max_length)
             return _loaded[key]
 
     def logits(self, texts: Sequence[str]) -> list[float]:
@@ -210,11 +258,12 @@ class PrmScorer:
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> PrmScorer:
+    def load(
+        cls, path: str | Path, device: str = "auto", dtype: str = "auto", **kwargs: Any
+    ) -> PrmScorer:
         from transformers import AutoModelForTokenClassification
 
-        tokenizer = load_tokenizer(str(path))
-        model = load_model(AutoModelForTokenClassification, str(path), tokenizer)
+        model, tokenizer = _load_scorer(AutoModelForTokenClassification, path, device, dtype)
         return cls(model, tokenizer, **kwargs)
 
     def step_probabilities(

@@ -18,13 +18,21 @@ follow `parents` (artifacts: checkpoints, reward models; datasets without text) 
 that has a `prompt`, `question`, `instruction` or `text` column; those datasets are what the model
 was trained on (`sft_set`, `rl_prompts`, ... whatever the training stages name them). A model
 with no lineage (the base, a folder) has no known training sets: its contamination is unknown
-(null), not zero. The prompt format `auto` is Alpaca when the lineage passes through a dataset
-named `sft_set` (the factory's SFT data is Alpaca-formatted), the model's chat template otherwise.
+(null), not zero.
+
+The prompt format: `auto` (the default) is WizardMath's protocol, the Alpaca prompt sent raw for
+every model: the base, the SFT and RL checkpoints (which learnt that prompt from `sft_set` and
+`rl_prompts`) and any other, so a table compares models, not prompts, and a pretrained base
+needs no chat template. `chat` sends each model the question through its own chat template (an
+instruct model judged on its own terms); a model whose tokenizer is known to have no template
+(a local folder or checkpoint without one) gets the Alpaca prompt instead, and its rows say
+`alpaca`. Whether a hub model or a served one has a template is the engine's business.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 from pathlib import Path
 from typing import Literal
@@ -39,9 +47,11 @@ from storage.settings import home
 
 PromptFormat = Literal["alpaca", "chat"]
 TRAINING_TEXT_COLUMNS = ("prompt", "question", "instruction", "text")
-# Datasets whose presence in a model's lineage means it learnt the Alpaca prompt format.
-ALPACA_DATASETS = ("sft_set",)
 BASE_SPECS = ("base", "embedded")
+# Where transformers keeps a tokenizer's chat template (5.x: its own file; 4.x: the config).
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+log = logging.getLogger(__name__)
 
 
 class ModelSpecError(UserError):
@@ -90,6 +100,28 @@ def training_sets(store: DatasetStore, start: str) -> tuple[list[str], list[str]
                 seen.add(parent)
                 queue.append(parent)
     return found, visited
+
+
+def has_chat_template(folder: Path) -> bool | None:
+    """Whether the tokenizer saved in `folder` has a chat template; None without a tokenizer."""
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    if (folder / "additional_chat_templates").is_dir():
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def _engine_folder(engine: EngineConfig) -> Path | None:
+    """The local folder the engine's own model (the base) is, when it is one."""
+    if engine.model and Path(engine.model).expanduser().is_dir():
+        return Path(engine.model).expanduser()
+    return None
 
 
 def _checkpoint_problem(folder: Path) -> str | None:
@@ -150,12 +182,14 @@ def resolve_spec(
         identity: str,
         artifact: str | None = None,
         trained: list[str] | None = None,
-        lineage: list[str] | None = None,
+        folder: Path | None = None,
     ) -> ModelTarget:
-        fmt = prompt_format
-        if fmt == "auto":
-            alpaca = any(r.partition("@")[0] in ALPACA_DATASETS for r in lineage or [])
-            fmt = "alpaca" if alpaca else "chat"
+        fmt: PromptFormat = "chat" if prompt_format == "chat" else "alpaca"
+        if fmt == "chat" and folder is not None and has_chat_template(folder) is False:
+            log.warning(
+                "model %s has no chat template: it is evaluated with the Alpaca prompt", spec
+            )
+            fmt = "alpaca"
         return ModelTarget(
             label=label,
             spec=spec,
@@ -167,7 +201,9 @@ def resolve_spec(
         )
 
     if body in BASE_SPECS:
-        return target(label or "base", engine.model, _base_identity(engine))
+        return target(
+            label or "base", engine.model, _base_identity(engine), folder=_engine_folder(engine)
+        )
     folder = Path(body).expanduser()
     if folder.is_dir():
         folder = folder.resolve()
@@ -176,7 +212,12 @@ def resolve_spec(
             raise ModelSpecError(f"model {spec!r}: folder {folder} {problem}")
         from infra.models import folder_checksum
 
-        return target(label or folder.name, str(folder), f"folder-sha256:{folder_checksum(folder)}")
+        return target(
+            label or folder.name,
+            str(folder),
+            f"folder-sha256:{folder_checksum(folder)}",
+            folder=folder,
+        )
     name = body.partition("@")[0]
     if name in store.names():
         try:
@@ -193,14 +234,14 @@ def resolve_spec(
         if problem:
             raise ModelSpecError(f"model {spec!r}: {manifest.name}@{manifest.version} {problem}")
         ref = f"{manifest.name}@{manifest.version}"
-        found, lineage = training_sets(store, ref)
+        found, _ = training_sets(store, ref)
         return target(
             label or f"{manifest.name}@{manifest.version[:8]}",
             str(path),
             f"artifact:{ref}",
             artifact=ref,
             trained=found,
-            lineage=lineage,
+            folder=path,
         )
     if engine.kind != "embedded" or (body.count("/") == 1 and not body.startswith((".", "/"))):
         # A hub id or a served model name: the engine resolves it (and fails clearly if it can't).

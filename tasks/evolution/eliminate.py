@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine
+from infra.scoring import ScoringDevice, ScoringDtype
 from storage.settings import PROJECT_ROOT
 from tasks.evolution.evolve import OPERATIONS, parent_texts
 from tasks.evolution.records import Eliminated, EliminationCheck
@@ -178,13 +179,22 @@ class EliminationParams(BaseModel):
     )
     irm_from_round: int = Field(2, ge=1, description="the first round the IRM scores")
     irm_max_length: int = Field(512, ge=16, description="tokens of an instruction the IRM reads")
+    irm_device: ScoringDevice = Field(
+        "auto", description="where the IRM scores: auto is CUDA when there is a GPU, else the CPU"
+    )
+    irm_dtype: ScoringDtype = Field(
+        "auto", description="the IRM's dtype: auto is bfloat16 on a GPU that has it, else float32"
+    )
 
     def fingerprint(self) -> dict[str, Any]:
-        """Every setting; the IRM's only when one is configured, a folder by its contents."""
+        """Every setting; the IRM's only when one is configured, a folder by its contents; the
+        IRM's device never (where it scores, not what)."""
         data = self.model_dump(mode="json")
+        data.pop("irm_device")
         if self.irm_model is None:
             for key in ("irm_model", "irm_threshold", "irm_from_round", "irm_max_length"):
                 data.pop(key)
+            data.pop("irm_dtype")
         elif Path(self.irm_model).expanduser().is_dir():
             from infra.models import folder_checksum
 
@@ -709,7 +719,10 @@ def eliminate_batch(
         from tasks.evolution.instruction_reward import InstructionReward
 
         folder = resolve_checkpoint(params.irm_model, ctx.home)
-        irm = InstructionReward(IrmScorer.cached(folder, max_length=params.irm_max_length)).scores
+        scorer = IrmScorer.cached(
+            folder, params.irm_max_length, device=params.irm_device, dtype=params.irm_dtype
+        )
+        irm = InstructionReward(scorer).scores
     result = eliminate_with_checks(evolutions, pool, ctx.engine(engine), params, irm)
     by_rule = dict(result.eliminated.group_by("rule").len().iter_rows())
     stats = {

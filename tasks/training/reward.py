@@ -14,9 +14,12 @@ completion: `instruction`, `parent`, `label`, `r_i`.
   else `r_i_default` when one is configured (1.0: that prompt is not weighted), else None.
 - **rA** (answer reward) from the trained PRM: the completion is split into steps
   (`tasks.rewards.steps.segment_steps`) and rA is the minimum over its steps of P(step correct)
-  (`PrmScorer.step_probabilities`); an empty completion scores 0; a completion whose steps were
-  all cut off by the PRM's max length could not be judged (None). Without a PRM: the judge-based
-  reward's `answer_rewards` (`tasks.rewards.functions.JudgeReward`).
+  (`PrmScorer.step_probabilities`); an empty completion scores 0. A completion with a step the
+  PRM could not score (cut off by its max length) could not be judged: rA is None, never the
+  minimum over the steps that were scored (the step left out may be the wrong one). Each is
+  counted: `rA_cut` in the trainer's log (completions per batch), `unscored` on the reward
+  (the run's total, by reason). Without a PRM: the judge-based reward's `answer_rewards`
+  (`tasks.rewards.functions.JudgeReward`).
 - **gate** (optional): the completion's final answer is checked against `label`
   (`check_completions`); a wrong answer scores 0, an answer that could not be judged None.
 
@@ -31,10 +34,15 @@ advantages; the RL stage uses `scale_rewards="batch"` so that rI weighs prompts 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tasks.rewards.functions import finite_number, instruction_text, message_text
+
+# Why rA is None for a completion the PRM was asked about.
+CUT = "steps_past_max_length"
+NO_STEP = "no_visible_step"
 
 
 def default_segmenter() -> Callable[[str], list[str]]:
@@ -73,7 +81,14 @@ class InstructionAnswerReward:
         self.verifier = verifier
         self.r_i_default = r_i_default
         self._r_i: dict[tuple[str, str | None], float | None] = {}
-        self.last: dict[str, list[Any]] = {"r_i": [], "r_a": [], "correct": [], "r": []}
+        self.last: dict[str, list[Any]] = {
+            "r_i": [],
+            "r_a": [],
+            "r_a_unscored": [],
+            "correct": [],
+            "r": [],
+        }
+        self.unscored: Counter[str] = Counter()
 
     # -- rI -------------------------------------------------------------------------------------
     def instruction_rewards(
@@ -111,7 +126,10 @@ class InstructionAnswerReward:
     def answer_rewards(
         self, prompts: Sequence[str], texts: Sequence[str], instructions: Sequence[str]
     ) -> list[float | None]:
-        """rA per completion: min over its steps of P(correct) from the PRM, else the judge."""
+        """rA per completion: min over its steps of P(correct) from the PRM, else the judge;
+        None when a step could not be scored (`last["r_a_unscored"]` says why)."""
+        unscored: list[str | None] = [None] * len(texts)
+        self.last["r_a_unscored"] = unscored
         if self.prm is None:
             return list(self.judge.answer_rewards(list(instructions), list(texts)))
         segment = self.segmenter or default_segmenter()
@@ -123,8 +141,16 @@ class InstructionAnswerReward:
                 [prompts[i] for i in todo], [steps[i] for i in todo]
             )
             for i, ps in zip(todo, probs, strict=True):
+                # A step with no visible character has no token to be read at (no score, not a
+                # step); any other step without a score was past the PRM's max length.
+                cut = any(p is None and step.strip() for p, step in zip(ps, steps[i], strict=True))
                 known = [p for p in ps if p is not None]
-                out[i] = min(known) if known else None
+                if cut or not known:
+                    out[i] = None
+                    unscored[i] = CUT if cut else NO_STEP
+                    self.unscored[unscored[i]] += 1
+                else:
+                    out[i] = min(known)
         return out
 
     def correctness(
@@ -160,7 +186,13 @@ class InstructionAnswerReward:
         if self.gate:
             correct = self.correctness(texts, kwargs.get("label"))
             r = [None if c is None else (v if c else 0.0) for v, c in zip(r, correct, strict=True)]
-        self.last = {"r_i": r_i, "r_a": r_a, "correct": correct, "r": r}
+        self.last = {
+            "r_i": r_i,
+            "r_a": r_a,
+            "r_a_unscored": self.last["r_a_unscored"],
+            "correct": correct,
+            "r": r,
+        }
         self._log(kwargs.get("log_metric"), kwargs.get("log_extra"))
         return r
 
@@ -170,6 +202,8 @@ class InstructionAnswerReward:
                 mean = _mean(self.last[key])
                 if mean is not None:
                     log_metric(name, mean)
+            if self.prm is not None:
+                log_metric("rA_cut", float(self.last["r_a_unscored"].count(CUT)))
             if self.gate:
                 judged = [float(c) for c in self.last["correct"] if c is not None]
                 if judged:

@@ -7,7 +7,10 @@ The policy starts from the SFT checkpoint (the base model when there is none) an
 instruction (once per prompt), rA from the trained PRM on the completion's steps (min over the
 steps), falling back to the `r_i` column and the judge-based reward (`tasks.rewards.functions`)
 where a model is not given; optionally gated on the answer being right. rI and rA are logged
-separately (`rI`, `rA` in the trainer's log, curves in the report).
+separately (`rI`, `rA` in the trainer's log, curves in the report). The IRM and PRM read
+`reward_max_length` tokens, by default the longest prompt plus a whole completion
+(`reward_length`); a completion with a step past it gets rA None, counted (`rA_cut` in the log,
+`rA_unscored` in the stats). They score on the GPU when there is one (`infra.scoring`).
 
 GRPO's advantages are rewards minus the group mean; `scale_rewards="batch"` (the default here)
 divides by the batch's standard deviation, so rI weighs prompts against each other instead of
@@ -28,7 +31,7 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from infra.engines import EngineConfig
-from infra.scoring import IrmScorer, PrmScorer
+from infra.scoring import IrmScorer, PrmScorer, ScoringDevice, ScoringDtype
 from tasks.evolution.instruction_reward import InstructionReward
 from tasks.sampling import Sampling
 from tasks.stage import Artifact, ArtifactDir, StageContext, StageOutput, stage
@@ -75,14 +78,37 @@ class RlTrainParams(TrainerParams):
     )
     use_vllm: bool = Field(False, description="generate with vLLM (GPU)")
     vllm_mode: Literal["colocate", "server"] = "colocate"
-    reward_max_length: int = Field(512, ge=16, description="tokens the IRM and PRM read")
+    reward_max_length: int | None = Field(
+        None,
+        ge=16,
+        description="tokens the IRM and PRM read; None: the longest prompt of rl_prompts plus "
+        "sampling.max_tokens (and a margin), so a whole completion is scored. A completion "
+        "with a step past it gets rA None (counted as rA_cut), never a min over fewer steps",
+    )
     reward_batch_size: int = Field(8, ge=1)
+    reward_device: ScoringDevice = Field(
+        "auto", description="where the IRM and PRM score: auto is CUDA when there is a GPU"
+    )
+    reward_dtype: ScoringDtype = Field(
+        "auto",
+        description="the IRM's and PRM's dtype: auto is bfloat16 on a GPU that has it, "
+        "else float32",
+    )
     eval_rows: int = Field(16, ge=0, description="held-out prompts decoded greedily at the end")
 
     @model_validator(mode="after")
     def _sampled(self) -> RlTrainParams:
         if self.sampling.temperature <= 0:
             raise ValueError("sampling.temperature must be > 0 (GRPO compares sampled completions)")
+        if (
+            self.reward_max_length is not None
+            and self.reward_max_length <= self.sampling.max_tokens
+        ):
+            raise ValueError(
+                f"reward_max_length ({self.reward_max_length}) must exceed sampling.max_tokens "
+                f"({self.sampling.max_tokens}): the PRM reads the prompt and the whole completion "
+                "(leave it unset to derive it from the prompts)"
+            )
         return self
 
 
@@ -95,6 +121,29 @@ def prompt_dataset(rows: pl.DataFrame) -> Any:
     )
 
 
+# Tokens beyond prompt + completion: the line break `join_steps` may put after the prompt, and
+# a completion that re-tokenizes a little longer than it was sampled.
+REWARD_LENGTH_MARGIN = 16
+
+
+def reward_length(params: RlTrainParams, tokenizer: Any, prompts: list[str]) -> int:
+    """`reward_max_length`, or the longest prompt in tokens + `sampling.max_tokens` + a margin."""
+    if params.reward_max_length is not None:
+        return params.reward_max_length
+    longest = max((len(tokenizer(p)["input_ids"]) for p in prompts), default=0)
+    return longest + params.sampling.max_tokens + REWARD_LENGTH_MARGIN
+
+
+def scorer_settings(params: RlTrainParams) -> dict[str, Any]:
+    """How the IRM and PRM are loaded: placement, dtype, tokens read, batch size."""
+    return {
+        "device": params.reward_device,
+        "dtype": params.reward_dtype,
+        "max_length": params.reward_max_length,
+        "batch_size": params.reward_batch_size,
+    }
+
+
 def make_reward(
     irm_model: Path | None,
     prm_model: Path | None,
@@ -103,21 +152,11 @@ def make_reward(
 ) -> InstructionAnswerReward:
     """The ONE reward function: trained models where given, the judge where not."""
     irm = (
-        InstructionReward(
-            IrmScorer.load(
-                irm_model, max_length=params.reward_max_length, batch_size=params.reward_batch_size
-            )
-        )
+        InstructionReward(IrmScorer.load(irm_model, **scorer_settings(params)))
         if irm_model is not None
         else None
     )
-    prm = (
-        PrmScorer.load(
-            prm_model, max_length=params.reward_max_length, batch_size=params.reward_batch_size
-        )
-        if prm_model is not None
-        else None
-    )
+    prm = PrmScorer.load(prm_model, **scorer_settings(params)) if prm_model is not None else None
     if prm is None and judge is None:
         raise ValueError(
             "train_rl: rA needs a PRM checkpoint (prm_model) or a judge engine to fall back on"
@@ -230,6 +269,8 @@ def train_rl(
         AutoModelForCausalLM, policy_path, tokenizer, dtype=common.weights_dtype(params)
     )
     sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
+    length = reward_length(params, tokenizer, rl_prompts["prompt"].to_list())
+    params = params.model_copy(update={"reward_max_length": length})
     reward = make_reward(irm_model, prm_model, judge_reward(ctx, judge), params)
     checkpoints = ctx.work_dir("rl_model") / common.CHECKPOINTS
     trainer_cls = GRPOTrainer if params.algorithm == "grpo" else RLOOTrainer
@@ -268,6 +309,8 @@ def train_rl(
             if irm_model is not None
             else ("r_i column / judge" if judge is not None else "r_i column"),
             "rA_source": "prm_model" if prm_model is not None else "judge",
+            "reward_max_length": length,
+            "rA_unscored": dict(reward.unscored),
             "train_rows": train.height,
             **sizes,
             "base_model": base.identity,

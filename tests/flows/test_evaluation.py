@@ -106,7 +106,7 @@ def test_evaluation_flow(prefect_harness, evolforge_home, scripted, checkpoint):
     assert rows[("sft", "gsm8k", "hybrid")]["fallback_rate"] == 0.0
     base = rows[("base", "math500", "hybrid")]
     assert base["accuracy"] == 0.0 and base["fallback_rate"] == 1.0
-    assert base["prompt_format"] == "chat"
+    assert base["prompt_format"] == "alpaca"  # auto: WizardMath's prompt for every model
     # The guard: one evaluated GSM8K question is in the checkpoint's SFT set; the base is unknown.
     assert sft["contaminated"] == 1 and rows[("sft", "math500", "cot")]["contaminated"] == 0
     assert base["contaminated"] is None

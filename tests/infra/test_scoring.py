@@ -76,3 +76,94 @@ def test_first_errors():
     scorer = _FixedPrm()
     got = scorer.first_errors(["p"] * 3, [["ok", "wrong", "wrong"], ["ok", "ok"], ["cut", "wrong"]])
     assert got[0] == 1 and got[1] is None and math.isnan(got[2])
+
+
+def test_on_cpu_scorers_load_in_float32_on_the_cpu_and_score_as_before(tiny, monkeypatch):
+    import torch
+
+    import infra.scoring as scoring
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert scoring.scoring_placement() == ("cpu", "float32")
+    # The tiny checkpoint has no head: every load seeds its random init alike.
+    torch.manual_seed(0)
+    irm = IrmScorer.load(tiny, batch_size=1)
+    torch.manual_seed(0)
+    prm = PrmScorer.load(tiny, batch_size=1)
+    for scorer in (irm, prm):
+        weight = next(scorer.model.parameters())
+        assert (weight.device.type, weight.dtype) == ("cpu", torch.float32)
+    # The scores: those of the checkpoint loaded as before (float32, no placement).
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    torch.manual_seed(0)
+    plain_irm = IrmScorer(
+        scoring.load_model(AutoModelForSequenceClassification, str(tiny), irm.tokenizer),
+        irm.tokenizer,
+    )
+    texts = ["What is 2 + 3?", "Tom buys 4 pens."]
+    assert irm.logits(texts) == pytest.approx(plain_irm.logits(texts), abs=1e-6)
+    assert all(type(v) is float for v in irm.scores(texts))
+    torch.manual_seed(0)
+    plain_prm = PrmScorer(
+        scoring.load_model(AutoModelForTokenClassification, str(tiny), prm.tokenizer),
+        prm.tokenizer,
+    )
+    got = prm.step_probabilities([PROMPT], [STEPS])
+    assert got[0] == pytest.approx(plain_prm.step_probabilities([PROMPT], [STEPS])[0], abs=1e-6)
+    assert all(type(v) is float for v in got[0])
+
+
+class _Placed:
+    """What a model was loaded with and moved to (no GPU needed)."""
+
+    def __init__(self, kwargs):
+        self.kwargs = kwargs
+        self.moved_to: list = []
+        self.config = type("Config", (), {})()
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        return cls(kwargs)
+
+    def to(self, device):
+        self.moved_to.append(device)
+        return self
+
+    def eval(self):
+        return self
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_with_a_gpu_scorers_ask_for_cuda_and_bf16_where_it_has_it(tiny, monkeypatch, bf16):
+    import torch
+    import transformers
+
+    import infra.scoring as scoring
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    assert scoring.scoring_placement() == ("cuda", str(dtype).removeprefix("torch."))
+    monkeypatch.setattr(transformers, "AutoModelForSequenceClassification", _Placed)
+    monkeypatch.setattr(transformers, "AutoModelForTokenClassification", _Placed)
+    for scorer in (IrmScorer.load(tiny), PrmScorer.load(tiny)):
+        assert scorer.model.kwargs == {"dtype": dtype}
+        assert scorer.model.moved_to == ["cuda"]
+    # A setting overrides auto; cached IRMs are kept apart by placement.
+    forced = IrmScorer.load(tiny, device="cpu", dtype="float32")
+    assert forced.model.kwargs == {"dtype": torch.float32} and forced.model.moved_to == ["cpu"]
+    a = IrmScorer.cached(tiny, 64, device="cuda", dtype="bfloat16")
+    assert a is IrmScorer.cached(tiny, 64, device="cuda", dtype="bfloat16")
+    assert a is not IrmScorer.cached(tiny, 64, device="cpu", dtype="float32")
+    scoring._loaded.clear()
+
+
+def test_a_cuda_device_without_a_gpu_is_a_clear_error(monkeypatch):
+    import torch
+
+    from infra.scoring import scoring_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        scoring_placement("cuda")

@@ -13,7 +13,9 @@ from infra.engines import EngineConfig
 from storage.datasets import DatasetStore, Manifest
 from storage.settings import home
 from tasks.evaluation.models import (
+    CHAT_TEMPLATE_FILES,
     ModelSpecError,
+    has_chat_template,
     resolve_spec,
     resolve_specs,
     training_sets,
@@ -145,7 +147,7 @@ def test_specs_that_name_nothing_evaluable_are_one_line_errors(lineage, tmp_path
 def test_base_folders_and_served_models(lineage, tmp_path):
     store = lineage["store"]
     base = resolve_spec("base", EngineConfig(), store=store)
-    assert (base.label, base.model, base.prompt_format) == ("base", None, "chat")
+    assert (base.label, base.model, base.prompt_format) == ("base", None, "alpaca")
     assert base.identity.startswith("SmolLM2-135M-Instruct@gguf-sha256:")
     assert base.training_sets == []  # unknown lineage: contamination unknown, not zero
     folder = tmp_path / "my-model"
@@ -171,3 +173,59 @@ def test_resolving_several_specs(lineage):
         resolve_specs(["base", "embedded"], engine)
     with pytest.raises(ModelSpecError, match="none of the models"):
         resolve_specs(["nothing_here"], engine, skip_missing=True)
+
+
+@pytest.fixture
+def packaged_and_bare(tmp_path):
+    """The packaged SmolLM2 folder, and the same model whose tokenizer has no chat template
+    (a pretrained base), its weights linked."""
+    from infra.models import resolve_model
+
+    packaged = Path(resolve_model(None).path)
+    bare = tmp_path / "bare-base"
+    bare.mkdir()
+    for item in packaged.iterdir():
+        if item.name == "model.safetensors":
+            (bare / item.name).symlink_to(item)
+        elif item.name not in CHAT_TEMPLATE_FILES:
+            (bare / item.name).write_bytes(item.read_bytes())
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    return packaged, bare
+
+
+def test_auto_is_the_alpaca_prompt_for_every_model_and_chat_needs_a_template(
+    lineage, packaged_and_bare
+):
+    store, packaged, bare = lineage["store"], *packaged_and_bare
+    assert has_chat_template(packaged) is True and has_chat_template(bare) is False
+    on_bare = EngineConfig(model=str(bare))
+    specs = ["base", "sft_model", str(packaged), str(bare)]
+    # auto: WizardMath's protocol, one prompt for all (an instruct model with a template too).
+    for spec in specs:
+        assert resolve_spec(spec, EngineConfig(), store=store).prompt_format == "alpaca"
+    assert resolve_spec("base", on_bare, store=store).prompt_format == "alpaca"
+    # chat: a model's own template where it has one, the Alpaca prompt where it has none.
+    assert resolve_spec("base", EngineConfig(), "chat", store=store).prompt_format == "chat"
+    assert resolve_spec(str(packaged), EngineConfig(), "chat", store=store).prompt_format == "chat"
+    assert resolve_spec(str(bare), EngineConfig(), "chat", store=store).prompt_format == "alpaca"
+    assert resolve_spec("base", on_bare, "chat", store=store).prompt_format == "alpaca"
+
+
+def test_a_base_without_a_chat_template_is_evaluated_without_a_crash(packaged_and_bare):
+    from transformers import AutoTokenizer
+
+    from infra.engines import build_engine
+    from infra.engines.base import SamplingParams
+    from tasks.evaluation.evaluate import _request, prompt_templates
+
+    _, bare = packaged_and_bare
+    with pytest.raises(ValueError, match="chat template"):
+        AutoTokenizer.from_pretrained(bare).apply_chat_template([{"role": "user", "content": "hi"}])
+    target = resolve_spec("base", EngineConfig(model=str(bare)))
+    template = prompt_templates(target.prompt_format)["cot"]
+    sampling = SamplingParams(temperature=0.0, max_tokens=4)
+    engine = build_engine(EngineConfig(model=str(bare), dtype="float32"))
+    (response,) = engine.generate([_request(template, "What is 2 + 3?", sampling, raw=True)])
+    assert response.error is None and response.completions[0].completion_tokens > 0

@@ -535,6 +535,9 @@ def test_irm_settings_enter_the_version_only_when_an_irm_is_set(tmp_path):
     assert "irm_model" not in plain and plain == EliminationParams(irm_threshold=0.9).fingerprint()
     with_ref = EliminationParams(irm_model="irm_model@abc").fingerprint()
     assert with_ref["irm_model"] == "irm_model@abc" and with_ref["irm_threshold"] == 0.5
+    # The dtype changes scores, the device only where they are computed.
+    assert with_ref["irm_dtype"] == "auto" and "irm_device" not in with_ref
+    assert plain == EliminationParams(irm_device="cpu", irm_dtype="bfloat16").fingerprint()
     folder = tmp_path / "irm"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"v1")

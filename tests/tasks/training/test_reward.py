@@ -7,7 +7,7 @@ import pytest
 
 from tasks.rewards.functions import instruction_text
 from tasks.training import formats
-from tasks.training.reward import InstructionAnswerReward
+from tasks.training.reward import CUT, InstructionAnswerReward
 
 
 def lines(text: str) -> list[str]:
@@ -137,8 +137,11 @@ def test_unscorable_steps_and_missing_columns():
     )
     # Without the rl_prompts columns the instruction is read out of the Alpaca prompt.
     assert instruction_text(PROMPTS[0]) == "What is 2 + 3?"
-    r, _, _ = grpo_call(reward, [PROMPTS[0]] * 2, ["cut\ncut", "ok\ncut"], {})
-    assert r == [None, pytest.approx(0.9)]  # nothing scorable: None; else the scored steps
+    r, metrics, extra = grpo_call(reward, [PROMPTS[0]] * 3, ["cut\ncut", "ok\ncut", "ok\nok"], {})
+    # A step without a score makes rA unknown, never the min over the steps that were scored.
+    assert r == [None, None, pytest.approx(0.9)]
+    assert extra["rA"] == [None, None, pytest.approx(0.9)] and metrics["rA_cut"] == [2.0]
+    assert reward.last["r_a_unscored"] == [CUT, CUT, None] and reward.unscored == {CUT: 2}
 
 
 def test_correctness_gate(pool):
@@ -214,3 +217,39 @@ def test_a_real_grpo_step_calls_the_reward_with_the_dataset_columns(tiny, tmp_pa
     assert len(kwargs["prompts"]) == len(kwargs["label"]) == 4
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert {"rI", "rA", "reward", "rewards/r_instruction_answer/mean"} <= logged
+
+
+def test_a_long_completion_whose_last_steps_fall_past_the_prm_cut_has_no_ra(tiny):
+    from infra.scoring import PrmScorer
+    from tasks.training.rl import RlTrainParams, reward_length
+
+    prm = PrmScorer.load(tiny, batch_size=2)
+    tokenizer = prm.tokenizer
+    completion = "\n".join(f"Step {k}: {k} + {k} = {2 * k}." for k in range(1, 30))
+    completion += "\nThe answer is: 58"
+    columns = {"instruction": ["What is 2 + 3?"] * 2}
+    short = "\nStep 1: 2 + 3 = 5.\nThe answer is: 5"
+    prm.max_length = len(tokenizer(PROMPTS[0] + completion)["input_ids"]) // 2  # the old 512 cut
+    steps = prm.step_probabilities([PROMPTS[0]], [completion.split("\n")])[0]
+    assert steps[0] is not None and steps[-1] is None  # the first steps scored, the last cut
+    reward = InstructionAnswerReward(irm=FakeIrm({"What is 2 + 3?": 0.5}), prm=prm)
+    r, metrics, _ = grpo_call(reward, [PROMPTS[0]] * 2, [completion, short], columns)
+    assert r[0] is None and r[1] is not None
+    assert metrics["rA_cut"] == [1.0] and reward.unscored == {CUT: 1}
+    # The length the RL stage derives (longest prompt + completion tokens) reads it all.
+    params = RlTrainParams(sampling={"max_tokens": len(tokenizer(completion)["input_ids"])})
+    assert params.reward_max_length is None
+    prm.max_length = reward_length(params, tokenizer, [PROMPTS[0], PROMPTS[1]])
+    r, metrics, _ = grpo_call(reward, [PROMPTS[0]] * 2, [completion, short], columns)
+    assert None not in r and metrics["rA_cut"] == [0.0]
+    assert 0.0 < r[0] <= 0.5 and reward.unscored == {CUT: 1}  # the run's total
+
+
+def test_reward_max_length_must_leave_room_for_a_whole_completion():
+    from pydantic import ValidationError
+
+    from tasks.training.rl import RlTrainParams
+
+    with pytest.raises(ValidationError, match=r"reward_max_length \(512\) must exceed"):
+        RlTrainParams(reward_max_length=512, sampling={"max_tokens": 1024})
+    assert RlTrainParams(reward_max_length=600, sampling={"max_tokens": 512}).reward_max_length

@@ -92,11 +92,13 @@ def test_train_rl_with_the_trained_irm_and_prm(evolforge_home, tiny, segmenter, 
     for key in ("reward_last", "rI_last", "rA_last"):
         assert stats[key] is not None
     assert 0.0 < stats["rI_last"] < 1.0 and 0.0 <= stats["rA_last"] <= 1.0
+    # The reward models read the longest prompt and a whole completion: no step went unscored.
+    assert stats["reward_max_length"] > 8 and stats["rA_unscored"] == {}
     assert sorted(store.manifest(result["rl_model"]).parents) == sorted(
         [str(rl_prompts), str(irm["irm_model"]), str(prm["prm_model"])]
     )
     logged = {k for h in read_training_log(folder) for k in h}
-    assert {"rI", "rA", "reward"} <= logged
+    assert {"rI", "rA", "rA_cut", "reward"} <= logged
 
 
 def test_train_rl_without_a_prm_needs_the_judge(evolforge_home, tiny):

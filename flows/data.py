@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.params import DataParams
 from flows.reports.data import publish_data_report, publish_round_funnel
 from flows.state import DataState
+from infra.engines import engine_scope
 from storage.datasets import DatasetStore
 from storage.locks import run_lock
 from storage.settings import home, shard_workers
@@ -98,7 +99,7 @@ def pin_irm(params: DataParams) -> DataParams:
 @flow(name="data", log_prints=True, validate_parameters=True, task_runner=RUNNER)
 def data(params: DataParams = DataParams()) -> DataState:
     """Seeds → SFT answers → evolution rounds → CoT/PoT solutions → difficulty check."""
-    with run_lock(home(), "data"):
+    with run_lock(home(), "data"), engine_scope():
         params = pin_irm(params)
         seeds = ingest_seeds(params=params.seeds)
         state = DataState(seeds=seeds["seeds"]).updated(seeds)

@@ -9,12 +9,16 @@ runs it first.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import DataParams
 from flows.reports.data import publish_data_report, publish_round_funnel
 from flows.state import DataState
+from infra.engines import engine_scope
+from storage.datasets import DatasetStore
 from storage.locks import run_lock
 from storage.settings import home, shard_workers
 from tasks.evolution.combine import combine_round, start_pool
@@ -68,10 +72,35 @@ def evolve_round(round: int, state: DataState, params: DataParams) -> DataState:
     return state
 
 
+def pin_irm(params: DataParams) -> DataParams:
+    """Active Evol-Instruct's IRM named by its model name alone (`irm_model`: the newest trained
+    one) pinned to that version (`irm_model@<version>`), so elimination's version follows the
+    IRM's weights. Where none is trained yet (a fresh data home: the IRM learns from this flow's
+    own rounds), the rounds run without the IRM rule, and the log says so; the first run after
+    the IRM is trained applies it (WizardMath trains the reward models before the evolution they
+    filter)."""
+    name = params.elimination.irm_model
+    if name is None or "@" in name or Path(name).expanduser().is_dir():
+        return params
+    store = DatasetStore(home())
+    if store.versions(name):
+        pinned: str | None = str(store.latest(name).ref)
+        print(f"Active Evol-Instruct: the IRM is {pinned}")
+    else:
+        pinned = None
+        print(
+            f"Active Evol-Instruct: no {name} trained yet in this data home; the rounds run "
+            "without the IRM rule, which applies from the first run after the IRM is trained"
+        )
+    elimination = params.elimination.model_copy(update={"irm_model": pinned})
+    return params.model_copy(update={"elimination": elimination})
+
+
 @flow(name="data", log_prints=True, validate_parameters=True, task_runner=RUNNER)
 def data(params: DataParams = DataParams()) -> DataState:
     """Seeds → SFT answers → evolution rounds → CoT/PoT solutions → difficulty check."""
-    with run_lock(home(), "data"):
+    with run_lock(home(), "data"), engine_scope():
+        params = pin_irm(params)
         seeds = ingest_seeds(params=params.seeds)
         state = DataState(seeds=seeds["seeds"]).updated(seeds)
         if params.sft.enabled:

@@ -31,7 +31,7 @@ from pydantic import (
 from flows.overrides import load_profile
 from flows.reports.evaluation import publish_evaluation_report
 from flows.state import EvaluationState, FlowState
-from infra.engines import EngineConfig
+from infra.engines import EngineConfig, engine_scope
 from infra.sandbox import SandboxSettings
 from storage.locks import run_lock
 from storage.settings import home, shard_workers
@@ -145,7 +145,7 @@ class EvaluationParams(BaseModel):
 @flow(name="evaluation", log_prints=True, validate_parameters=True, task_runner=RUNNER)
 def evaluation(params: EvaluationParams = EvaluationParams()) -> EvaluationState:
     """Evaluate models on math benchmarks (greedy CoT, PoT, hybrid PoT→CoT, maj@k)."""
-    with run_lock(home(), "evaluation"):
+    with run_lock(home(), "evaluation"), engine_scope():
         return _evaluate(params)
 
 

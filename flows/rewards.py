@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.reports.rewards import publish_rewards_report
 from flows.state import DataState, RewardState
-from infra.engines import EngineConfig
+from infra.engines import EngineConfig, engine_scope
 from storage.errors import UserError
 from storage.locks import run_lock
 from storage.settings import home, shard_workers
@@ -101,7 +101,7 @@ def rewards(params: RewardParams = RewardParams(), data: DataState | None = None
     state = RewardState()
     if not params.enabled:
         return state
-    with run_lock(home(), "rewards"):
+    with run_lock(home(), "rewards"), engine_scope():
         return _label(params, _check_inputs(data if data is not None else DataState.newest()))
 
 

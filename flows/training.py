@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.reports.training import publish_training_report
 from flows.state import TrainingState
-from infra.engines import EngineConfig
+from infra.engines import EngineConfig, engine_scope
 from storage.locks import run_lock
 from storage.settings import home
 from tasks.training.common import BaseModelSpec
@@ -94,7 +94,7 @@ def training(
     """SFT → IRM → PRM → RL on r = rI · rA; curves and metrics as artifacts."""
     if not params.training.enabled:
         return inputs if inputs is not None else TrainingState()
-    with run_lock(home(), "training"):
+    with run_lock(home(), "training"), engine_scope():
         return _train(params, inputs if inputs is not None else TrainingState.newest())
 
 

@@ -7,6 +7,17 @@ configured engine behind the crash-safe request cache in `EVOLFORGE_HOME/cache`.
 `build_engine` is memoised per process on the configuration, so the embedded model is loaded
 once however many stages and tasks use it. Implementations are imported lazily: vLLM and
 transformers are only imported when their kind is built.
+
+Lifetimes differ by what an engine holds (`infra/engines/lifecycle.py`). A vLLM engine holds an
+accelerator: its weights go onto the GPU when it first generates, and it is released (the `LLM`
+shut down and deleted, the memory returned) before an engine for another model loads there and
+when the flow that used it ends (flows run in `engine_scope()`), so one process evaluates a base,
+an SFT and an RL model one after another on one GPU. The embedded engine keeps its model in the
+memo for the life of the process, deliberately: it lives in the process's own memory, not on a
+device that another engine needs to itself; the stages of a flow, and their shards, use the same
+model one after another, so a release per stage or flow would reload it again and again for the
+few hundred MB it holds (the packaged SmolLM2; evaluating three such models keeps three). An
+OpenAI-compatible engine holds connections only.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from infra.engines.base import (
     schema_error,
 )
 from infra.engines.cached import CachedEngine
+from infra.engines.lifecycle import engine_scope, release_accelerators
 
 
 class EngineConfig(BaseModel):
@@ -161,6 +173,8 @@ __all__ = [
     "EngineConfig",
     "SamplingParams",
     "build_engine",
+    "engine_scope",
     "open_engine",
+    "release_accelerators",
     "schema_error",
 ]

@@ -10,15 +10,25 @@ own `SamplingParams`. `n`, `seed` and `max_tokens` are always set explicitly: vL
 structured outputs: `StructuredOutputsParams(json=...)` on vLLM >= 0.11, `GuidedDecodingParams`
 on older releases (the field was renamed). Completions are validated with `jsonschema` anyway,
 so an invalid one (e.g. truncated) comes back with `error` set and its text kept.
+
+The engine holds the GPU only while it is the device's loaded engine (`infra.engines.lifecycle`):
+`vllm.LLM` is built when the engine is first asked to generate, and `release()` shuts it down
+and deletes it (its engine-core worker stopped, the distributed state torn down, `gc.collect()`,
+`torch.cuda.empty_cache()` where CUDA is present) before an engine for another model loads on the
+same GPU, and when the flow that used it ends. Every in-process vLLM engine starts at the first
+visible GPU (`tensor_parallel_size` GPUs from there), so they all share one device: `vllm`.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import time
 from types import ModuleType
 from typing import Any
 
 from infra.engines.base import ChatRequest, ChatResponse, Completion, schema_error
+from infra.engines.lifecycle import ACCELERATORS
 
 INSTALL_HINT = "the vllm engine needs vLLM and a CUDA GPU: pip install 'evolforge[vllm]'"
 
@@ -58,6 +68,9 @@ def sampling_params(request: ChatRequest, vllm: ModuleType) -> Any:
 
 
 class VLLMEngine:
+    # The device every in-process vLLM engine occupies (see the module's docstring).
+    device = "vllm"
+
     def __init__(
         self,
         model: str | None = None,
@@ -76,14 +89,34 @@ class VLLMEngine:
         self._vllm = vllm
         self._identity = resolved.identity
         self.batch_size = batch_size
-        self.llm = vllm.LLM(
-            model=resolved.path,
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            seed=seed,
-        )
+        self._options: dict[str, Any] = {
+            "model": resolved.path,
+            "dtype": dtype,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
+            "seed": seed,
+        }
+        self.llm: Any = None  # built by `load`, while this engine holds the device
+
+    def load(self) -> None:
+        """Build the `vllm.LLM` (its weights and KV cache go onto the GPU)."""
+        if self.llm is None:
+            self.llm = self._vllm.LLM(**self._options)
+
+    def release(self) -> None:
+        """Shut the `vllm.LLM` down and delete it, returning its GPU memory; `load` reopens it."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        _shut_down(llm)
+        del llm  # the last reference: what the LLM holds goes with it at the collection below
+        _destroy_distributed_state()
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @property
     def identity(self) -> str:
@@ -92,6 +125,10 @@ class VLLMEngine:
     def generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
         if not requests:
             return []
+        with ACCELERATORS.using(self):
+            return self._generate(requests)
+
+    def _generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
         start = time.perf_counter()
         params = [sampling_params(r, self._vllm) for r in requests]
         outputs: list[Any] = [None] * len(requests)
@@ -113,6 +150,30 @@ class VLLMEngine:
                 outputs[i] = out
         latency = time.perf_counter() - start
         return [to_response(r, out, latency) for r, out in zip(requests, outputs, strict=True)]
+
+
+def _shut_down(llm: Any) -> None:
+    """`LLM.shutdown()` where the release has it, else its V1 engine core's (which stops the
+    engine-core worker process)."""
+    shutdown = getattr(llm, "shutdown", None)
+    if not callable(shutdown):
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(core, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
+def _destroy_distributed_state() -> None:
+    """Tear down the model-parallel groups and the distributed environment a vLLM engine set up
+    in this process (in-process workers; a worker process takes its own with it)."""
+    try:
+        state = importlib.import_module("vllm.distributed.parallel_state")
+    except ImportError:
+        return
+    for name in ("destroy_model_parallel", "destroy_distributed_environment"):
+        destroy = getattr(state, name, None)
+        if callable(destroy):
+            destroy()
 
 
 def to_response(request: ChatRequest, output: Any, latency_s: float) -> ChatResponse:

@@ -9,9 +9,20 @@ crash and is removed). The final model goes to `ctx.output_dir(<output>)`, and t
 machinery turns that folder into an immutable version only when the body returns: a killed run
 leaves no version, and its rerun (same version id) picks the checkpoints up.
 
-**Device and precision.** `precision="auto"` is fp32 on CPU (`use_cpu`, bf16 off) and bf16 on a
-GPU that supports it; `device="cpu"` forces the CPU. On the CPU weights are fp32 (bf16, when
-forced, is autocast); a GPU training in bf16 loads them in bf16 (`weights_dtype`).
+**Device and precision.** Mixed precision, as trl and accelerate run it: the weights are loaded
+in float32 everywhere (`WEIGHTS_DTYPE`), so the optimizer updates a float32 master copy and keeps
+float32 states, and `bf16=True` autocasts the forward and backward matmuls to bf16. Loading the
+weights in bf16 instead loses small updates: bf16 keeps 8 significant bits, so at lr 1e-6 an
+update is below half a unit in the last place of most weights and rounds away. `precision="auto"`
+is bf16 autocast on a GPU that supports bf16 and float32 on the CPU (`use_cpu`, bf16 off);
+`device="cpu"` forces the CPU, `precision="bf16"` forces autocast (on the CPU too). Why not bf16
+autocast on a CPU with native bf16: the CPU rule (`infra.engines.cpu.choose_dtype`) picks bf16 for
+*decoding* with weights stored in bf16, where halving the bytes read per token is the gain;
+autocast keeps float32 weights and casts each one to bf16 at every matmul, forward and backward,
+so that gain is not there to take, and on the CPUs without native bf16 the same rule says bf16 is
+about three times slower. The cost on a GPU is memory: float32 weights, gradients and two AdamW
+states take 16 bytes a parameter (a 7B model: about 112 GB before activations), so a large model
+trains sharded over several GPUs, or with `lora`.
 
 **Progress.** `StageProgress` (a TrainerCallback) turns the trainer's steps into the stage's
 Prefect progress artifact; the CLI shows transformers' own tqdm bar.
@@ -73,7 +84,9 @@ class TrainerParams(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: fp32 on CPU, bf16 on a GPU that has it"
+        "auto",
+        description="auto: fp32 on CPU, bf16 autocast on a GPU that has it (weights and "
+        "optimizer states stay float32 either way)",
     )
     device: Literal["auto", "cpu"] = "auto"
     gradient_checkpointing: bool = False
@@ -122,8 +135,14 @@ class BaseModelSpec(BaseModel):
 # -- device, precision, arguments ---------------------------------------------------------------
 
 
+# The weights, and so the optimizer's master copy and states, are float32 on every device: bf16
+# is autocast (`device_settings`), never the storage type of what the optimizer updates.
+WEIGHTS_DTYPE = "float32"
+
+
 def device_settings(params: TrainerParams) -> dict[str, Any]:
-    """`use_cpu`/`bf16`/`fp16` for transformers' TrainingArguments."""
+    """`use_cpu`/`bf16`/`fp16` for transformers' TrainingArguments: `bf16=True` is mixed
+    precision (autocast over float32 weights), on a GPU that supports bf16 under `auto`."""
     import torch
 
     cuda = params.device != "cpu" and torch.cuda.is_available()
@@ -134,19 +153,6 @@ def device_settings(params: TrainerParams) -> dict[str, Any]:
     else:
         bf16 = cuda and torch.cuda.is_bf16_supported()
     return {"use_cpu": not cuda, "bf16": bf16, "fp16": False}
-
-
-def weights_dtype(params: TrainerParams) -> str:
-    """fp32 weights on the CPU (bf16, if forced there, is autocast); bf16 weights on a GPU that
-    trains in bf16 (a 7B model's fp32 weights and AdamW states do not fit one GPU)."""
-    import torch
-
-    settings = device_settings(params)
-    return (
-        "bfloat16"
-        if settings["bf16"] and not settings["use_cpu"] and torch.cuda.is_available()
-        else "float32"
-    )
 
 
 def training_args(config_cls: type, params: TrainerParams, output_dir: Path, **extra: Any) -> Any:

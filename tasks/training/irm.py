@@ -117,7 +117,7 @@ def train_irm(
         AutoModelForSequenceClassification,
         base.path,
         tokenizer,
-        dtype=common.weights_dtype(params),
+        dtype=common.WEIGHTS_DTYPE,
         num_labels=1,
     )
     sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}

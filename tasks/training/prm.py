@@ -156,7 +156,7 @@ def train_prm(
         AutoModelForTokenClassification,
         base.path,
         tokenizer,
-        dtype=common.weights_dtype(params),
+        dtype=common.WEIGHTS_DTYPE,
         num_labels=2,
         id2label=ID2LABEL,
         label2id={v: k for k, v in ID2LABEL.items()},

@@ -266,7 +266,7 @@ def train_rl(
     policy_path = str(sft_model) if sft_model is not None else base.path
     tokenizer = common.load_tokenizer(policy_path, padding_side="left")
     model = common.load_model(
-        AutoModelForCausalLM, policy_path, tokenizer, dtype=common.weights_dtype(params)
+        AutoModelForCausalLM, policy_path, tokenizer, dtype=common.WEIGHTS_DTYPE
     )
     sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
     length = reward_length(params, tokenizer, rl_prompts["prompt"].to_list())

@@ -60,7 +60,7 @@ def train_sft(
     base = base_model.resolved()
     tokenizer = common.load_tokenizer(base.path)
     model = common.load_model(
-        AutoModelForCausalLM, base.path, tokenizer, dtype=common.weights_dtype(params)
+        AutoModelForCausalLM, base.path, tokenizer, dtype=common.WEIGHTS_DTYPE
     )
     sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
     checkpoints = ctx.work_dir("sft_model") / common.CHECKPOINTS

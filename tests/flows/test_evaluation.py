@@ -217,3 +217,37 @@ def test_benchmarks_can_come_from_a_local_file_or_the_hub(tmp_path):
         EvaluationParams(benchmarks=["mine"])
     with pytest.raises(ValueError, match="benchmarks repeat"):
         EvaluationParams(benchmarks=["gsm8k", "gsm8k"])
+
+
+def test_models_on_vllm_take_turns_on_the_gpu(
+    prefect_harness, evolforge_home, checkpoint, tmp_path, monkeypatch
+):
+    """Two models evaluated in one process on vLLM: the first model's LLM is shut down and
+    gone before the second's is built, and the second is released when the flow ends."""
+    from tests.fakes import FakeVLLM
+
+    fake = FakeVLLM().install(monkeypatch)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    engines._engines.clear()
+    try:
+        state = evaluation(params(modes=["cot"], engine={"kind": "vllm", "model": str(base)}))
+        sft = str(DatasetStore(evolforge_home).version_dir("sft_model", checkpoint.version))
+        opened = [e[1] for e in fake.lifecycle() if e[0] == "open"]
+        assert sorted(opened) == sorted([str(base), sft])  # each model loaded once
+        first, second = opened
+        assert fake.lifecycle() == [
+            ("open", first, []),
+            ("shutdown", first),
+            ("destroy_model_parallel",),
+            ("open", second, []),  # no LLM of the first model left alive
+            ("shutdown", second),  # at the end of the flow
+            ("destroy_model_parallel",),
+        ]
+        assert fake.alive() == []
+        assert all(getattr(e, "llm", None) is None for e in engines._engines.values())
+        results = DatasetStore(evolforge_home).read(state.eval_results)
+        assert results["model"].n_unique() == 2 and results["error"].null_count() == results.height
+    finally:
+        engines._engines.clear()

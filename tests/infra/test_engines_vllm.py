@@ -1,14 +1,21 @@
-"""vLLM engine: request -> SamplingParams mapping (with a fake vllm module) and a GPU run."""
+"""vLLM engine: request -> SamplingParams mapping (with a fake vllm module), the lifecycle (one
+model on the GPU at a time, released before the next loads and when the flow ends), and a GPU
+run."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import types
 
 import pytest
+import torch
 
+import infra.engines as engines
+from infra.engines import EngineConfig, build_engine, release_accelerators
 from infra.engines.base import ChatRequest, SamplingParams
 from infra.engines.vllm_engine import import_vllm, sampling_params, to_response
+from tests.fakes import FakeVLLM
 
 SCHEMA = {"type": "object", "properties": {"verdict": {"enum": ["Equal", "Not Equal"]}}}
 
@@ -109,31 +116,106 @@ def test_vllm_engine_generates_on_gpu():
     assert engine.generate(requests[2:])[0].completions == sampled.completions
 
 
-def test_raw_prompts_go_to_generate_and_chats_to_chat_in_request_order():
-    from infra.engines.vllm_engine import VLLMEngine
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    """The fake vllm package installed; no engine memoised or loaded before or after."""
+    fake = FakeVLLM(reply=lambda text: f"re:{text}").install(monkeypatch)
+    engines._engines.clear()
+    yield fake
+    release_accelerators()
+    engines._engines.clear()
 
-    calls = []
 
-    def output(text):
-        sample = types.SimpleNamespace(text=text, finish_reason="stop", token_ids=[1, 2])
-        return types.SimpleNamespace(prompt_token_ids=[7], outputs=[sample])
+def _model(tmp_path, name: str) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return str(folder)
 
-    class FakeLLM:
-        def chat(self, conversations, params, use_tqdm):
-            calls.append(("chat", len(conversations)))
-            return [output(f"chat:{c[-1]['content']}") for c in conversations]
 
-        def generate(self, prompts, params, use_tqdm):
-            calls.append(("generate", len(prompts)))
-            return [output(f"raw:{p}") for p in prompts]
+def _ask(model: str, text: str = "hi") -> list:
+    config = EngineConfig(kind="vllm", model=model)
+    return build_engine(config).generate([ChatRequest(({"role": "user", "content": text},))])
 
-    engine = VLLMEngine.__new__(VLLMEngine)
-    engine.llm, engine._vllm = FakeLLM(), _fake_vllm(structured=True)
+
+def test_raw_prompts_go_to_generate_and_chats_to_chat_in_request_order(fake_vllm, tmp_path):
+    engine = build_engine(EngineConfig(kind="vllm", model=_model(tmp_path, "m")))
     requests = [
         ChatRequest(({"role": "user", "content": "a"},)),
         ChatRequest(({"role": "user", "content": "### Instruction:\nb"},), raw=True),
         ChatRequest(({"role": "user", "content": "c"},)),
     ]
     texts = [r.text for r in engine.generate(requests)]
-    assert texts == ["chat:a", "raw:### Instruction:\nb", "chat:c"]
-    assert sorted(calls) == [("chat", 2), ("generate", 1)]
+    assert texts == ["re:a", "re:### Instruction:\nb", "re:c"]
+    calls = sorted(e[:1] + e[2:] for e in fake_vllm.events if e[0] in ("chat", "generate"))
+    assert calls == [("chat", 2), ("generate", 1)]
+
+
+def test_the_engine_loads_when_it_first_generates(fake_vllm, tmp_path):
+    engine = build_engine(EngineConfig(kind="vllm", model=_model(tmp_path, "m")))
+    assert engine.llm is None and fake_vllm.events == []
+    engine.generate([])
+    assert fake_vllm.events == []
+
+
+def test_another_model_releases_the_first_before_it_loads(fake_vllm, tmp_path, monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    a, b = _model(tmp_path, "a"), _model(tmp_path, "b")
+    assert _ask(a)[0].text == "re:hi"
+    _ask(a, "again")  # the same model: no reload
+    assert _ask(b)[0].text == "re:hi"
+    # a was shut down, and no reference to its LLM was left (the memo keeps the engine object,
+    # which no longer holds one), before b's LLM was built.
+    assert fake_vllm.lifecycle() == [
+        ("open", a, []),
+        ("shutdown", a),
+        ("destroy_model_parallel",),
+        ("open", b, []),
+    ]
+    assert emptied == [True]
+    memo = {config.model: engine for config, engine in engines._engines.items()}
+    assert memo[a].llm is None and memo[b].llm is not None
+    # The end of the flow (engine_scope) releases what is still loaded.
+    release_accelerators()
+    assert fake_vllm.lifecycle()[-2:] == [("shutdown", b), ("destroy_model_parallel",)]
+    assert fake_vllm.alive() == [] and memo[b].llm is None and emptied == [True, True]
+    # A released engine loads again when asked.
+    assert _ask(a)[0].text == "re:hi" and fake_vllm.lifecycle()[-1] == ("open", a, [])
+
+
+def test_a_model_waits_for_the_calls_in_flight_on_another(tmp_path, monkeypatch):
+    entered, go = threading.Event(), threading.Event()
+
+    def reply(text):
+        if text == "slow":
+            entered.set()
+            assert go.wait(10)
+        return text
+
+    fake = FakeVLLM(reply).install(monkeypatch)
+    engines._engines.clear()
+    a, b = _model(tmp_path, "a"), _model(tmp_path, "b")
+    try:
+        first = threading.Thread(target=_ask, args=(a, "slow"))
+        first.start()
+        assert entered.wait(10)
+        second = threading.Thread(target=_ask, args=(b, "fast"))
+        second.start()
+        second.join(0.3)
+        assert second.is_alive()  # b waits: a is generating
+        assert [e[0] for e in fake.lifecycle()] == ["open"]
+        go.set()
+        first.join(10)
+        second.join(10)
+        assert [e[:2] for e in fake.lifecycle()] == [
+            ("open", a),
+            ("shutdown", a),
+            ("destroy_model_parallel",),
+            ("open", b),
+        ]
+    finally:
+        go.set()
+        release_accelerators()
+        engines._engines.clear()

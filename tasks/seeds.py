@@ -151,15 +151,19 @@ class SeedSource(BaseModel):
         return self.label or (self.name if self.kind == "hf" else self.kind)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What determines this source's rows: its settings and the content hash of its file."""
-        data = self.model_dump()
+        """What determines this source's rows: its settings and its files' content, never where
+        they are (a copied checkout or shared-data folder reads the same seeds): a file by its
+        suffix (which decides how it is read) and content hash, a folder by each seed file's
+        name and content."""
+        data = self.model_dump(exclude={"path"})
         path = self.resolved_path()
         if path is not None:
-            data["path"] = str(path)
-            if path.is_dir():  # a folder: every seed file in it, by name and content
+            if path.is_dir():
                 data["files"] = {f.name: sha256_file(f) for f in source_files(path)}
             else:
-                data["sha256"] = sha256_file(source_files(path)[0])
+                file = source_files(path)[0]
+                data["suffix"] = file.suffix.lower()
+                data["sha256"] = sha256_file(file)
         return data
 
 

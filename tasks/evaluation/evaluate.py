@@ -33,6 +33,7 @@ import contextlib
 import re
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -42,7 +43,8 @@ from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
 from infra.sandbox import SandboxSettings
 from infra.verifier import VerifierPool
-from tasks.evaluation.models import ModelTarget
+from storage.datasets import DatasetStore
+from tasks.evaluation.models import ARTIFACT_IDENTITY, ModelTarget
 from tasks.evaluation.records import EvalRequest, EvalResult
 from tasks.frames import require_columns
 from tasks.sampling import Sampling
@@ -135,7 +137,8 @@ def plan_requests(
                         "id": f"{model.label}|{item['benchmark']}|{item['id']}|{label}",
                         "model": model.label,
                         "model_ref": model.artifact or model.model,
-                        "engine_model": model.model,
+                        # A checkpoint's folder is under a home: the shard finds it by its ref.
+                        "engine_model": None if model.artifact else model.model,
                         "model_identity": model.identity,
                         "prompt_format": model.prompt_format,
                         "benchmark": item["benchmark"],
@@ -421,6 +424,22 @@ def _grade(out: list[dict[str, Any]], pool: VerifierPool | None) -> None:
         r["correct"] = verdict
 
 
+def shard_model(requests: pl.DataFrame, engine: EngineConfig, home: Path) -> str | None:
+    """The engine's `model` setting for a shard's one model: a checkpoint's folder in this
+    home (the plan names it by its ref, never by a path), else the planned setting, else the
+    engine's own."""
+    models = requests.select("model_ref", "engine_model", "model_identity").unique()
+    if models.height > 1:
+        raise ValueError(f"an evaluate shard holds several models: {models.rows()}")
+    if models.height == 0:
+        return engine.model
+    ref, setting, identity = models.row(0)
+    if identity.startswith(ARTIFACT_IDENTITY):
+        name, _, version = ref.partition("@")
+        return str(DatasetStore(home).version_dir(name, version))
+    return setting or engine.model
+
+
 @stage(
     name="evaluate",
     outputs={"eval_results": EvalResult},
@@ -434,10 +453,7 @@ def evaluate_batch(
     sandbox: SandboxSettings,
 ) -> StageOutput:
     """Answer and grade planned requests with one model (programs in the sandbox)."""
-    models = eval_requests["engine_model"].unique().to_list()
-    if len(models) > 1:
-        raise ValueError(f"an evaluate shard holds several models: {models}")
-    config = engine.model_copy(update={"model": models[0] if models else engine.model})
+    config = engine.model_copy(update={"model": shard_model(eval_requests, engine, ctx.home)})
     needs_programs = eval_requests["mode"].is_in(["pot", "hybrid"]).any()
     runner = sandbox.open() if needs_programs else contextlib.nullcontext(None)
     with runner as programs:

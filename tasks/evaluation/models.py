@@ -12,6 +12,8 @@ A spec is one of:
 `label=spec` names the model in tables (`sft=sft_model@3f2a`). Each spec resolves to a
 `ModelTarget`: the engine's `model` setting, an identity (for stage versions: a checkpoint's
 version, a folder's checksum, the GGUF's checksum), the prompt format and the training sets.
+Versions see the identity, never a path: a checkpoint is planned by its ref and found in the
+home that runs the evaluation, so a copied or moved home plans and answers the same requests.
 
 The training sets come from lineage, generically over manifests: from the checkpoint's manifest
 follow `parents` (artifacts: checkpoints, reward models; datasets without text) until a dataset
@@ -42,6 +44,8 @@ TRAINING_TEXT_COLUMNS = ("prompt", "question", "instruction", "text")
 # Datasets whose presence in a model's lineage means it learnt the Alpaca prompt format.
 ALPACA_DATASETS = ("sft_set",)
 BASE_SPECS = ("base", "embedded")
+# A checkpoint's identity: this prefix and its name@version in the store.
+ARTIFACT_IDENTITY = "artifact:"
 
 
 class ModelSpecError(UserError):
@@ -62,6 +66,12 @@ class ModelTarget(BaseModel):
     training_sets: list[str] = Field(
         default_factory=list, description="dataset versions the model was trained on (lineage)"
     )
+
+    def fingerprint(self) -> dict[str, object]:
+        """What the model is, not where it lives: the identity, the checkpoint's ref, the
+        prompt format and the lineage; not the engine's `model` setting (a checkpoint's folder
+        under this home) or the spec as typed (which may be a folder path)."""
+        return self.model_dump(mode="json", exclude={"model", "spec"})
 
 
 def training_sets(store: DatasetStore, start: str) -> tuple[list[str], list[str]]:
@@ -113,10 +123,12 @@ def _base_identity(engine: EngineConfig) -> str:
         from infra.models import PACKAGED_NAME, file_checksum, packaged_gguf
 
         return f"{PACKAGED_NAME}@gguf-sha256:{file_checksum(packaged_gguf())}"
-    if engine.model and Path(engine.model).expanduser().is_dir():
-        from infra.models import folder_checksum
+    if engine.kind != "openai":
+        from infra.models import is_local_model, local_identity
 
-        return f"folder-sha256:{folder_checksum(Path(engine.model).expanduser().resolve())}"
+        if is_local_model(engine.model):
+            assert engine.model is not None
+            return local_identity(Path(engine.model).expanduser().resolve())
     return f"{engine.kind}:{engine.model}@{engine.revision or 'unpinned'}"
 
 
@@ -167,7 +179,8 @@ def resolve_spec(
         )
 
     if body in BASE_SPECS:
-        return target(label or "base", engine.model, _base_identity(engine))
+        # `model` None: the engine's own setting, whatever folder it names on this machine.
+        return target(label or "base", None, _base_identity(engine))
     folder = Path(body).expanduser()
     if folder.is_dir():
         folder = folder.resolve()
@@ -197,7 +210,7 @@ def resolve_spec(
         return target(
             label or f"{manifest.name}@{manifest.version[:8]}",
             str(path),
-            f"artifact:{ref}",
+            f"{ARTIFACT_IDENTITY}{ref}",
             artifact=ref,
             trained=found,
             lineage=lineage,

@@ -38,7 +38,9 @@ class EvalRequest(Record):
     id: pl.String  # model|benchmark|item|mode
     model: pl.String
     model_ref: pl.String  # the checkpoint's name@version, or the folder / served name
-    engine_model: pl.String  # the engine's `model` setting (null: the engine's default)
+    engine_model: (
+        pl.String
+    )  # the engine's `model` (null: the engine's own, or a checkpoint's folder)
     model_identity: pl.String
     prompt_format: pl.String
     benchmark: pl.String

@@ -158,7 +158,8 @@ def test_base_folders_and_served_models(lineage, tmp_path):
     hub = resolve_spec("Qwen/Qwen2.5-0.5B-Instruct", vllm, store=store)
     assert (hub.label, hub.model) == ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct")
     served = resolve_spec("base", EngineConfig(kind="openai", model="served-7b"), store=store)
-    assert served.model == "served-7b" and served.identity == "openai:served-7b@unpinned"
+    # The base leaves the engine's own setting in place (None), named by its identity.
+    assert served.model is None and served.identity == "openai:served-7b@unpinned"
 
 
 def test_resolving_several_specs(lineage):
@@ -171,3 +172,25 @@ def test_resolving_several_specs(lineage):
         resolve_specs(["base", "embedded"], engine)
     with pytest.raises(ModelSpecError, match="none of the models"):
         resolve_specs(["nothing_here"], engine, skip_missing=True)
+
+
+def test_a_target_is_identified_by_what_it_is_not_where_it_lives(tmp_path):
+    """A checkpoint resolved in two homes: the engine's `model` (its folder) differs, the
+    fingerprint that enters eval_requests and eval_contamination does not."""
+    from tasks.evaluation.models import ModelTarget
+
+    def target(model: str, identity: str = "artifact:sft_model@abc") -> ModelTarget:
+        return ModelTarget(
+            label="sft",
+            spec=model,
+            model=model,
+            artifact="sft_model@abc",
+            identity=identity,
+            prompt_format="alpaca",
+            training_sets=["sft_set@def"],
+        )
+
+    here, there = target("/home/a/datasets/sft_model/abc"), target("/srv/b/datasets/sft_model/abc")
+    assert here.fingerprint() == there.fingerprint()
+    assert "/home/a" not in json.dumps(here.fingerprint())
+    assert target("/x", "artifact:sft_model@other").fingerprint() != here.fingerprint()

@@ -81,8 +81,9 @@ class EngineConfig(BaseModel):
         """The settings that change outputs (not batch sizes, timeouts, concurrency or keys).
         The embedded engine's `auto` precision is resolved on this CPU (bf16 here, float32
         there), since the two give different samples. A local model (a folder, a .gguf) is
-        named by its content (`infra.models.local_identity`), not its path."""
-        data = self.model_dump(include={"kind", "model", "dtype", "revision", "base_url"})
+        named by its content (`infra.models.local_identity`), not its path; a server by the
+        model it serves (and `revision`), not its URL, as in the request cache's keys."""
+        data = self.model_dump(include={"kind", "model", "dtype", "revision"})
         if self.kind != "openai":
             from infra.models import is_local_model, local_identity
 

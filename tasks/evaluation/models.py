@@ -46,6 +46,8 @@ ALPACA_DATASETS = ("sft_set",)
 BASE_SPECS = ("base", "embedded")
 # A checkpoint's identity: this prefix and its name@version in the store.
 ARTIFACT_IDENTITY = "artifact:"
+# A local folder's identity (`infra.models.local_identity` of a folder not converted from a GGUF).
+FOLDER_IDENTITY = "folder-sha256:"
 
 
 class ModelSpecError(UserError):
@@ -67,11 +69,40 @@ class ModelTarget(BaseModel):
         default_factory=list, description="dataset versions the model was trained on (lineage)"
     )
 
+    @property
+    def is_folder(self) -> bool:
+        """A local folder named by the spec (not a checkpoint in the store, not the base)."""
+        return self.artifact is None and self.identity.startswith(FOLDER_IDENTITY)
+
+    @property
+    def planned_model(self) -> str | None:
+        """The engine's `model` as a plan row holds it: a hub id or a served name; None for the
+        engine's own setting, a checkpoint (found by its ref) or a folder (by its identity)."""
+        return None if self.artifact or self.is_folder else self.model
+
     def fingerprint(self) -> dict[str, object]:
         """What the model is, not where it lives: the identity, the checkpoint's ref, the
         prompt format and the lineage; not the engine's `model` setting (a checkpoint's folder
         under this home) or the spec as typed (which may be a folder path)."""
         return self.model_dump(mode="json", exclude={"model", "spec"})
+
+
+class ModelFolders(BaseModel):
+    """Where this run finds the local folders of a plan's models, by identity. A plan row names
+    a folder model by its identity only, so a folder copied or moved plans the same requests;
+    these paths are what the engines load here, and no part of any version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    folders: dict[str, str] = Field(default_factory=dict, description="identity → local folder")
+
+    @classmethod
+    def of(cls, targets: list[ModelTarget]) -> ModelFolders:
+        return cls(folders={t.identity: t.model for t in targets if t.is_folder and t.model})
+
+    def fingerprint(self) -> None:
+        """Where a model lives is not what it is (its identity, in every row)."""
+        return None
 
 
 def training_sets(store: DatasetStore, start: str) -> tuple[list[str], list[str]]:
@@ -189,7 +220,9 @@ def resolve_spec(
             raise ModelSpecError(f"model {spec!r}: folder {folder} {problem}")
         from infra.models import folder_checksum
 
-        return target(label or folder.name, str(folder), f"folder-sha256:{folder_checksum(folder)}")
+        return target(
+            label or folder.name, str(folder), f"{FOLDER_IDENTITY}{folder_checksum(folder)}"
+        )
     name = body.partition("@")[0]
     if name in store.names():
         try:

@@ -138,6 +138,14 @@ class SeedSource(BaseModel):
             return SAMPLE_PATH
         return None
 
+    def located(self) -> dict[str, Any]:
+        """The settings with an explicit path resolved: where this source was read from (a
+        built-in source stays relative to the settings it is read under)."""
+        data = self.model_dump(mode="json")
+        if self.path:
+            data["path"] = str(self.resolved_path())
+        return data
+
     def fields(self) -> dict[str, str]:
         preset = (
             {"gsm8k": "gsm8k", "math": "math", "sample": "seed"}.get(self.kind) or self.format or ""
@@ -580,4 +588,10 @@ class IngestParams(BaseModel):
 def ingest_seeds(params: IngestParams) -> StageOutput:
     """Load seed problems into a `seeds` version (bad rows into `seeds_rejected`)."""
     result = ingest(params.sources, strict=params.strict, max_row_chars=params.max_row_chars)
-    return StageOutput({"seeds": result.seeds, "seeds_rejected": result.rejected}, result.stats)
+    # Where the sources were read from, for people and `evolforge ingest --add` (stats are not
+    # part of the version, which names the sources by content).
+    sources = [source.located() for source in params.sources]
+    return StageOutput(
+        {"seeds": result.seeds, "seeds_rejected": result.rejected},
+        {**result.stats, "sources": sources},
+    )

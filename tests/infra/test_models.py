@@ -90,6 +90,13 @@ def test_an_engine_config_names_a_local_model_by_content(tmp_path):
     assert fingerprint != EngineConfig(model=str(second), dtype="float32").fingerprint()
     hub = EngineConfig(kind="vllm", model="org/name").fingerprint()
     assert hub["model"] == "org/name"
+    # A served model is the model it serves, whichever node's server answers.
+    served = [
+        EngineConfig(kind="openai", model="m", base_url=f"http://{host}:8000/v1").fingerprint()
+        for host in ("127.0.0.1", "10.0.0.7")
+    ]
+    assert served[0] == served[1] and "base_url" not in served[0]
+    assert EngineConfig(kind="openai", model="m", revision="r2").fingerprint() != served[0]
 
 
 @pytest.mark.slow
@@ -110,10 +117,3 @@ def test_packaged_model_converts_once_atomically(model_home, monkeypatch):
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
     # The converted folder itself is a valid model name with the same identity.
     assert resolve_model(str(folder)).identity == resolved.identity
-    # A served model is the model it serves, whichever node's server answers.
-    served = [
-        EngineConfig(kind="openai", model="m", base_url=f"http://{host}:8000/v1").fingerprint()
-        for host in ("127.0.0.1", "10.0.0.7")
-    ]
-    assert served[0] == served[1] and "base_url" not in served[0]
-    assert EngineConfig(kind="openai", model="m", revision="r2").fingerprint() != served[0]

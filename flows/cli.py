@@ -198,10 +198,13 @@ def _previous_seeds():
     if not store.versions("seeds"):
         return None
     manifest = store.latest("seeds")
-    sources = []
-    for data in manifest.params.get("params", {}).get("sources", []):
-        data = {k: v for k, v in data.items() if k not in ("sha256", "files")}
-        sources.append(SeedSource(**data))
+    # Where the sources were read from is in the stats (the version names them by content);
+    # a version written before that kept each path in its parameters.
+    located = manifest.stats.get("sources")
+    if located is None:
+        located = manifest.params.get("params", {}).get("sources", [])
+    fields = set(SeedSource.model_fields)
+    sources = [SeedSource(**{k: v for k, v in data.items() if k in fields}) for data in located]
     return manifest, sources
 
 

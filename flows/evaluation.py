@@ -45,7 +45,7 @@ from tasks.evaluation.evaluate import (
 )
 from tasks.evaluation.guard import GuardParams, guard_contamination
 from tasks.evaluation.items import load_eval_items
-from tasks.evaluation.models import resolve_models
+from tasks.evaluation.models import ModelFolders, resolve_models
 from tasks.evaluation.scores import draw_evaluation_chart, score_evaluation
 
 RUNNER = ThreadPoolTaskRunner(max_workers=shard_workers())
@@ -188,6 +188,7 @@ def _evaluate(params: EvaluationParams) -> EvaluationState:
             engine=params.engine,
             decoding=params.decoding,
             sandbox=params.sandbox,
+            folders=ModelFolders.of(models, params.engine),
         )
     )
     state = state.updated(

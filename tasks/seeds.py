@@ -138,6 +138,14 @@ class SeedSource(BaseModel):
             return SAMPLE_PATH
         return None
 
+    def located(self) -> dict[str, Any]:
+        """The settings with an explicit path resolved: where this source was read from (a
+        built-in source stays relative to the settings it is read under)."""
+        data = self.model_dump(mode="json")
+        if self.path:
+            data["path"] = str(self.resolved_path())
+        return data
+
     def fields(self) -> dict[str, str]:
         preset = (
             {"gsm8k": "gsm8k", "math": "math", "sample": "seed"}.get(self.kind) or self.format or ""
@@ -151,15 +159,19 @@ class SeedSource(BaseModel):
         return self.label or (self.name if self.kind == "hf" else self.kind)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What determines this source's rows: its settings and the content hash of its file."""
-        data = self.model_dump()
+        """What determines this source's rows: its settings and its files' content, never where
+        they are (a copied checkout or shared-data folder reads the same seeds): a file by its
+        suffix (which decides how it is read) and content hash, a folder by each seed file's
+        name and content."""
+        data = self.model_dump(exclude={"path"})
         path = self.resolved_path()
         if path is not None:
-            data["path"] = str(path)
-            if path.is_dir():  # a folder: every seed file in it, by name and content
+            if path.is_dir():
                 data["files"] = {f.name: sha256_file(f) for f in source_files(path)}
             else:
-                data["sha256"] = sha256_file(source_files(path)[0])
+                file = source_files(path)[0]
+                data["suffix"] = file.suffix.lower()
+                data["sha256"] = sha256_file(file)
         return data
 
 
@@ -576,4 +588,10 @@ class IngestParams(BaseModel):
 def ingest_seeds(params: IngestParams) -> StageOutput:
     """Load seed problems into a `seeds` version (bad rows into `seeds_rejected`)."""
     result = ingest(params.sources, strict=params.strict, max_row_chars=params.max_row_chars)
-    return StageOutput({"seeds": result.seeds, "seeds_rejected": result.rejected}, result.stats)
+    # Where the sources were read from, for people and `evolforge ingest --add` (stats are not
+    # part of the version, which names the sources by content).
+    sources = [source.located() for source in params.sources]
+    return StageOutput(
+        {"seeds": result.seeds, "seeds_rejected": result.rejected},
+        {**result.stats, "sources": sources},
+    )

@@ -23,6 +23,7 @@ OpenAI-compatible engine holds connections only.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -91,8 +92,16 @@ class EngineConfig(BaseModel):
     def fingerprint(self) -> dict[str, object]:
         """The settings that change outputs (not batch sizes, timeouts, concurrency or keys).
         The embedded engine's `auto` precision is resolved on this CPU (bf16 here, float32
-        there), since the two give different samples."""
-        data = self.model_dump(include={"kind", "model", "dtype", "revision", "base_url"})
+        there), since the two give different samples. A local model (a folder, a .gguf) is
+        named by its content (`infra.models.local_identity`), not its path; a server by the
+        model it serves (and `revision`), not its URL, as in the request cache's keys."""
+        data = self.model_dump(include={"kind", "model", "dtype", "revision"})
+        if self.kind != "openai":
+            from infra.models import is_local_model, local_identity
+
+            if is_local_model(self.model):
+                assert self.model is not None
+                data["model"] = local_identity(Path(self.model).expanduser().resolve())
         if self.kind == "embedded" and self.dtype == "auto":
             from infra.engines.cpu import choose_dtype
 

@@ -33,6 +33,7 @@ import contextlib
 import re
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -42,7 +43,13 @@ from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, ChatResponse, Engine, SamplingParams
 from infra.sandbox import SandboxSettings
 from infra.verifier import VerifierPool
-from tasks.evaluation.models import ModelTarget
+from storage.datasets import DatasetStore
+from tasks.evaluation.models import (
+    ARTIFACT_IDENTITY,
+    FOLDER_IDENTITY,
+    ModelFolders,
+    ModelTarget,
+)
 from tasks.evaluation.records import EvalRequest, EvalResult
 from tasks.frames import require_columns
 from tasks.sampling import Sampling
@@ -134,8 +141,10 @@ def plan_requests(
                     {
                         "id": f"{model.label}|{item['benchmark']}|{item['id']}|{label}",
                         "model": model.label,
-                        "model_ref": model.artifact or model.model,
-                        "engine_model": model.model,
+                        # Never a path: a checkpoint by its ref, a folder by its identity.
+                        "model_ref": model.artifact
+                        or (model.identity if model.is_folder else model.model),
+                        "engine_model": model.planned_model,
                         "model_identity": model.identity,
                         "prompt_format": model.prompt_format,
                         "benchmark": item["benchmark"],
@@ -421,6 +430,28 @@ def _grade(out: list[dict[str, Any]], pool: VerifierPool | None) -> None:
         r["correct"] = verdict
 
 
+def shard_model(
+    requests: pl.DataFrame, engine: EngineConfig, home: Path, folders: ModelFolders | None = None
+) -> str | None:
+    """The engine's `model` setting for a shard's one model: a checkpoint's folder in this
+    home, a local folder where this run found it (the plan names each by its ref or identity,
+    never by a path), else the planned setting, else the engine's own."""
+    models = requests.select("model_ref", "engine_model", "model_identity").unique()
+    if models.height > 1:
+        raise ValueError(f"an evaluate shard holds several models: {models.rows()}")
+    if models.height == 0:
+        return engine.model
+    ref, setting, identity = models.row(0)
+    if identity.startswith(ARTIFACT_IDENTITY):
+        name, _, version = ref.partition("@")
+        return str(DatasetStore(home).version_dir(name, version))
+    if identity.startswith(FOLDER_IDENTITY) and setting is None:
+        if folders is None or identity not in folders.folders:
+            raise ValueError(f"model {ref}: no local folder with this identity was given")
+        return folders.folders[identity]
+    return setting or engine.model
+
+
 @stage(
     name="evaluate",
     outputs={"eval_results": EvalResult},
@@ -432,12 +463,12 @@ def evaluate_batch(
     engine: EngineConfig,
     decoding: DecodingParams,
     sandbox: SandboxSettings,
+    folders: ModelFolders | None = None,
 ) -> StageOutput:
-    """Answer and grade planned requests with one model (programs in the sandbox)."""
-    models = eval_requests["engine_model"].unique().to_list()
-    if len(models) > 1:
-        raise ValueError(f"an evaluate shard holds several models: {models}")
-    config = engine.model_copy(update={"model": models[0] if models else engine.model})
+    """Answer and grade planned requests with one model (programs in the sandbox); `folders`
+    says where the local folder models are here (not part of the version)."""
+    model = shard_model(eval_requests, engine, ctx.home, folders)
+    config = engine.model_copy(update={"model": model})
     needs_programs = eval_requests["mode"].is_in(["pot", "hybrid"]).any()
     runner = sandbox.open() if needs_programs else contextlib.nullcontext(None)
     with runner as programs:

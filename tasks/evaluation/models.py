@@ -12,6 +12,8 @@ A spec is one of:
 `label=spec` names the model in tables (`sft=sft_model@3f2a`). Each spec resolves to a
 `ModelTarget`: the engine's `model` setting, an identity (for stage versions: a checkpoint's
 version, a folder's checksum, the GGUF's checksum), the prompt format and the training sets.
+Versions see the identity, never a path: a checkpoint is planned by its ref and found in the
+home that runs the evaluation, so a copied or moved home plans and answers the same requests.
 
 The training sets come from lineage, generically over manifests: from the checkpoint's manifest
 follow `parents` (artifacts: checkpoints, reward models; datasets without text) until a dataset
@@ -50,6 +52,10 @@ TRAINING_TEXT_COLUMNS = ("prompt", "question", "instruction", "text")
 BASE_SPECS = ("base", "embedded")
 # Where transformers keeps a tokenizer's chat template (5.x: its own file; 4.x: the config).
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# A checkpoint's identity: this prefix and its name@version in the store.
+ARTIFACT_IDENTITY = "artifact:"
+# A local folder's identity (`infra.models.local_identity` of a folder not converted from a GGUF).
+FOLDER_IDENTITY = "folder-sha256:"
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,49 @@ class ModelTarget(BaseModel):
     training_sets: list[str] = Field(
         default_factory=list, description="dataset versions the model was trained on (lineage)"
     )
+
+    @property
+    def is_folder(self) -> bool:
+        """A local folder named by the spec (not a checkpoint in the store, not the base)."""
+        return self.artifact is None and self.identity.startswith(FOLDER_IDENTITY)
+
+    @property
+    def planned_model(self) -> str | None:
+        """The engine's `model` as a plan row holds it: a hub id or a served name; None for the
+        engine's own setting, a checkpoint (found by its ref) or a folder (by its identity)."""
+        return None if self.artifact or self.is_folder else self.model
+
+    def fingerprint(self) -> dict[str, object]:
+        """What the model is, not where it lives: the identity, the checkpoint's ref, the
+        prompt format and the lineage; not the engine's `model` setting (a checkpoint's folder
+        under this home) or the spec as typed (which may be a folder path)."""
+        return self.model_dump(mode="json", exclude={"model", "spec"})
+
+
+class ModelFolders(BaseModel):
+    """Where this run finds the local folders of a plan's models, by identity. A plan row names
+    a folder model by its identity only, so a folder copied or moved plans the same requests;
+    these paths are what the engines load here, and no part of any version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    folders: dict[str, str] = Field(default_factory=dict, description="identity → local folder")
+
+    @classmethod
+    def of(cls, targets: list[ModelTarget], engine: EngineConfig | None = None) -> ModelFolders:
+        """The folders of the folder models among `targets`; the base (`model` None) is the
+        engine's own folder, when the engine loads one."""
+        folders: dict[str, str] = {}
+        for t in targets:
+            if t.is_folder and t.model:
+                folders[t.identity] = t.model
+            elif t.is_folder and engine is not None and engine.model:
+                folders[t.identity] = str(Path(engine.model).expanduser().resolve())
+        return cls(folders=folders)
+
+    def fingerprint(self) -> None:
+        """Where a model lives is not what it is (its identity, in every row)."""
+        return None
 
 
 def training_sets(store: DatasetStore, start: str) -> tuple[list[str], list[str]]:
@@ -145,10 +194,12 @@ def _base_identity(engine: EngineConfig) -> str:
         from infra.models import PACKAGED_NAME, file_checksum, packaged_gguf
 
         return f"{PACKAGED_NAME}@gguf-sha256:{file_checksum(packaged_gguf())}"
-    if engine.model and Path(engine.model).expanduser().is_dir():
-        from infra.models import folder_checksum
+    if engine.kind != "openai":
+        from infra.models import is_local_model, local_identity
 
-        return f"folder-sha256:{folder_checksum(Path(engine.model).expanduser().resolve())}"
+        if is_local_model(engine.model):
+            assert engine.model is not None
+            return local_identity(Path(engine.model).expanduser().resolve())
     return f"{engine.kind}:{engine.model}@{engine.revision or 'unpinned'}"
 
 
@@ -201,9 +252,8 @@ def resolve_spec(
         )
 
     if body in BASE_SPECS:
-        return target(
-            label or "base", engine.model, _base_identity(engine), folder=_engine_folder(engine)
-        )
+        # `model` None: the engine's own setting, whatever folder it names on this machine.
+        return target(label or "base", None, _base_identity(engine), folder=_engine_folder(engine))
     folder = Path(body).expanduser()
     if folder.is_dir():
         folder = folder.resolve()
@@ -215,7 +265,7 @@ def resolve_spec(
         return target(
             label or folder.name,
             str(folder),
-            f"folder-sha256:{folder_checksum(folder)}",
+            f"{FOLDER_IDENTITY}{folder_checksum(folder)}",
             folder=folder,
         )
     name = body.partition("@")[0]
@@ -238,7 +288,7 @@ def resolve_spec(
         return target(
             label or f"{manifest.name}@{manifest.version[:8]}",
             str(path),
-            f"artifact:{ref}",
+            f"{ARTIFACT_IDENTITY}{ref}",
             artifact=ref,
             trained=found,
             folder=path,

@@ -37,8 +37,11 @@ class EvalRequest(Record):
 
     id: pl.String  # model|benchmark|item|mode
     model: pl.String
-    model_ref: pl.String  # the checkpoint's name@version, or the folder / served name
-    engine_model: pl.String  # the engine's `model` setting (null: the engine's default)
+    # Never a path (a version must not depend on where a home or a folder lives):
+    model_ref: pl.String  # a checkpoint's name@version, a folder's identity, a hub/served name
+    engine_model: (
+        pl.String
+    )  # a hub id or served name; null: the engine's own, a checkpoint, a folder
     model_identity: pl.String
     prompt_format: pl.String
     benchmark: pl.String

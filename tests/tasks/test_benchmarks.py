@@ -197,3 +197,33 @@ def test_fingerprint_follows_the_file_content(tmp_path):
     before = source.fingerprint()
     path.write_text(json.dumps({"question": "q", "answer": "#### 2"}) + "\n")
     assert source.fingerprint() != before
+
+
+def test_a_benchmark_is_identified_by_its_content_not_its_place(tmp_path, monkeypatch):
+    """The same file at two places (another checkout, a moved shared-data folder) is the same
+    benchmark, for decontamination and for evaluation; changed content is another."""
+    from tasks.benchmarks import Benchmark
+    from tasks.evolution.dedup import DecontamParams
+
+    rows = json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n"
+    for place in ("a", "b"):
+        (tmp_path / place / "gsm8k").mkdir(parents=True)
+        (tmp_path / place / "gsm8k" / "test.jsonl").write_text(rows)
+    first, second = (tmp_path / p / "gsm8k" / "test.jsonl" for p in ("a", "b"))
+
+    def decontam(path):
+        return DecontamParams(benchmarks=[Benchmark(name="g", path=path, text_field="question")])
+
+    assert decontam(first).fingerprint() == decontam(second).fingerprint()
+    assert str(tmp_path) not in json.dumps(decontam(first).fingerprint())
+    by_path = [BenchmarkSource(name="gsm8k", path=str(p)).fingerprint() for p in (first, second)]
+    assert by_path[0] == by_path[1] and str(tmp_path) not in json.dumps(by_path[0])
+    monkeypatch.setenv("EVOLFORGE_SHARED_DATA", str(tmp_path / "a"))
+    shared = benchmark_source("gsm8k").fingerprint()
+    monkeypatch.setenv("EVOLFORGE_SHARED_DATA", str(tmp_path / "b"))
+    assert benchmark_source("gsm8k").fingerprint() == shared
+
+    second.write_text(rows.replace("1 + 1", "1 + 3"))
+    assert decontam(first).fingerprint() != decontam(second).fingerprint()
+    assert benchmark_source("gsm8k").fingerprint() != shared
+    assert BenchmarkSource(name="gsm8k", path=str(second)).fingerprint() != by_path[0]

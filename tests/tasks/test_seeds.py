@@ -272,3 +272,45 @@ def test_a_folder_source_reads_every_seed_file_and_follows_new_ones(tmp_path, mo
     }
     limited = ingest([SeedSource(kind="file", path=str(inbox), format="seed", limit=1)])
     assert limited.stats["read"] == 1  # the limit counts across the folder's files
+
+
+def test_a_source_is_identified_by_its_content_not_its_place(tmp_path, monkeypatch):
+    """The same seeds at two places (a copied checkout, inbox or shared-data folder) are one
+    source, and one `seeds` version; changed content is another."""
+    import shutil
+
+    import tasks.seeds as seeds_mod
+
+    rows = json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n"
+    first, second = tmp_path / "a" / "seeds.jsonl", tmp_path / "b" / "c" / "seeds.jsonl"
+    for path in (first, second):
+        path.parent.mkdir(parents=True)
+        path.write_text(rows, encoding="utf-8")
+    one, two = (SeedSource(kind="file", path=str(p), format="seed") for p in (first, second))
+    assert one.fingerprint() == two.fingerprint()
+    assert str(tmp_path) not in json.dumps(one.fingerprint())
+    assert ingest_seeds.version(params=IngestParams(sources=[one])) == ingest_seeds.version(
+        params=IngestParams(sources=[two])
+    )
+    folders = [SeedSource(kind="file", path=str(p.parent), format="seed") for p in (first, second)]
+    assert folders[0].fingerprint() == folders[1].fingerprint()
+    second.write_text(rows.replace("1 + 1", "1 + 2"), encoding="utf-8")
+    assert one.fingerprint() != two.fingerprint()
+    assert folders[0].fingerprint() != folders[1].fingerprint()
+
+    # The built-in sample in another checkout; the train sets in another shared-data folder.
+    before = IngestParams().fingerprint()
+    copy = tmp_path / "checkout" / "sample_seeds.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(seeds_mod.SAMPLE_PATH, copy)
+    monkeypatch.setattr(seeds_mod, "SAMPLE_PATH", copy)
+    assert IngestParams().fingerprint() == before
+    copy.write_text(rows, encoding="utf-8")
+    assert IngestParams().fingerprint() != before
+    for place in ("x", "y"):
+        (tmp_path / place / "gsm8k").mkdir(parents=True)
+        (tmp_path / place / "gsm8k" / "train.jsonl").write_text(rows, encoding="utf-8")
+    monkeypatch.setenv("EVOLFORGE_SHARED_DATA", str(tmp_path / "x"))
+    gsm8k = SeedSource(kind="gsm8k").fingerprint()
+    monkeypatch.setenv("EVOLFORGE_SHARED_DATA", str(tmp_path / "y"))
+    assert SeedSource(kind="gsm8k").fingerprint() == gsm8k

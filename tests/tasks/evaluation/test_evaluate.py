@@ -380,6 +380,57 @@ def test_the_stage_shards_by_model_and_a_new_model_only_adds_shards(scripted_by_
     assert store.read(again["eval_results"]).height == 18
 
 
+def test_a_folder_model_is_planned_by_identity_and_found_where_it_is(scripted_by_model, tmp_path):
+    """The same folder at two places: one plan, one evaluate version (the second a cache hit);
+    the rows hold its identity, never its path; the engine loads the folder of this run."""
+    import json
+    import shutil
+
+    from storage.datasets import DatasetStore
+    from storage.settings import home
+    from tasks.evaluation.evaluate import plan_evaluation, shard_model
+    from tasks.evaluation.models import ModelFolders, resolve_spec
+
+    first = tmp_path / "a" / "good"
+    first.mkdir(parents=True)
+    (first / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    second = tmp_path / "b" / "good"
+    shutil.copytree(first, second)
+    store = DatasetStore(home())
+    frame = items(*(item("toy", str(i), f"What is {i} + {5 - i}?", "5") for i in range(2)))
+    store.write("toy_items", frame, stage="test", code_version="t", params={})
+    toy = f"toy_items@{store.latest('toy_items').version}"
+    settings = {
+        "engine": EngineConfig(),
+        "decoding": DecodingParams(),
+        "sandbox": SandboxSettings(workers=1),
+    }
+    runs = []
+    for folder in (first, second):
+        target = resolve_spec(f"good={folder}", EngineConfig(), store=store)
+        plan = plan_evaluation.run(eval_items=toy, models=[target], modes=["cot"], k=1)
+        rows = store.read(plan["eval_requests"])
+        assert str(tmp_path) not in json.dumps(rows.to_dicts())
+        assert set(rows["model_ref"]) == {target.identity} and set(rows["engine_model"]) == {None}
+        runs.append(
+            (
+                plan["eval_requests"],
+                evaluate_batch.run(
+                    eval_requests=plan["eval_requests"],
+                    folders=ModelFolders.of([target]),
+                    **settings,
+                ),
+            )
+        )
+    (plan_a, result_a), (plan_b, result_b) = runs
+    assert plan_a == plan_b and result_a["eval_results"] == result_b["eval_results"]
+    assert result_b.cached
+    assert list(scripted_by_model) == [str(first)]  # the engine loaded this run's folder
+    assert store.read(result_a["eval_results"])["correct"].to_list() == [False, False]
+    with pytest.raises(ValueError, match="no local folder"):
+        shard_model(store.read(plan_a), EngineConfig(), home())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_real_model_on_five_items_of_every_benchmark(shared_data, pool):

@@ -160,7 +160,8 @@ def test_base_folders_and_served_models(lineage, tmp_path):
     hub = resolve_spec("Qwen/Qwen2.5-0.5B-Instruct", vllm, store=store)
     assert (hub.label, hub.model) == ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct")
     served = resolve_spec("base", EngineConfig(kind="openai", model="served-7b"), store=store)
-    assert served.model == "served-7b" and served.identity == "openai:served-7b@unpinned"
+    # The base leaves the engine's own setting in place (None), named by its identity.
+    assert served.model is None and served.identity == "openai:served-7b@unpinned"
 
 
 def test_resolving_several_specs(lineage):
@@ -229,3 +230,40 @@ def test_a_base_without_a_chat_template_is_evaluated_without_a_crash(packaged_an
     engine = build_engine(EngineConfig(model=str(bare), dtype="float32"))
     (response,) = engine.generate([_request(template, "What is 2 + 3?", sampling, raw=True)])
     assert response.error is None and response.completions[0].completion_tokens > 0
+
+
+def test_a_target_is_identified_by_what_it_is_not_where_it_lives(tmp_path):
+    """A checkpoint resolved in two homes: the engine's `model` (its folder) differs, the
+    fingerprint that enters eval_requests and eval_contamination does not."""
+    from tasks.evaluation.models import ModelTarget
+
+    def target(model: str, identity: str = "artifact:sft_model@abc") -> ModelTarget:
+        return ModelTarget(
+            label="sft",
+            spec=model,
+            model=model,
+            artifact="sft_model@abc",
+            identity=identity,
+            prompt_format="alpaca",
+            training_sets=["sft_set@def"],
+        )
+
+    here, there = target("/home/a/datasets/sft_model/abc"), target("/srv/b/datasets/sft_model/abc")
+    assert here.fingerprint() == there.fingerprint()
+    assert "/home/a" not in json.dumps(here.fingerprint())
+    assert target("/x", "artifact:sft_model@other").fingerprint() != here.fingerprint()
+
+
+def test_the_base_on_a_local_folder_is_found_by_its_identity(tmp_path):
+    """A base model the engine loads from a local folder is planned by identity (no path), and
+    the run finds its folder through the engine's own setting."""
+    from tasks.evaluation.models import ModelFolders
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    engine = EngineConfig(kind="vllm", model=str(folder))
+    base = resolve_spec("base", engine)
+    assert base.model is None and base.is_folder
+    assert ModelFolders.of([base]).folders == {}
+    assert ModelFolders.of([base], engine).folders == {base.identity: str(folder.resolve())}

@@ -105,16 +105,13 @@ class Executor(ABC):
         return all(store.exists(SHARD_PREFIX + o, spec.version) for o in stage.outputs)
 
     def execute(self, stage: Declared, values: dict[str, Any]) -> StageResult:
-        """Answer from the store, or compute (merging shards) and write every output."""
+        """Answer from the store, or compute (merging shards) and write every output. The
+        versions are written, not yet published (`publish`: current pointers, the catalog)."""
         home = self.home
         store = DatasetStore(home)
-        catalog = Catalog(home)
         version = stage.version_of(values)
         if all(store.exists(o, version) for o in stage.outputs):
             manifests = [store.manifest(DatasetRef(o, version)) for o in stage.outputs]
-            for manifest in manifests:
-                store.set_current(manifest.ref)  # this run's result is the current one again
-                catalog.register(manifest)  # idempotent; restores a lost catalog entry
             self.log(
                 f"{stage.name}: cache hit, " + ", ".join(f"{m.ref} ({_rows(m)})" for m in manifests)
             )
@@ -152,12 +149,25 @@ class Executor(ABC):
                 shutil.rmtree(store.root / name / f".work-{version}", ignore_errors=True)
             else:
                 manifest = store.write(name, frames[name], **common)
-            store.set_current(manifest.ref)
-            catalog.register(manifest)
             refs[name] = manifest.ref
             written.append(f"{manifest.ref} ({_rows(manifest)})")
         self.log(f"{stage.name}: computed {', '.join(written)}{_work(stats)}")
         return StageResult(stage.name, version, refs, False, stats)
+
+    def publish(self, result: StageResult) -> StageResult:
+        """Make a stage's versions the current ones and register them in the catalog.
+
+        Called by `run` where the flow is driven, never inside a task run: the catalog has one
+        writer (the driver), so workers on other processes or nodes never open `catalog.duckdb`;
+        the manifests on storage stay the source of truth (`evolforge catalog rebuild`). A cache
+        hit is published too: this run's result is the current one again, and a lost catalog
+        entry comes back (registering is idempotent)."""
+        store = DatasetStore(self.home)
+        catalog = Catalog(self.home)
+        for ref in result.refs.values():
+            store.set_current(ref)
+            catalog.register(store.manifest(ref))
+        return result
 
     def call_body(
         self,

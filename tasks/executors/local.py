@@ -15,4 +15,4 @@ class InProcessExecutor(Executor):
     """Runs a stage in the calling process; a cache hit when every output exists."""
 
     def run(self, stage: Declared, values: dict[str, Any]) -> StageResult:
-        return self.execute(stage, values)
+        return self.publish(self.execute(stage, values))

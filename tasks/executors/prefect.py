@@ -39,7 +39,8 @@ class PrefectExecutor(Executor):
         result = self.task(stage, "stage")(**values)
         # Prefect may answer from its result cache, whose record says how the version was made
         # the first time: the outputs existing before this call is what makes it a cache hit.
-        return replace(result, cached=True) if done else result
+        result = replace(result, cached=True) if done else result
+        return self.publish(result)  # here, in the flow's process: the one catalog writer
 
     def submit_shards(self, stage: Declared, values: dict[str, Any]) -> None:
         """Submit the shards to the flow's task runner and wait for them, in order."""

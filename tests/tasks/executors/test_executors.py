@@ -110,3 +110,47 @@ def test_an_output_that_is_not_a_frame_fails_before_anything_is_written(numbers,
 def test_executor_is_an_interface():
     with pytest.raises(TypeError):
         Executor()  # type: ignore[abstract]
+
+
+def test_the_catalog_has_one_writer_the_driver(
+    numbers, evolforge_home, monkeypatch, prefect_harness
+):
+    """Task runs (shards, the stage's merge) write versions; only the flow's own process, outside
+    any task run, makes them current and registers them in the catalog."""
+    from prefect import flow
+    from prefect.context import TaskRunContext
+
+    from storage.catalog import Catalog
+
+    registered: list[tuple[str, bool]] = []
+    register = Catalog.register
+
+    def spy(self, manifest):
+        registered.append((manifest.name, TaskRunContext.get() is not None))
+        return register(self, manifest)
+
+    monkeypatch.setattr(Catalog, "register", spy)
+
+    @flow
+    def pipeline() -> StageResult:
+        return triple_rows(numbers=numbers)
+
+    result = pipeline()
+    assert registered == [("tripled", False)]  # once, from the driver, not inside a task run
+    assert DatasetStore(evolforge_home).latest("tripled").ref == result["tripled"]
+
+
+def test_execute_writes_and_publish_registers(numbers, evolforge_home):
+    from storage.catalog import Catalog
+
+    executor = InProcessExecutor()
+    values = triple_rows.bind({"numbers": numbers})
+    written = executor.execute(triple_rows, values)
+    store = DatasetStore(evolforge_home)
+    assert store.exists("tripled", written.version)
+    count = "SELECT count(*) FROM versions WHERE name = 'tripled'"
+    assert Catalog(evolforge_home).query(count)[1] == [(0,)]
+    assert not (evolforge_home / "datasets" / "tripled" / "CURRENT").exists()
+    executor.publish(written)
+    assert Catalog(evolforge_home).query(count)[1] == [(1,)]
+    assert store.latest("tripled").ref == written["tripled"]

@@ -583,7 +583,9 @@ def report(
 ) -> str:
     lines: list[str] = []
     add = lines.append
-    add(f"## Scale model: {config} from the demo home's counts\n")
+    shown = Path(config).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    add(f"## Scale model: {shown} from the demo home's counts\n")
     add(
         f"Throughput: {tps:,.0f} generated + {prefill_tps:,.0f} prompt tokens/s per GPU, an "
         "ASSUMPTION for a 7B/8B bf16 model (the paper profile's Qwen2.5-7B-Instruct) on vLLM, "

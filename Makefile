@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint format serve bench system-deps clean-home sandbox-runtime
+.PHONY: demo test test-fast lint format serve bench system-deps clean-home sandbox-runtime gpu-wheels
 
 # The interpreter and packages the sandbox mounts (infra/sandbox/runtime.py). The sandbox's user
 # is never root, so it cannot reach a venv whose Python lives under /root (mode 0700).
@@ -51,6 +51,12 @@ test: $(STAMP) $(RUNTIME_STAMP)
 
 test-fast: $(STAMP) $(RUNTIME_STAMP)
 	$(BIN)/pytest -q -m "not slow"
+
+# The wheels bench/gpu_check.sh carries to a lent GPU machine (no network there), for the
+# device's CPython (GPU_PYTHON), in parts of at most 56 MiB under .gpu-check/wheels/.
+GPU_PYTHON ?= 3.12
+gpu-wheels: $(STAMP)
+	$(BIN)/python bench/gpu_wheels.py download --python $(GPU_PYTHON)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

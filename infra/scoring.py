@@ -33,7 +33,7 @@ import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 IGNORE = -100
 WRONG, CORRECT = 0, 1
@@ -132,8 +132,11 @@ def _batches(n: int, size: int):
         yield range(start, min(n, start + max(1, size)))
 
 
-class IrmScorer:
-    """The instruction reward model on full IRM inputs: `logits` (raw) and `scores` (sigmoid)."""
+class _Scorer:
+    """What both reward models share: the model in eval mode, its tokenizer, the length and
+    batch limits, and loading a checkpoint with the transformers class of its head."""
+
+    auto_class = ""  # the transformers Auto class of the model's head
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, batch_size: int = 8):
         self.model = model.eval()
@@ -144,11 +147,18 @@ class IrmScorer:
     @classmethod
     def load(
         cls, path: str | Path, device: str = "auto", dtype: str = "auto", **kwargs: Any
-    ) -> IrmScorer:
-        from transformers import AutoModelForSequenceClassification
+    ) -> Self:
+        import transformers
 
-        model, tokenizer = _load_scorer(AutoModelForSequenceClassification, path, device, dtype)
+        head = getattr(transformers, cls.auto_class)
+        model, tokenizer = _load_scorer(head, path, device, dtype)
         return cls(model, tokenizer, **kwargs)
+
+
+class IrmScorer(_Scorer):
+    """The instruction reward model on full IRM inputs: `logits` (raw) and `scores` (sigmoid)."""
+
+    auto_class = "AutoModelForSequenceClassification"
 
     @classmethod
     def cached(
@@ -248,23 +258,10 @@ def encode_steps(
     return {"input_ids": ids, "labels": token_labels, "positions": positions, "text": text}
 
 
-class PrmScorer:
+class PrmScorer(_Scorer):
     """The process reward model: P(step is correct) for every step of a solution."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = 512, batch_size: int = 8):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.batch_size = batch_size
-
-    @classmethod
-    def load(
-        cls, path: str | Path, device: str = "auto", dtype: str = "auto", **kwargs: Any
-    ) -> PrmScorer:
-        from transformers import AutoModelForTokenClassification
-
-        model, tokenizer = _load_scorer(AutoModelForTokenClassification, path, device, dtype)
-        return cls(model, tokenizer, **kwargs)
+    auto_class = "AutoModelForTokenClassification"
 
     def step_probabilities(
         self, prompts: Sequence[str], steps: Sequence[Sequence[str]]

@@ -5,6 +5,7 @@ the summary's queries, reruns as cache hits, and the CLI's parameters."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -53,14 +54,12 @@ def scripted(monkeypatch, references):
     engines._engines.clear()
 
 
-@pytest.fixture
-def checkpoint(evolforge_home, tmp_path, references):
-    """An SFT checkpoint whose training set holds one of the evaluated GSM8K questions."""
-    store = DatasetStore(evolforge_home)
-    leaked = next(iter(references))
+def write_checkpoint(home: Path, tmp_path: Path, question: str):
+    """An SFT checkpoint whose training set holds `question` (its manifest)."""
+    store = DatasetStore(home)
     sft_set = store.write(
         "sft_set",
-        pl.DataFrame({"prompt": [leaked, "What is 2 + 2?"], "completion": ["a", "b"]}),
+        pl.DataFrame({"prompt": [question, "What is 2 + 2?"], "completion": ["a", "b"]}),
         stage="build_sft_set",
         code_version="t",
         params={},
@@ -77,6 +76,12 @@ def checkpoint(evolforge_home, tmp_path, references):
         params={},
         parents=[str(sft_set.ref)],
     )
+
+
+@pytest.fixture
+def checkpoint(evolforge_home, tmp_path, references):
+    """An SFT checkpoint whose training set holds one of the evaluated GSM8K questions."""
+    return write_checkpoint(evolforge_home, tmp_path, next(iter(references)))
 
 
 def params(**overrides) -> EvaluationParams:

@@ -10,7 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 import infra.engines as engines
@@ -23,6 +22,7 @@ from storage.datasets import DatasetStore
 from tasks.benchmarks import REGISTRY
 from tests.fakes import ScriptedEngine
 from tests.flows.test_data import TEMPLATES, scripted_reply
+from tests.flows.test_evaluation import write_checkpoint
 
 BENCHMARK_FILES = ["gsm8k/test.jsonl", "math/test.jsonl", REGISTRY["gsm8k"].file]
 
@@ -59,30 +59,6 @@ def place(monkeypatch, home: Path, shared: Path, sample: Path) -> None:
     monkeypatch.setenv("EVOLFORGE_SHARED_DATA", str(shared))
     monkeypatch.setattr(seeds_mod, "SAMPLE_PATH", sample)
     engines._engines.clear()
-
-
-def write_checkpoint(home: Path, tmp_path: Path, question: str) -> None:
-    """An SFT checkpoint whose training set holds one evaluated question."""
-    store = DatasetStore(home)
-    sft_set = store.write(
-        "sft_set",
-        pl.DataFrame({"prompt": [question, "What is 2 + 2?"], "completion": ["a", "b"]}),
-        stage="build_sft_set",
-        code_version="t",
-        params={},
-    )
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    store.write_folder(
-        "sft_model",
-        folder,
-        kind="model",
-        stage="train_sft",
-        code_version="t",
-        params={},
-        parents=[str(sft_set.ref)],
-    )
 
 
 def run_flows():

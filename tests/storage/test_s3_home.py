@@ -209,6 +209,8 @@ def test_catalog_and_sql_over_s3(s3_home, tmp_path, capsys, monkeypatch):
     assert main(["sql", "SELECT sum(x) AS s FROM things", "--format", "csv"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "3"
 
+    assert main(["datasets", "show", "things"]) == 0
+    assert f"path: {s3_home}/datasets/things/{manifest.version}" in capsys.readouterr().out
     # another machine rebuilds its catalog from the manifests on S3
     other = tmp_path / "node-b"
     monkeypatch.setenv("EVOLFORGE_CACHE", str(other))

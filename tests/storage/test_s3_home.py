@@ -42,6 +42,11 @@ def test_local_home_is_unchanged(evolforge_home):
     assert remote_of(home()) is None and DatasetStore(home()).remote is None
 
 
+def test_a_file_url_is_the_local_folder(evolforge_home, monkeypatch):
+    monkeypatch.setenv("EVOLFORGE_HOME", f"file://{evolforge_home}")
+    assert home() == evolforge_home and DatasetStore(home()).remote is None
+
+
 def test_write_read_exists_latest_current_on_s3(s3_home, tmp_path):
     local = home()
     assert local != tmp_path and (local / "HOME_URL").read_text().strip() == s3_home

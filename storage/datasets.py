@@ -364,12 +364,7 @@ class DatasetStore:
                         f"manifest ({entry['sha256'][:16]}…)"
                     )
             _write_atomic(staging / MANIFEST, manifest.to_json().encode())
-            if (folder / MANIFEST).is_file():  # another thread copied it first
-                shutil.rmtree(staging, ignore_errors=True)
-                return folder
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.rename(staging, folder)
+            _place(staging, folder)
             return folder
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -592,6 +587,21 @@ class DatasetStore:
             parquet = pq.ParquetFile(path)
             for batch in parquet.iter_batches(batch_size=batch_size):
                 yield pl.from_arrow(batch)
+
+
+def _place(staging: Path, folder: Path) -> bool:
+    """Rename a complete copy (its manifest inside) into place; False, dropping it, when another
+    thread or process placed one first (versions are immutable: theirs is the same)."""
+    if not (folder / MANIFEST).is_file() and folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without manifest is never read
+    try:
+        os.rename(staging, folder)
+        return True
+    except OSError:
+        if not (folder / MANIFEST).is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -225,3 +225,40 @@ def test_catalog_and_sql_over_s3(s3_home, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.strip().splitlines()[-1] == "3"
     # the views read the objects on S3 through the registered file system: nothing copied here
     assert not (other / "datasets" / "things" / manifest.version).exists()
+
+
+def test_threads_reading_one_version_copy_it_once(s3_home, tmp_path):
+    store = DatasetStore(home())
+    manifest = store.write("things", _frame(50), **COMMON)
+    other = DatasetStore(_other_machine(tmp_path, s3_home))
+    start = threading.Barrier(4, timeout=30)
+    frames: list[pl.DataFrame] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            start.wait()
+            frames.append(other.read(manifest.ref))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(frames) == 4 and all(f.equals(_frame(50)) for f in frames)
+    assert [p.name for p in (other.root / "things").iterdir()] == [manifest.version]
+
+
+def test_a_copy_placed_second_is_dropped(tmp_path):
+    from storage.datasets import MANIFEST, _place
+
+    first, second, folder = tmp_path / "a", tmp_path / "b", tmp_path / "v"
+    for staging, text in ((first, "first"), (second, "second")):
+        staging.mkdir()
+        (staging / "part.parquet").write_text(text)
+        (staging / MANIFEST).write_text("{}")
+    assert _place(first, folder) is True
+    assert _place(second, folder) is False  # the rename into a full folder fails: theirs stands
+    assert (folder / "part.parquet").read_text() == "first" and not second.exists()

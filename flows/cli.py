@@ -349,7 +349,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         print(
             f"rows: {manifest.rows}   created: {manifest.created_at}   flow run: {manifest.flow_run or '-'}"
         )
-        print(f"path: {store.version_dir(manifest.name, manifest.version)}")
+        print(f"path: {store.location(manifest.name, manifest.version)}")
         print(f"parents: {', '.join(manifest.parents) or '-'}")
         print("schema: " + ", ".join(f"{c['name']}:{c['type']}" for c in manifest.schema))
         print("params: " + json.dumps(manifest.params, default=str)[:2000])
@@ -433,10 +433,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_catalog(args: argparse.Namespace) -> int:
     from storage.catalog import Catalog
-    from storage.settings import home
+    from storage.settings import home, home_url
 
-    count = Catalog(home()).rebuild()
-    print(f"catalog rebuilt from {count} manifest(s): {home() / 'catalog.duckdb'}")
+    catalog = Catalog(home())
+    count = catalog.rebuild()
+    print(f"catalog rebuilt from {count} manifest(s) in {home_url()}: {catalog.path}")
     return 0
 
 
@@ -575,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _prepare_env()
     try:
+        _prepare_env()  # checks the data home first: a bad S3 setting is one line, nothing runs
         return args.func(args)
     except KeyboardInterrupt:
         print("evolforge: interrupted", file=sys.stderr)

@@ -13,6 +13,11 @@ Views read the parquet files of the newest version directly; a `_version` column
 names the version a row came from, and the `versions` table records parents, so every row traces
 back through lineage. DuckDB is configured never to download extensions: only those built into
 the wheel (parquet, json, icu) are used.
+
+On a home on S3 the catalog file and its lock are in the home's local folder (one per machine,
+written by the flow's driver only), and the views read the parquet objects on S3 through the
+s3fs file system registered on every connection this module opens (no httpfs extension). The
+manifests on S3 are the source of truth: `rebuild` recreates a lost catalog from them.
 """
 
 from __future__ import annotations
@@ -70,9 +75,15 @@ CREATE OR REPLACE VIEW models AS
 """
 
 
-def connect(path: Path | str = ":memory:", read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection that will not try to download extensions."""
-    return duckdb.connect(str(path), read_only=read_only, config=dict(DUCKDB_CONFIG))
+def connect(
+    path: Path | str = ":memory:", read_only: bool = False, filesystem: Any = None
+) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that will not try to download extensions; with `filesystem` (an
+    fsspec file system, s3fs for a home on S3) registered, so `s3://` paths read through it."""
+    con = duckdb.connect(str(path), read_only=read_only, config=dict(DUCKDB_CONFIG))
+    if filesystem is not None:
+        con.register_filesystem(filesystem)
+    return con
 
 
 def _quote_ident(name: str) -> str:
@@ -87,14 +98,16 @@ class CatalogBusyError(Exception):
     """The catalog stayed locked by another process for longer than we would wait."""
 
 
-def _open_retrying(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+def _open_retrying(
+    path: Path, read_only: bool, wait_s: float, filesystem: Any = None
+) -> duckdb.DuckDBPyConnection:
     """DuckDB takes a process-level file lock (shared for readers, exclusive for the writer):
     wait for the other side's short hold to end instead of failing at once."""
     deadline = time.monotonic() + wait_s
     delay = 0.01
     while True:
         try:
-            return connect(path, read_only=read_only)
+            return connect(path, read_only=read_only, filesystem=filesystem)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise CatalogBusyError(
@@ -130,6 +143,8 @@ class Catalog:
         self.path = self.home / CATALOG_FILE
         self.lock = FileLock(str(self.home / "catalog.lock"), timeout=120)
         self.store = DatasetStore(self.home)
+        # s3fs for a home on S3: the views read `s3://` objects through it
+        self.filesystem = self.store.remote.fs if self.store.remote is not None else None
 
     def register(self, manifest: Manifest, wait_s: float | None = None) -> bool:
         """Record a version and point its dataset's view at the current version
@@ -149,7 +164,7 @@ class Catalog:
             wait_s = BUSY_RETRY_WAIT_S if busy_before else catalog_wait_s()
         try:
             with self.lock:
-                con = _open_retrying(self.path, read_only=False, wait_s=wait_s)
+                con = _open_retrying(self.path, False, wait_s, self.filesystem)
                 with con:
                     for item in todo:
                         self._register(con, item)
@@ -189,7 +204,7 @@ class Catalog:
                 json.dumps(manifest.stats, default=str),
                 manifest.created_at,
                 manifest.flow_run,
-                str(self.store.version_dir(manifest.name, manifest.version)),
+                self.store.location(manifest.name, manifest.version),
                 manifest.kind,
             ],
         )
@@ -200,7 +215,7 @@ class Catalog:
         self._create_view(con, self.store.latest(manifest.name))
 
     def _create_view(self, con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
-        files = [str(p) for p in self.store.files(manifest.ref)]
+        files = self.store.urls(manifest.ref)
         file_list = "[" + ", ".join(_quote_str(f) for f in files) + "]"
         con.execute(
             f"CREATE OR REPLACE VIEW {_quote_ident(manifest.name)} AS "
@@ -209,7 +224,8 @@ class Catalog:
         )
 
     def rebuild(self) -> int:
-        """Recreate the catalog from the manifests on disk (after a lost or deleted catalog file)."""
+        """Recreate the catalog from the manifests on storage (after a lost or deleted catalog
+        file, or on another machine of a home on S3)."""
         count = 0
         for name in self.store.names():
             for manifest in self.store.versions(name):
@@ -220,10 +236,10 @@ class Catalog:
     def query(self, sql: str, params: list[Any] | None = None, wait_s: float = 10.0):
         """Run a read-only query; returns (column names, rows)."""
         if not self.path.exists():
-            with self.lock, _open_retrying(self.path, read_only=False, wait_s=wait_s) as con:
+            with self.lock, _open_retrying(self.path, False, wait_s, self.filesystem) as con:
                 con.execute(_VERSIONS_DDL)
                 con.execute(_ARTIFACT_VIEWS)
-        with _open_retrying(self.path, read_only=True, wait_s=wait_s) as con:
+        with _open_retrying(self.path, True, wait_s, self.filesystem) as con:
             cursor = con.execute(sql, params or [])
             columns = [d[0] for d in cursor.description] if cursor.description else []
             return columns, cursor.fetchall()

@@ -13,6 +13,17 @@ each shard is written to a temporary file, fsynced and renamed; the manifest is 
 way, last; then the whole folder is renamed to `<name>/<version>`. A version folder without a
 manifest, or a staging folder whose writer process is gone, is never read and is removed by the
 next write of that dataset.
+
+On a home on S3 (`storage/fs.py`) the same layout lives on the object store under the home's
+prefix. A version is staged in the local folder as above; each file is then uploaded under a
+name derived from its content (`part-00000.<sha256>.parquet`, the manifest's `key`) with a
+conditional put, and the manifest last, also with a conditional put: of two writers of one
+version exactly one commits, the other finds its manifest taken and returns the winner's (its
+own parts, if they differ, stay unreferenced). Until the manifest is committed the version does
+not exist for anyone. Readers get local paths: the files of a version read here are copied into
+the local folder (same layout, each file checked against the manifest's sha256, the manifest
+written last), so `files()`, `version_dir()` and `read()` work as on a local home; the catalog's
+views read the objects on S3 through DuckDB's registered file system (`urls()`).
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 from storage.errors import UserError
 from storage.faults import crash_point
+from storage.fs import ObjectStore, content_key
+from storage.settings import remote_of
 
 MANIFEST = "_manifest.json"
 CURRENT = "CURRENT"
@@ -179,34 +192,80 @@ class DatasetStore:
         self.home = Path(home)
         self.root = self.home / "datasets"
         self.root.mkdir(parents=True, exist_ok=True)
+        # The object store when `home` is the local folder of a home on S3, else None.
+        self.remote: ObjectStore | None = remote_of(self.home)
+
+    @staticmethod
+    def _key(name: str, version: str | None = None, file: str | None = None) -> str:
+        key = f"datasets/{name}"
+        if version is not None:
+            key += f"/{version}"
+        if file is not None:
+            key += f"/{file}"
+        return key
 
     # -- reading ----------------------------------------------------------------------------
     def version_dir(self, name: str, version: str) -> Path:
-        return self.root / name / version
+        """A version's local folder. On a home on S3 an existing version is first copied here
+        (checked against its manifest), so model checkpoints and plots are read as files."""
+        folder = self.root / name / version
+        local = (folder / MANIFEST).is_file()
+        if self.remote is not None and not local and self.exists(name, version):
+            self._mirror(self.manifest(DatasetRef(name, version)))
+        return folder
+
+    def location(self, name: str, version: str) -> str:
+        """Where a version lives, for people and the catalog: a folder or an `s3://` URL."""
+        if self.remote is not None:
+            return self.remote.uri(self._key(name, version))
+        return str(self.root / name / version)
 
     def exists(self, name: str, version: str) -> bool:
-        return (self.version_dir(name, version) / MANIFEST).is_file()
+        if (self.root / name / version / MANIFEST).is_file():
+            return True  # versions are immutable: a local copy means it is committed
+        if self.remote is None:
+            return False
+        if self._cached_manifest(name, version).is_file():
+            return True
+        return self.remote.exists(self._key(name, version, MANIFEST))
+
+    def _cached_manifest(self, name: str, version: str) -> Path:
+        return self.home / "manifests" / name / f"{version}.json"
 
     def manifest(self, ref: DatasetRef | str) -> Manifest:
         ref = DatasetRef.parse(ref) if isinstance(ref, str) else ref
-        path = self.version_dir(ref.name, ref.version) / MANIFEST
-        if not path.is_file():
+        path = self.root / ref.name / ref.version / MANIFEST
+        if path.is_file():
+            return Manifest.from_file(path)
+        if self.remote is None:
             raise DatasetError(f"no such dataset version: {ref}")
-        return Manifest.from_file(path)
+        cached = self._cached_manifest(ref.name, ref.version)
+        if cached.is_file():
+            return Manifest.from_file(cached)
+        try:
+            data = self.remote.get(self._key(ref.name, ref.version, MANIFEST))
+        except FileNotFoundError:
+            raise DatasetError(f"no such dataset version: {ref}") from None
+        _write_atomic(cached, data)
+        return Manifest.from_file(cached)
 
     def names(self, internal: bool = False) -> list[str]:
         """Dataset and artifact names; `_shard.*` (a sharded stage's per-shard outputs) only
         with `internal`."""
+        if self.remote is not None:
+            found = self.remote.listdir("datasets")
+        else:
+            found = [p.name for p in self.root.iterdir() if p.is_dir()]
         return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if p.is_dir()
-            and not p.name.startswith(".")
-            and (internal or not p.name.startswith("_"))
+            n for n in found if not n.startswith(".") and (internal or not n.startswith("_"))
         )
 
     def versions(self, name: str) -> list[Manifest]:
         """Complete versions of a dataset, oldest first."""
+        if self.remote is not None:
+            keys = self.remote.glob(self._key(name, "*", MANIFEST))
+            found = [self.manifest(DatasetRef(name, key.split("/")[-2])) for key in keys]
+            return sorted(found, key=lambda m: (m.created_at, m.version))
         folder = self.root / name
         if not folder.is_dir():
             return []
@@ -220,11 +279,9 @@ class DatasetStore:
     def latest(self, name: str) -> Manifest:
         """The current version: the one the last run produced or found cached (`CURRENT`), else
         the newest by creation time."""
-        current = self.root / name / CURRENT
-        if current.is_file():
-            version = current.read_text(encoding="utf-8").strip()
-            if self.exists(name, version):
-                return self.manifest(DatasetRef(name, version))
+        version = self._current(name)
+        if version and self.exists(name, version):
+            return self.manifest(DatasetRef(name, version))
         versions = self.versions(name)
         if not versions:
             raise DatasetError(
@@ -237,10 +294,22 @@ class DatasetStore:
         finds a version cached makes it current again, just as one that writes it."""
         if not self.exists(ref.name, ref.version):
             raise DatasetError(f"no such dataset version: {ref}")
+        if self.remote is not None:
+            self.remote.put(self._key(ref.name, file=CURRENT), (ref.version + "\n").encode())
+            return
         folder = self.root / ref.name
         tmp = folder / f".{CURRENT}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.write_text(ref.version + "\n", encoding="utf-8")
         os.replace(tmp, folder / CURRENT)
+
+    def _current(self, name: str) -> str | None:
+        if self.remote is not None:
+            try:
+                return self.remote.get(self._key(name, file=CURRENT)).decode().strip()
+            except FileNotFoundError:
+                return None
+        current = self.root / name / CURRENT
+        return current.read_text(encoding="utf-8").strip() if current.is_file() else None
 
     def resolve(self, spec: str) -> Manifest:
         """`NAME` (newest version) or `NAME@VERSION` (a version id or a unique prefix of one)."""
@@ -254,16 +323,59 @@ class DatasetStore:
         return matches[0]
 
     def files(self, ref: DatasetRef | str) -> list[Path]:
+        """A version's files as local paths (on a home on S3: its local copy)."""
         manifest = self.manifest(ref)
         folder = self.version_dir(manifest.name, manifest.version)
         return [folder / f["path"] for f in manifest.files]
+
+    def urls(self, ref: DatasetRef | str) -> list[str]:
+        """A version's files where they live: local paths, or `s3://` URLs (for DuckDB through
+        the registered file system) without copying anything here."""
+        manifest = self.manifest(ref)
+        if self.remote is None:
+            return [str(p) for p in self.files(manifest.ref)]
+        return [
+            self.remote.uri(self._key(manifest.name, manifest.version, f.get("key", f["path"])))
+            for f in manifest.files
+        ]
+
+    def _mirror(self, manifest: Manifest) -> Path:
+        """Copy a committed version from the object store into the local folder: every file
+        checked against the manifest's sha256, the manifest last, the folder renamed into place."""
+        assert self.remote is not None
+        folder = self.root / manifest.name / manifest.version
+        if (folder / MANIFEST).is_file():
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = (
+            folder.parent / f".staging-{manifest.version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
+        staging.mkdir()
+        try:
+            for entry in manifest.files:
+                key = self._key(manifest.name, manifest.version, entry.get("key", entry["path"]))
+                target = staging / entry["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.remote.download(key, target)
+                digest = sha256_file(target)
+                if digest != entry["sha256"]:
+                    raise DatasetError(
+                        f"{self.remote.uri(key)}: sha256 {digest[:16]}… does not match its "
+                        f"manifest ({entry['sha256'][:16]}…)"
+                    )
+            _write_atomic(staging / MANIFEST, manifest.to_json().encode())
+            _place(staging, folder)
+            return folder
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def read(self, ref: DatasetRef | str, columns: list[str] | None = None) -> pl.DataFrame:
         manifest = self.manifest(ref)
         if not manifest.is_dataset:
             raise DatasetError(
                 f"{manifest.ref} is a {manifest.kind} artifact (a folder), not a dataset: "
-                f"{self.version_dir(manifest.name, manifest.version)}"
+                f"{self.location(manifest.name, manifest.version)}"
             )
         paths = self.files(manifest.ref)
         if not paths:
@@ -377,6 +489,11 @@ class DatasetStore:
                 stats=stats or {},
                 kind=kind,
             )
+            if self.remote is not None:
+                won = self._upload(manifest, staging)
+                if not won:  # another writer committed this version first: theirs stands
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return self.manifest(DatasetRef(name, version))
             tmp = staging / f".{MANIFEST}.tmp"
             with tmp.open("w", encoding="utf-8") as handle:
                 handle.write(manifest.to_json())
@@ -396,6 +513,20 @@ class DatasetStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def _upload(self, manifest: Manifest, staging: Path) -> bool:
+        """Put a staged version on the object store: its files by content (a conditional put;
+        one already there is the same bytes), then its manifest with a conditional put. True
+        when this writer committed the version, False when another had (nothing of ours is
+        then referenced)."""
+        assert self.remote is not None
+        for entry in manifest.files:
+            entry["key"] = content_key(entry["path"], entry["sha256"])
+            key = self._key(manifest.name, manifest.version, entry["key"])
+            self.remote.put_file_new(key, staging / entry["path"])
+        crash_point("dataset_upload", manifest.name)
+        key = self._key(manifest.name, manifest.version, MANIFEST)
+        return self.remote.put_new(key, manifest.to_json().encode())
 
     def _write_shards(
         self,
@@ -456,6 +587,28 @@ class DatasetStore:
             parquet = pq.ParquetFile(path)
             for batch in parquet.iter_batches(batch_size=batch_size):
                 yield pl.from_arrow(batch)
+
+
+def _place(staging: Path, folder: Path) -> bool:
+    """Rename a complete copy (its manifest inside) into place; False, dropping it, when another
+    thread or process placed one first (versions are immutable: theirs is the same)."""
+    if not (folder / MANIFEST).is_file() and folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without manifest is never read
+    try:
+        os.rename(staging, folder)
+        return True
+    except OSError:
+        if not (folder / MANIFEST).is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _reshard(frames: Iterable[pl.DataFrame], size: int) -> Iterator[pl.DataFrame]:

@@ -4,7 +4,8 @@
 `EVOLFORGE_CRASH_AT` names that point, as `POINT:NAME` or `POINT:NAME:N` (the N-th time this
 process reaches it, default the first): then the process sends itself SIGKILL there, exactly as
 `kill -9` would, with no cleanup. The points sit where a crash is most harmful: after a
-dataset's shards are written and before its manifest makes it visible (`dataset_write`), and
+dataset's shards are written and before its manifest makes it visible (`dataset_write`; on a
+home on S3 also `dataset_upload`, after the parts are uploaded and before the manifest), and
 between recording a version in the catalog and pointing its view at it (`catalog_update`).
 Production runs never set the variable.
 """

@@ -6,6 +6,11 @@ the second wait, saying for what: the holder's pid, flow and start time are kept
 lock file. The lock is re-entrant within a process (a flow and its subflows), and the operating
 system releases it when its holder dies, so a killed run never blocks the next one.
 
+On a home on S3 the lock is a file in the machine's local folder (`storage.settings.home()`):
+one run per home per machine. Two drivers on two machines are not excluded from each other;
+their writes stay correct (every object is written with a conditional put), only work may be
+done twice.
+
 Readers (`evolforge sql`, DuckDB sessions) take no run lock; the catalog has its own short
 write lock (`storage/catalog.py`).
 """

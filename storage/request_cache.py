@@ -21,10 +21,18 @@ Why this shape:
   success for the same key wins.
 - **Small index.** The in-memory index maps a key to (segment, offset, length); the text is read
   back from disk on a hit, so a cache of millions of responses costs tens of bytes per key.
+- **A home on S3** (many nodes). Objects cannot be appended to, so each `put_many` is one
+  immutable segment object `cache/requests/seg-<sha256 of its bytes>.jsonl`, written with a
+  conditional put (the same bytes twice are one object) and kept in the local folder too. Every
+  lookup first lists the segments on the store and copies the ones this node has not seen into
+  its local folder, then reads as above. Two nodes answering one request write two segments;
+  both records are valid and either is the hit, so nothing is overwritten or interleaved, and a
+  rerun on any node sends only the requests no node has answered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -34,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.settings import home
+from storage.fs import ObjectStore
+from storage.settings import home, remote_of
 
 # A response as the engines serialise it (`ChatResponse.to_dict()`): completions, token counts,
 # latency, and `error` (None for a success). The cache stores and returns these dicts; the engine
@@ -42,6 +51,7 @@ from storage.settings import home
 Response = dict[str, Any]
 
 _KEY_LEN = 64
+REMOTE_PREFIX = "cache/requests"
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,11 @@ class _Location:
 class RequestCache:
     """Append-only response cache in `root`. Safe for threads; reasonably safe for processes."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, remote: ObjectStore | None = None):
+        """`root` is the cache's folder; with `remote` (a home on S3) it is this node's copy of
+        the segments on the object store, and new records go to the store."""
         self.root = Path(root)
+        self.remote = remote
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._hits: dict[str, _Location] = {}
@@ -71,8 +84,26 @@ class RequestCache:
     def refresh(self) -> None:
         """Index records appended (by anyone) since the last look."""
         with self._lock:
+            if self.remote is not None:
+                self._fetch_remote()
             for segment in sorted(self.root.glob("seg-*.jsonl")):
                 self._scan(segment)
+
+    def _fetch_remote(self) -> None:
+        """Copy the segments other nodes wrote (immutable objects) into the local folder."""
+        assert self.remote is not None
+        for name in self.remote.listdir(REMOTE_PREFIX):
+            if not (name.startswith("seg-") and name.endswith(".jsonl")):
+                continue
+            target = self.root / name
+            if target.exists():
+                continue
+            tmp = self.root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            try:
+                self.remote.download(f"{REMOTE_PREFIX}/{name}", tmp)
+                os.replace(tmp, target)
+            except FileNotFoundError:
+                tmp.unlink(missing_ok=True)
 
     def _scan(self, segment: Path) -> None:
         start = self._offsets.get(segment, 0)
@@ -174,6 +205,9 @@ class RequestCache:
             }
             lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
         payload = "".join(lines).encode()
+        if self.remote is not None:
+            self._put_remote(lines, payload)
+            return
         with self._lock:
             if self._fh is None:
                 self._fh = self._segment.open("ab")
@@ -185,6 +219,25 @@ class RequestCache:
                 self._index_line(self._segment, offset, line.encode())
                 offset += len(line.encode())
             self._offsets[self._segment] = offset
+
+    def _put_remote(self, lines: list[str], payload: bytes) -> None:
+        """One immutable segment per call, named by its content, on the store and here."""
+        assert self.remote is not None
+        name = f"seg-{hashlib.sha256(payload).hexdigest()[:32]}.jsonl"
+        self.remote.put_new(f"{REMOTE_PREFIX}/{name}", payload)
+        segment = self.root / name
+        with self._lock:
+            if not segment.exists():
+                tmp = self.root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+                tmp.write_bytes(payload)
+                os.replace(tmp, segment)
+            if segment in self._offsets:
+                return
+            offset = 0
+            for line in lines:
+                self._index_line(segment, offset, line.encode())
+                offset += len(line.encode())
+            self._offsets[segment] = offset
 
     def close(self) -> None:
         with self._lock:
@@ -202,10 +255,16 @@ def default_cache_dir() -> Path:
 
 
 def open_request_cache(root: Path | None = None) -> RequestCache:
-    """The process-wide cache for `root` (default `EVOLFORGE_HOME/cache/requests`)."""
-    path = Path(root or default_cache_dir()).resolve()
+    """The process-wide cache for `root` (default `EVOLFORGE_HOME/cache/requests`; on a home on
+    S3 the shared one on the object store, with this node's copy in the local folder)."""
+    remote = None
+    if root is None:
+        local = home()
+        root = local / "cache" / "requests"
+        remote = remote_of(local)
+    path = Path(root).resolve()
     with _caches_lock:
         cache = _caches.get(path)
         if cache is None:
-            cache = _caches[path] = RequestCache(path)
+            cache = _caches[path] = RequestCache(path, remote)
         return cache

@@ -14,7 +14,7 @@ from prefect import task
 from flows.reports.common import stage_lines
 from flows.state import DataState
 from storage.datasets import DatasetStore
-from storage.settings import home
+from storage.settings import home, home_url
 from tasks.evolution import funnel as funnel_mod
 from tasks.stage import read
 
@@ -148,7 +148,7 @@ def render_summary(state: DataState) -> str:
     plot = _plot_path(state)
     lines += [
         "",
-        f"results: {home() / 'datasets'}",
+        f"results: {home_url().rstrip('/')}/datasets",
         f"catalog: {home() / 'catalog.duckdb'}" + (f"\nplot:    {plot}" if plot else ""),
     ]
     lines += [f'query:   evolforge sql "{q}"' for q in DATA_QUERIES[:1]]

@@ -25,11 +25,21 @@ CPU = TrainerParams(device="cpu")
 # -- functions the launched ranks run (importable: the ranks import this module) ---------------
 
 
-def fit_counting(ctx, params, rows, note):
-    """Every rank joins the process group; rank 0 reports progress; each rank counts itself."""
+def fit_counting(ctx, params, rows, note, judge=None):
+    """Every rank joins the process group; rank 0 reports progress; each rank counts itself
+    and, with a judge, asks its own (scripted) engine one question."""
     from accelerate import PartialState
 
     state = PartialState(cpu=True)
+    if judge is not None:
+        import infra.engines as engines
+        from infra.engines import ChatRequest
+        from tests.fakes import ScriptedEngine
+
+        engines._build = lambda config: ScriptedEngine(lambda r, i: "fine", identity="scripted")
+        llm = ctx.engine(judge)
+        question = f"rank {state.process_index}: is the step right?"
+        llm.generate([ChatRequest(messages=({"role": "user", "content": question},))])
     ctx.progress(1, 2, "half")
     ctx.progress(2, 2, "done")
     return launch.Fitted(
@@ -62,17 +72,21 @@ class Recorder(StageContext):
 def test_two_cpu_processes_run_one_function_with_gloo_and_sum_their_counts(tmp_path):
     import polars as pl
 
+    from infra.engines import EngineConfig
+
     ctx = Recorder(tmp_path)
     rows = pl.DataFrame({"x": [1, 2, 3]})
     fitted = launch.fit(
         fit_counting, ctx, "test_model", LauncherParams(processes=2), params=CPU, rows=rows,
-        note="hello",
+        note="hello", judge=EngineConfig(),
     )  # fmt: skip
     # rank 0's stats; the counters of both ranks summed; the frame and values arrived.
     assert fitted.stats == {"world": 2, "backend": "gloo", "rows": 3, "note": "hello", "rank": 0}
     assert fitted.counts == {"ranks": 2, "by_rank": {"rank0": 1, "rank1": 1}}
     assert fitted.model is None
     assert ctx.seen and ctx.seen[-1] == (2, 2, "done")
+    # each rank's judge request counts as the stage's (its `engine` stats)
+    assert ctx.engine_stats()["requests"] == 2 and ctx.engine_stats()["misses"] == 2
     job = ctx.work_dir("test_model") / launch.LAUNCH_DIR
     assert {p.name for p in job.glob("rank*.log")} == {"rank0.log", "rank1.log"}
 
@@ -188,3 +202,58 @@ def test_sft_in_two_processes_writes_the_one_process_checkpoint_shape(evolforge_
         sft_set=sft_set, base_model=base, params=params, launcher=LauncherParams(processes=2)
     )
     assert again.cached and again.version == two.version
+
+
+def fit_sleeping(ctx, params, pids):
+    """Each rank says where it is, then trains forever (until it is killed)."""
+    import time
+    from pathlib import Path
+
+    Path(pids, f"rank{os.environ['RANK']}").write_text(str(os.getpid()))
+    time.sleep(300)
+    return launch.Fitted(stats={})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return not any(line.startswith("State:\tZ") for line in fh)
+    except FileNotFoundError:
+        return False
+
+
+def test_killing_the_stage_process_kills_the_launched_ranks(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from storage.settings import PROJECT_ROOT
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = (
+        "from pathlib import Path\n"
+        "from tasks.training import launch\n"
+        "from tasks.training.common import TrainerParams\n"
+        "from tests.tasks.training.test_launch import Recorder, fit_sleeping\n"
+        f"ctx = Recorder(Path({str(tmp_path)!r}))\n"
+        "launch.fit(fit_sleeping, ctx, 'test_model', launch.LauncherParams(processes=2),\n"
+        f"           params=TrainerParams(device='cpu'), pids={str(pids)!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    stage = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=PROJECT_ROOT)
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+            assert stage.poll() is None, "the stage process ended before its ranks started"
+            time.sleep(0.2)
+        ranks = [int(p.read_text()) for p in pids.iterdir()]
+        assert len(ranks) == 2 and all(_alive(pid) for pid in ranks)
+    finally:
+        stage.send_signal(signal.SIGKILL)
+        stage.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in ranks)

@@ -257,3 +257,17 @@ def test_killing_the_stage_process_kills_the_launched_ranks(tmp_path):
     while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in ranks)
+
+
+def test_more_processes_than_gpus_is_one_line_before_anything_starts(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    ctx = Recorder(tmp_path)
+    with pytest.raises(ValueError, match=r"^training.launcher.processes is 2 but 1 GPU\(s\)"):
+        launch.fit(
+            fit_failing, ctx, "test_model", LauncherParams(processes=2), params=TrainerParams()
+        )
+    assert not (tmp_path / "datasets" / "test_model" / ".work-v1" / launch.LAUNCH_DIR).exists()

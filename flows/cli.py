@@ -8,6 +8,7 @@
     evolforge sql "SELECT source, count(*) FROM seeds GROUP BY ALL"
     evolforge sql --shell                            # a read-only SQL prompt (or stdin)
     evolforge datasets ls | show seeds | export seeds --to out.jsonl
+    evolforge models push sft_model --repo-id me/wizardmath-sft   # a checkpoint to the hub
 
 Every command fails with one line on stderr and a non-zero exit; set EVOLFORGE_DEBUG=1 for the
 traceback. Heavy libraries are imported only by the commands that need them, so `sql` and
@@ -399,6 +400,56 @@ def _export(store, manifest, args: argparse.Namespace) -> int:
     return 0
 
 
+def model_lineage(store: Any, manifest: Any) -> tuple[str, str]:
+    """A checkpoint's hub commit: (message naming the evolforge version, the checkpoint and its
+    parents; a description with the stage, code version, base model and training sets)."""
+    from tasks.evaluation.models import training_sets
+    from tasks.export import evolforge_version
+
+    ref = f"{manifest.name}@{manifest.version}"
+    parents = ", ".join(manifest.parents) or "no parents"
+    message = f"evolforge {evolforge_version()}: {ref} from {parents}"
+    found, _ = training_sets(store, ref)
+    lines = [
+        f"checkpoint: {ref} (stage {manifest.stage}, code version {manifest.code_version})",
+        f"parents: {parents}",
+        f"training sets: {', '.join(found) or '-'}",
+        f"base model: {manifest.stats.get('base_model', '-')}",
+        f"load: {manifest.stats.get('load', '-')}",
+        f"created: {manifest.created_at}",
+    ]
+    return message, "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from storage.datasets import DatasetStore
+    from storage.settings import home
+    from tasks.export import push_model
+
+    store = DatasetStore(home())
+    try:
+        manifest = store.resolve(args.spec)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"models push: {args.spec!r}: {first}") from exc
+    if manifest.kind != "model":
+        raise CliError(
+            f"models push: {manifest.name}@{manifest.version} is a {manifest.kind}, "
+            "not a model checkpoint"
+        )
+    message, description = model_lineage(store, manifest)
+    url = push_model(
+        store.version_dir(manifest.name, manifest.version),
+        args.repo_id,
+        commit_message=message,
+        commit_description=description,
+        private=args.private,
+        revision=args.revision,
+    )
+    print(f"pushed {manifest.name}@{manifest.version} to {args.repo_id}: {url}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.registry import FLOWS, load_params
 
@@ -566,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override an evaluation parameter"
     )
     ev.set_defaults(func=cmd_eval)
+
+    models = sub.add_parser("models", help="model checkpoints: push one to the Hugging Face hub")
+    models.add_argument("action", choices=["push"])
+    models.add_argument("spec", help="a checkpoint: NAME (its newest version) or NAME@VERSION")
+    models.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="the hub model")
+    models.add_argument("--private", action="store_true", help="create the repo private")
+    models.add_argument("--revision", help="a branch to push to (created if missing)")
+    models.set_defaults(func=cmd_models)
 
     catalog = sub.add_parser("catalog", help="rebuild the DuckDB catalog from the manifests")
     catalog.add_argument("action", choices=["rebuild"])

@@ -8,7 +8,9 @@ r = rI · rA (WizardMath's RLEIF), each a cached stage whose output is a checkpo
                                            └─► draw_training_curves ─► training_curves
 
 A stage's version is a hash of its training set's version, the base model's identity, its
-parameters and its code: rerunning with nothing changed trains nothing. `train_rl` starts from
+parameters and its code: rerunning with nothing changed trains nothing. `training.launcher`
+(`processes: N`) trains each model in N processes through accelerate (`tasks.training.launch`);
+N is part of each version (the ranks split every step's rows). `train_rl` starts from
 the SFT checkpoint and scores with the trained IRM and PRM; where one was not trained (its set
 is missing or it is disabled), the judge-based reward (the `engine` section) fills in.
 
@@ -101,12 +103,19 @@ def training(
 def _train(params: TrainingParams, state: TrainingState) -> TrainingState:
     cfg = params.training
     base = BaseModelSpec(name=cfg.base_model)
+    launcher = cfg.launcher
     if _trainable("sft", cfg.sft.enabled, state.sft_set):
-        state = state.updated(train_sft(sft_set=state.sft_set, base_model=base, params=cfg.sft))
+        state = state.updated(
+            train_sft(sft_set=state.sft_set, base_model=base, params=cfg.sft, launcher=launcher)
+        )
     if _trainable("irm", cfg.irm.enabled, state.irm_set, cfg.irm.consistent_only):
-        state = state.updated(train_irm(irm_set=state.irm_set, base_model=base, params=cfg.irm))
+        state = state.updated(
+            train_irm(irm_set=state.irm_set, base_model=base, params=cfg.irm, launcher=launcher)
+        )
     if _trainable("prm", cfg.prm.enabled, state.prm_steps):
-        state = state.updated(train_prm(prm_steps=state.prm_steps, base_model=base, params=cfg.prm))
+        state = state.updated(
+            train_prm(prm_steps=state.prm_steps, base_model=base, params=cfg.prm, launcher=launcher)
+        )
     if _trainable("rl", cfg.rl.enabled, state.rl_prompts) and _rewards_for_rl(state, params):
         state = state.updated(
             train_rl(
@@ -117,6 +126,7 @@ def _train(params: TrainingParams, state: TrainingState) -> TrainingState:
                 base_model=base,
                 judge=_judge_for_rl(state, params),
                 params=cfg.rl,
+                launcher=launcher,
             )
         )
     if any(

@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.datasets import MANIFEST
 from storage.settings import home
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,6 +38,13 @@ PACKAGED_NAME = "SmolLM2-135M-Instruct"
 # Written into a converted folder; bump when the conversion itself changes.
 CONVERSION_VERSION = 1
 _MARKER = "evolforge-model.json"
+# What a training writes beside the weights about how the run went (the trainer's log history
+# and TensorBoard event files, which carry times and the host's name): not part of a folder's
+# identity, which names the weights, config and tokenizer.
+TRAINING_LOG = "training_log.json"
+TENSORBOARD_DIR = "logs"
+# A checkpoint version's folder also holds the store's manifest (times, flow run): not the model.
+RUN_RECORDS = (TRAINING_LOG, TENSORBOARD_DIR, MANIFEST)
 
 _lock = threading.Lock()
 _checksums: dict[tuple[str, int, int], str] = {}
@@ -90,9 +98,14 @@ def file_checksum(path: Path) -> str:
 
 
 def folder_checksum(folder: Path) -> str:
-    """Checksum of a local model folder: names and contents of its weight and config files."""
+    """Checksum of a local model folder: names and contents of its weight, config and tokenizer
+    files; hidden files and a training's records of its run (`RUN_RECORDS`) left out, so two
+    identical trainings name one model."""
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if relative.parts[0] in RUN_RECORDS:
+            continue
         if path.is_file() and not path.name.startswith("."):
             digest.update(str(path.relative_to(folder)).encode())
             digest.update(file_checksum(path).encode())

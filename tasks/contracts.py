@@ -119,6 +119,7 @@ class StageContext:
         self.shard = shard
         self.stats: dict[str, Any] = {}
         self._engines: list[Any] = []
+        self._counted: list[dict[str, float]] = []
         self._reporter = reporter
 
     def engine(self, config: Any) -> Any:
@@ -130,10 +131,15 @@ class StageContext:
         self._engines.append(engine)
         return engine
 
+    def count_engine(self, stats: dict[str, float]) -> None:
+        """Add the counters of engines this body's work opened elsewhere (launched training
+        processes) to this stage's `engine` stats."""
+        self._counted.append(dict(stats))
+
     def engine_stats(self) -> dict[str, float]:
         total: dict[str, float] = {}
-        for engine in self._engines:
-            for key, value in engine.stats.items():
+        for stats in [engine.stats for engine in self._engines] + self._counted:
+            for key, value in stats.items():
                 total[key] = round(total.get(key, 0) + value, 3)
         return total
 

@@ -1,11 +1,14 @@
-"""Training sets as Hugging Face datasets, and pushing them to the hub.
+"""Training sets as Hugging Face datasets, checkpoints as hub models, and pushing them.
 
 `hf_dataset(frame)` turns a dataset version into a `datasets.Dataset`, or a `DatasetDict` with
 `train`/`test` splits when the frame has the training sets' `split` column, so that
 `load_dataset(repo, split="train")` gives what the trainers read. `push_to_hub(frame, repo)` is
 the code path behind `evolforge datasets export NAME --as hf --push-to-hub REPO`: it fails with
 one line when the hub is switched off (`HF_HUB_OFFLINE`) or unreachable, and returns the
-dataset's URL.
+dataset's URL. `push_model(folder, repo_id)` is the code path behind `evolforge models push`:
+a checkpoint folder uploaded as a model repo (`HfApi.create_repo` + `upload_folder`), with a
+commit message naming the evolforge version and the checkpoint's lineage; it fails with one
+line, before any upload, when the hub is switched off or there is no token.
 """
 
 from __future__ import annotations
@@ -88,3 +91,70 @@ def push_to_hub(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HubError(f"push to the hub ({repo}) failed: {type(exc).__name__}: {first}") from exc
     return f"https://huggingface.co/datasets/{repo}"
+
+
+# Not uploaded with a checkpoint: the store's manifest (its lineage goes into the commit) and
+# hidden files.
+MODEL_IGNORE = ["_manifest.json", ".*", "**/.*"]
+
+
+def evolforge_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("evolforge")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def push_model(
+    folder: Any,
+    repo_id: str,
+    *,
+    commit_message: str,
+    commit_description: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Upload a checkpoint folder as the hub model `repo_id` (created if missing; `revision`:
+    a branch, created if missing); the commit's URL. One line when it cannot or did not work."""
+    from pathlib import Path
+
+    where = f"push to the hub ({repo_id})"
+    if not _REPO.match(repo_id or ""):
+        raise HubError(f"push to the hub: {repo_id!r} is not a repo id (NAME or OWNER/NAME)")
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise HubError(f"{where}: {folder} is not a model checkpoint (no config.json)")
+    if hub_offline():
+        raise HubError(
+            f"{where}: the hub is switched off here (HF_HUB_OFFLINE is set); "
+            "unset it and log in (`hf auth login`) to push"
+        )
+    from huggingface_hub import HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            f"{where}: no Hugging Face token (set HF_TOKEN or run `hf auth login`); "
+            "nothing was uploaded"
+        )
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            revision=revision,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            ignore_patterns=MODEL_IGNORE,
+        )
+    except Exception as exc:  # network, auth, permissions: one line for the CLI
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HubError(f"{where} failed: {type(exc).__name__}: {first}") from exc
+    return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -27,9 +27,16 @@ trains sharded over several GPUs, or with `lora`.
 **Progress.** `StageProgress` (a TrainerCallback) turns the trainer's steps into the stage's
 Prefect progress artifact; the CLI shows transformers' own tqdm bar.
 
+**Several processes.** `training.launcher.processes` > 1 trains in that many processes started
+through accelerate (`tasks.training.launch`); the functions here work in either mode: only the
+main process writes the checkpoint and the TensorBoard events, and each process takes its share
+of the CPUs' threads.
+
 **The checkpoint folder** holds what `save_pretrained` writes (loadable with the matching
-`AutoModelFor...from_pretrained(path)`), the tokenizer, and `training_log.json` (the trainer's
-log history: the loss and reward curves).
+`AutoModelFor...from_pretrained(path)`), the tokenizer, `training_log.json` (the trainer's log
+history: the loss and reward curves) and `logs/` (the same metrics as TensorBoard event files:
+`tensorboard --logdir <folder>/logs`). The last two record how the run went, not what the
+model is: they stay out of the folder's identity (`infra.models.RUN_RECORDS`).
 """
 
 from __future__ import annotations
@@ -43,14 +50,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from infra.models import TENSORBOARD_DIR, TRAINING_LOG
 from infra.scoring import load_model, load_tokenizer
 
-__all__ = ["load_model", "load_tokenizer"]
+__all__ = ["TENSORBOARD_DIR", "TRAINING_LOG", "load_model", "load_tokenizer"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-TRAINING_LOG = "training_log.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 
@@ -202,15 +209,30 @@ def peft_config(params: TrainerParams, task_type: str) -> Any:
     )
 
 
+def world_size() -> int:
+    """The processes training one model (`WORLD_SIZE`, set by the launcher; 1 in process)."""
+    import os
+
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched training, or the one process of an in-process one."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def pick_threads() -> int:
     """torch's threads for a training stage, decided as the embedded engine decides them: one
     when other processes keep half a core busy (every small op would otherwise wait for the
-    descheduled second thread), every usable CPU otherwise."""
+    descheduled second thread), every usable CPU otherwise; each of several launched processes
+    takes its share."""
     import torch
 
     from infra.engines.cpu import contended_threads
 
-    torch.set_num_threads(contended_threads())
+    torch.set_num_threads(max(1, contended_threads() // world_size()))
     return torch.get_num_threads()
 
 
@@ -271,6 +293,7 @@ def train_resumable(trainer: Any, checkpoints: Path) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     return {
         "steps": int(trainer.state.global_step),
+        "processes": int(trainer.args.world_size),  # the processes that trained, as torch saw them
         "resumed_from_step": checkpoint_step(last) if last else None,
         "train_loss": _finite(result.training_loss),
         "train_seconds": _finite(result.metrics.get("train_runtime")),
@@ -292,18 +315,51 @@ def stage_progress(ctx: Any) -> Any:
     return StageProgress()
 
 
+def tensorboard(folder: Path) -> Any:
+    """A TrainerCallback writing the trainer's logs (loss, learning rate, rewards, eval) as
+    TensorBoard event files into `folder / logs` (the main process only)."""
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(Path(folder) / TENSORBOARD_DIR)
+    return callback
+
+
+def close_tensorboard(callback: Any) -> None:
+    """Flush and close the event files (a log after training, e.g. SFT's eval loss, reopens
+    them): nothing may write into the folder once it becomes a version."""
+    if callback.tb_writer is not None:
+        callback.tb_writer.close()
+        callback.tb_writer = None
+
+
 def save_checkpoint(trainer: Any, tokenizer: Any, folder: Path) -> Any:
-    """The trained model (LoRA adapters merged) + tokenizer + log history into `folder`; the
-    saved model is returned for the final metrics."""
+    """The trained model (LoRA adapters merged) + tokenizer + log history into `folder` (by the
+    main process: launched ranks other than 0 write nothing); the model is returned for the
+    final metrics."""
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    if not trainer.is_world_process_zero():
+        return model
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / TRAINING_LOG).write_text(
         json.dumps(trainer.state.log_history, indent=1, default=str), encoding="utf-8"
     )
     return model
+
+
+def trained(fitted: Any, auto_cls: Any, folder: Path, params: TrainerParams, **tokens: Any) -> Any:
+    """(model, tokenizer) for the final metrics: the model trained in this process, or the
+    checkpoint launched processes saved into `folder`, loaded as they trained it (float32 on
+    the trainer's device)."""
+    if fitted.model is not None:
+        return fitted.model, fitted.extra["tokenizer"]
+    tokenizer = load_tokenizer(str(folder), **tokens)
+    device = "cpu" if device_settings(params)["use_cpu"] else "cuda"
+    model = load_model(auto_cls, str(folder), tokenizer, dtype=WEIGHTS_DTYPE, device=device)
+    return model, tokenizer
 
 
 def read_training_log(folder: Path) -> list[dict[str, Any]]:

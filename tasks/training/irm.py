@@ -14,6 +14,7 @@ runs in `infra.scoring.IrmScorer`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -22,8 +23,9 @@ from pydantic import Field
 from infra.scoring import IrmScorer
 from tasks.evolution.instruction_reward import InstructionReward
 from tasks.stage import Artifact, StageContext, StageOutput, stage
-from tasks.training import common
+from tasks.training import common, launch
 from tasks.training.common import BaseModelSpec, TrainerParams
+from tasks.training.launch import LauncherParams
 
 
 class IrmTrainParams(TrainerParams):
@@ -96,13 +98,63 @@ def training_pairs(irm_set: pl.DataFrame, params: IrmTrainParams, side: str) -> 
     return rows
 
 
+def fit_irm(
+    ctx: Any,
+    train: pl.DataFrame,
+    base_path: str,
+    params: IrmTrainParams,
+    checkpoints: str,
+    out: str,
+) -> launch.Fitted:
+    """Train (resumably) and save the checkpoint into `out`: in the stage's process or in each
+    launched process (`tasks.training.launch`)."""
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    tokenizer = common.load_tokenizer(base_path)
+    model = common.load_model(
+        AutoModelForSequenceClassification,
+        base_path,
+        tokenizer,
+        dtype=common.WEIGHTS_DTYPE,
+        num_labels=1,
+    )
+    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
+    args = common.training_args(
+        RewardConfig, params, Path(checkpoints), max_length=params.max_length, disable_dropout=True
+    )
+    board = common.tensorboard(Path(out))
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=preference_dataset(train, params, tokenizer),
+        processing_class=tokenizer,
+        peft_config=common.peft_config(params, "SEQ_CLS"),
+        callbacks=[common.stage_progress(ctx), board],
+    )
+    run = common.train_resumable(trainer, Path(checkpoints))
+    common.close_tensorboard(board)
+    saved = common.save_checkpoint(trainer, tokenizer, Path(out))
+    history = trainer.state.log_history
+    stats = {
+        **run,
+        **common.first_and_last(history, "loss"),
+        **common.first_and_last(history, "accuracy"),
+        **sizes,
+    }
+    return launch.Fitted(stats, model=saved, extra={"tokenizer": tokenizer})
+
+
 @stage(name="train_irm", outputs={"irm_model": Artifact(kind="model")})
 def train_irm(
-    ctx: StageContext, irm_set: pl.DataFrame, base_model: BaseModelSpec, params: IrmTrainParams
+    ctx: StageContext,
+    irm_set: pl.DataFrame,
+    base_model: BaseModelSpec,
+    params: IrmTrainParams,
+    launcher: LauncherParams = LauncherParams(),
 ) -> StageOutput:
     """RewardTrainer on the IRM pairs (margin in the loss); held-out pairwise accuracy."""
     from transformers import AutoModelForSequenceClassification
-    from trl import RewardConfig, RewardTrainer
 
     train = training_pairs(irm_set, params, "train")
     if train.height == 0:
@@ -112,45 +164,28 @@ def train_irm(
             + ": nothing to train the IRM on"
         )
     base = base_model.resolved()
-    tokenizer = common.load_tokenizer(base.path)
-    model = common.load_model(
-        AutoModelForSequenceClassification,
-        base.path,
-        tokenizer,
-        dtype=common.WEIGHTS_DTYPE,
-        num_labels=1,
+    out = ctx.output_dir("irm_model")
+    fitted = launch.fit(
+        fit_irm,
+        ctx,
+        "irm_model",
+        launcher,
+        train=train,
+        base_path=base.path,
+        params=params,
+        checkpoints=str(ctx.work_dir("irm_model") / common.CHECKPOINTS),
+        out=str(out),
     )
-    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
-    checkpoints = ctx.work_dir("irm_model") / common.CHECKPOINTS
-    args = common.training_args(
-        RewardConfig, params, checkpoints, max_length=params.max_length, disable_dropout=True
-    )
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=preference_dataset(train, params, tokenizer),
-        processing_class=tokenizer,
-        peft_config=common.peft_config(params, "SEQ_CLS"),
-        callbacks=[common.stage_progress(ctx)],
-    )
-    run = common.train_resumable(trainer, checkpoints)
-    saved = common.save_checkpoint(trainer, tokenizer, ctx.output_dir("irm_model"))
-    scorer = InstructionReward(IrmScorer(saved, tokenizer, params.max_length, params.batch_size))
+    model, tokenizer = common.trained(fitted, AutoModelForSequenceClassification, out, params)
+    scorer = InstructionReward(IrmScorer(model, tokenizer, params.max_length, params.batch_size))
     test = training_pairs(irm_set, params, "test").head(params.eval_rows)
-    history = trainer.state.log_history
-    metrics = {
-        **run,
-        **common.first_and_last(history, "loss"),
-        **common.first_and_last(history, "accuracy"),
-        "pairwise_accuracy": pairwise_accuracy(scorer, test),
-        "train_pairwise_accuracy": pairwise_accuracy(scorer, train.head(params.eval_rows)),
-        "eval_pairs": test.height,
-    }
     return StageOutput(
         stats={
-            **metrics,
+            **fitted.stats,
+            "pairwise_accuracy": pairwise_accuracy(scorer, test),
+            "train_pairwise_accuracy": pairwise_accuracy(scorer, train.head(params.eval_rows)),
+            "eval_pairs": test.height,
             "train_rows": train.height,
-            **sizes,
             "base_model": base.identity,
             "versions": common.library_versions(),
             "load": "AutoModelForSequenceClassification.from_pretrained(path)",

@@ -19,6 +19,7 @@ Final metrics (the stage's stats, the `models` view's `metrics`):
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -26,8 +27,9 @@ from pydantic import Field
 
 from infra.scoring import IGNORE, PrmScorer, encode_steps
 from tasks.stage import Artifact, StageContext, StageOutput, stage
-from tasks.training import common, formats
+from tasks.training import common, formats, launch
 from tasks.training.common import BaseModelSpec, TrainerParams
+from tasks.training.launch import LauncherParams
 
 log = logging.getLogger(__name__)
 
@@ -137,24 +139,22 @@ def prm_dataset(rows: pl.DataFrame) -> Any:
     return Dataset.from_list(rows.select("prompt", "completions", "labels").to_dicts())
 
 
-@stage(name="train_prm", outputs={"prm_model": Artifact(kind="model")})
-def train_prm(
-    ctx: StageContext,
-    prm_steps: pl.DataFrame,
-    base_model: BaseModelSpec,
+def fit_prm(
+    ctx: Any,
+    train: pl.DataFrame,
+    base_path: str,
     params: PrmTrainParams,
-) -> StageOutput:
-    """A token-classification PRM on the labelled steps; held-out step accuracy and F1."""
+    checkpoints: str,
+    out: str,
+) -> launch.Fitted:
+    """Train (resumably) and save the checkpoint into `out`: in the stage's process or in each
+    launched process (`tasks.training.launch`)."""
     from transformers import AutoModelForTokenClassification, Trainer, TrainingArguments
 
-    train = common.split_rows(prm_steps, "train")
-    if train.height == 0:
-        raise ValueError("prm_steps has no rows in its train split: nothing to train the PRM on")
-    base = base_model.resolved()
-    tokenizer = common.load_tokenizer(base.path)
+    tokenizer = common.load_tokenizer(base_path)
     model = common.load_model(
         AutoModelForTokenClassification,
-        base.path,
+        base_path,
         tokenizer,
         dtype=common.WEIGHTS_DTYPE,
         num_labels=2,
@@ -167,34 +167,62 @@ def train_prm(
         from peft import get_peft_model
 
         model = get_peft_model(model, lora)
-    checkpoints = ctx.work_dir("prm_model") / common.CHECKPOINTS
-    args = common.training_args(TrainingArguments, params, checkpoints, remove_unused_columns=False)
+    args = common.training_args(
+        TrainingArguments, params, Path(checkpoints), remove_unused_columns=False
+    )
+    board = common.tensorboard(Path(out))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=prm_dataset(train),
         data_collator=PrmCollator(tokenizer, params.max_length),
         processing_class=tokenizer,
-        callbacks=[common.stage_progress(ctx)],
+        callbacks=[common.stage_progress(ctx), board],
     )
-    run = common.train_resumable(trainer, checkpoints)
+    run = common.train_resumable(trainer, Path(checkpoints))
+    common.close_tensorboard(board)
+    saved = common.save_checkpoint(trainer, tokenizer, Path(out))
+    stats = {**run, **common.first_and_last(trainer.state.log_history, "loss"), **sizes}
+    return launch.Fitted(stats, model=saved, extra={"tokenizer": tokenizer})
+
+
+@stage(name="train_prm", outputs={"prm_model": Artifact(kind="model")})
+def train_prm(
+    ctx: StageContext,
+    prm_steps: pl.DataFrame,
+    base_model: BaseModelSpec,
+    params: PrmTrainParams,
+    launcher: LauncherParams = LauncherParams(),
+) -> StageOutput:
+    """A token-classification PRM on the labelled steps; held-out step accuracy and F1."""
+    from transformers import AutoModelForTokenClassification
+
+    train = common.split_rows(prm_steps, "train")
+    if train.height == 0:
+        raise ValueError("prm_steps has no rows in its train split: nothing to train the PRM on")
+    base = base_model.resolved()
     out = ctx.output_dir("prm_model")
-    saved = common.save_checkpoint(trainer, tokenizer, out)
-    scorer = PrmScorer(saved, tokenizer, params.max_length, params.batch_size)
-    history = trainer.state.log_history
-    metrics = {
-        **run,
-        **common.first_and_last(history, "loss"),
-        **step_accuracy(
-            scorer, common.split_rows(prm_steps, "test", params.eval_rows), params.threshold
-        ),
-        **processbench_metrics(scorer, params),
-    }
+    fitted = launch.fit(
+        fit_prm,
+        ctx,
+        "prm_model",
+        launcher,
+        train=train,
+        base_path=base.path,
+        params=params,
+        checkpoints=str(ctx.work_dir("prm_model") / common.CHECKPOINTS),
+        out=str(out),
+    )
+    model, tokenizer = common.trained(fitted, AutoModelForTokenClassification, out, params)
+    scorer = PrmScorer(model, tokenizer, params.max_length, params.batch_size)
     return StageOutput(
         stats={
-            **metrics,
+            **fitted.stats,
+            **step_accuracy(
+                scorer, common.split_rows(prm_steps, "test", params.eval_rows), params.threshold
+            ),
+            **processbench_metrics(scorer, params),
             "train_rows": train.height,
-            **sizes,
             "base_model": base.identity,
             "versions": common.library_versions(),
             "load": "AutoModelForTokenClassification.from_pretrained(path)",

@@ -35,8 +35,9 @@ from infra.scoring import IrmScorer, PrmScorer, ScoringDevice, ScoringDtype
 from tasks.evolution.instruction_reward import InstructionReward
 from tasks.sampling import Sampling
 from tasks.stage import Artifact, ArtifactDir, StageContext, StageOutput, stage
-from tasks.training import common
+from tasks.training import common, launch
 from tasks.training.common import BaseModelSpec, TrainerParams
+from tasks.training.launch import LauncherParams
 from tasks.training.reward import InstructionAnswerReward
 
 PolicySampling = Sampling.defaults(
@@ -244,6 +245,64 @@ def held_out_eval(
     }
 
 
+def fit_rl(
+    ctx: Any,
+    train: pl.DataFrame,
+    policy_path: str,
+    irm_model: str | None,
+    prm_model: str | None,
+    judge: EngineConfig | None,
+    params: RlTrainParams,
+    checkpoints: str,
+    out: str,
+) -> launch.Fitted:
+    """Train the policy (resumably) on the reward and save it into `out`: in the stage's
+    process or in each launched process (`tasks.training.launch`), each with its own reward
+    models (and judge engine)."""
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOTrainer, RLOOTrainer
+
+    tokenizer = common.load_tokenizer(policy_path, padding_side="left")
+    model = common.load_model(
+        AutoModelForCausalLM, policy_path, tokenizer, dtype=common.WEIGHTS_DTYPE
+    )
+    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
+    reward = make_reward(
+        Path(irm_model) if irm_model else None,
+        Path(prm_model) if prm_model else None,
+        judge_reward(ctx, judge),
+        params,
+    )
+    trainer_cls = GRPOTrainer if params.algorithm == "grpo" else RLOOTrainer
+    board = common.tensorboard(Path(out))
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=[reward],
+        args=config_for(params, Path(checkpoints)),
+        train_dataset=prompt_dataset(train),
+        processing_class=tokenizer,
+        peft_config=common.peft_config(params, "CAUSAL_LM"),
+        callbacks=[common.stage_progress(ctx), board],
+    )
+    run = common.train_resumable(trainer, Path(checkpoints))
+    common.close_tensorboard(board)
+    saved = common.save_checkpoint(trainer, tokenizer, Path(out))
+    history = trainer.state.log_history
+    stats = {
+        **run,
+        **common.first_and_last(history, "reward"),
+        **common.first_and_last(history, "rI"),
+        **common.first_and_last(history, "rA"),
+        **sizes,
+    }
+    return launch.Fitted(
+        stats,
+        counts={"rA_unscored": dict(reward.unscored)},
+        model=saved,
+        extra={"tokenizer": tokenizer, "reward": reward},
+    )
+
+
 @stage(name="train_rl", outputs={"rl_model": Artifact(kind="model")})
 def train_rl(
     ctx: StageContext,
@@ -254,55 +313,56 @@ def train_rl(
     base_model: BaseModelSpec,
     judge: EngineConfig | None,
     params: RlTrainParams,
+    launcher: LauncherParams = LauncherParams(),
 ) -> StageOutput:
     """GRPO/RLOO from the SFT checkpoint on r = rI · rA (IRM × PRM, judge as the fallback)."""
     from transformers import AutoModelForCausalLM
-    from trl import GRPOTrainer, RLOOTrainer
 
     train = common.split_rows(rl_prompts, "train")
     if train.height == 0:
         raise ValueError("rl_prompts has no rows in its train split: no prompts to train on")
     base = base_model.resolved()
     policy_path = str(sft_model) if sft_model is not None else base.path
-    tokenizer = common.load_tokenizer(policy_path, padding_side="left")
-    model = common.load_model(
-        AutoModelForCausalLM, policy_path, tokenizer, dtype=common.WEIGHTS_DTYPE
+    length = reward_length(
+        params, common.load_tokenizer(policy_path), rl_prompts["prompt"].to_list()
     )
-    sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
-    length = reward_length(params, tokenizer, rl_prompts["prompt"].to_list())
     params = params.model_copy(update={"reward_max_length": length})
-    reward = make_reward(irm_model, prm_model, judge_reward(ctx, judge), params)
-    checkpoints = ctx.work_dir("rl_model") / common.CHECKPOINTS
-    trainer_cls = GRPOTrainer if params.algorithm == "grpo" else RLOOTrainer
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=[reward],
-        args=config_for(params, checkpoints),
-        train_dataset=prompt_dataset(train),
-        processing_class=tokenizer,
-        peft_config=common.peft_config(params, "CAUSAL_LM"),
-        callbacks=[common.stage_progress(ctx)],
+    out = ctx.output_dir("rl_model")
+    fitted = launch.fit(
+        fit_rl,
+        ctx,
+        "rl_model",
+        launcher,
+        train=train,
+        policy_path=policy_path,
+        irm_model=str(irm_model) if irm_model is not None else None,
+        prm_model=str(prm_model) if prm_model is not None else None,
+        judge=judge,
+        params=params,
+        checkpoints=str(ctx.work_dir("rl_model") / common.CHECKPOINTS),
+        out=str(out),
     )
-    run = common.train_resumable(trainer, checkpoints)
-    saved = common.save_checkpoint(trainer, tokenizer, ctx.output_dir("rl_model"))
-    history = trainer.state.log_history
-    metrics = {
-        **run,
-        **common.first_and_last(history, "reward"),
-        **common.first_and_last(history, "rI"),
-        **common.first_and_last(history, "rA"),
-        **held_out_eval(
-            saved,
-            tokenizer,
-            common.split_rows(rl_prompts, "test", params.eval_rows),
-            reward,
-            params.sampling.max_tokens,
-            params.reward_batch_size,
-        ),
-    }
+    unscored = dict(fitted.counts.get("rA_unscored", {}))
+    if "reward" in fitted.extra:  # trained here: the same reward scores the held-out prompts
+        reward = fitted.extra["reward"]
+        unscored = {}
+    else:  # trained by launched processes: their counts, plus this process's reward
+        reward = make_reward(irm_model, prm_model, judge_reward(ctx, judge), params)
+    model, tokenizer = common.trained(
+        fitted, AutoModelForCausalLM, out, params, padding_side="left"
+    )
+    evaluated = held_out_eval(
+        model,
+        tokenizer,
+        common.split_rows(rl_prompts, "test", params.eval_rows),
+        reward,
+        params.sampling.max_tokens,
+        params.reward_batch_size,
+    )
     return StageOutput(
         stats={
-            **metrics,
+            **fitted.stats,
+            **evaluated,
             "algorithm": params.algorithm,
             "policy_start": "sft_model" if sft_model is not None else "base_model",
             "rI_source": "irm_model"
@@ -310,9 +370,8 @@ def train_rl(
             else ("r_i column / judge" if judge is not None else "r_i column"),
             "rA_source": "prm_model" if prm_model is not None else "judge",
             "reward_max_length": length,
-            "rA_unscored": dict(reward.unscored),
+            "rA_unscored": launch.add_counts(unscored, dict(reward.unscored)),
             "train_rows": train.height,
-            **sizes,
             "base_model": base.identity,
             "versions": common.library_versions(),
             "load": "AutoModelForCausalLM.from_pretrained(path)",

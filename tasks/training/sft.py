@@ -11,14 +11,16 @@ The checkpoint loads with `AutoModelForCausalLM.from_pretrained(path)`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 from pydantic import Field
 
 from tasks.stage import Artifact, StageContext, StageOutput, stage
-from tasks.training import common
+from tasks.training import common, launch
 from tasks.training.common import BaseModelSpec, TrainerParams
+from tasks.training.launch import LauncherParams
 
 
 class SftTrainParams(TrainerParams):
@@ -46,52 +48,83 @@ def eval_metrics(trainer: Any, rows: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-@stage(name="train_sft", outputs={"sft_model": Artifact(kind="model")})
-def train_sft(
-    ctx: StageContext, sft_set: pl.DataFrame, base_model: BaseModelSpec, params: SftTrainParams
-) -> StageOutput:
-    """SFTTrainer on the SFT set's train split (loss on completions only)."""
+def fit_sft(
+    ctx: Any,
+    train: pl.DataFrame,
+    test: pl.DataFrame,
+    base_path: str,
+    params: SftTrainParams,
+    checkpoints: str,
+    out: str,
+) -> launch.Fitted:
+    """Train (resumably), evaluate on the held-out rows and save the checkpoint into `out`: in
+    the stage's process or in each launched process (`tasks.training.launch`)."""
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    train = common.split_rows(sft_set, "train")
-    if train.height == 0:
-        raise ValueError("sft_set has no rows in its train split: nothing to fine-tune on")
-    base = base_model.resolved()
-    tokenizer = common.load_tokenizer(base.path)
+    tokenizer = common.load_tokenizer(base_path)
     model = common.load_model(
-        AutoModelForCausalLM, base.path, tokenizer, dtype=common.WEIGHTS_DTYPE
+        AutoModelForCausalLM, base_path, tokenizer, dtype=common.WEIGHTS_DTYPE
     )
     sizes = common.freeze_below(model, params) | {"threads": common.pick_threads()}
-    checkpoints = ctx.work_dir("sft_model") / common.CHECKPOINTS
     args = common.training_args(
         SFTConfig,
         params,
-        checkpoints,
+        Path(checkpoints),
         max_length=params.max_length,
         completion_only_loss=True,
         packing=False,
     )
+    board = common.tensorboard(Path(out))
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=prompt_completion_dataset(train),
         processing_class=tokenizer,
         peft_config=common.peft_config(params, "CAUSAL_LM"),
-        callbacks=[common.stage_progress(ctx)],
+        callbacks=[common.stage_progress(ctx), board],
     )
-    run = common.train_resumable(trainer, checkpoints)
-    metrics = {
+    run = common.train_resumable(trainer, Path(checkpoints))
+    stats = {
         **run,
         **common.first_and_last(trainer.state.log_history, "loss"),
-        **eval_metrics(trainer, common.split_rows(sft_set, "test", params.eval_rows)),
+        **eval_metrics(trainer, test),
+        **sizes,
     }
-    common.save_checkpoint(trainer, tokenizer, ctx.output_dir("sft_model"))
+    common.close_tensorboard(board)
+    saved = common.save_checkpoint(trainer, tokenizer, Path(out))
+    return launch.Fitted(stats, model=saved, extra={"tokenizer": tokenizer})
+
+
+@stage(name="train_sft", outputs={"sft_model": Artifact(kind="model")})
+def train_sft(
+    ctx: StageContext,
+    sft_set: pl.DataFrame,
+    base_model: BaseModelSpec,
+    params: SftTrainParams,
+    launcher: LauncherParams = LauncherParams(),
+) -> StageOutput:
+    """SFTTrainer on the SFT set's train split (loss on completions only)."""
+    train = common.split_rows(sft_set, "train")
+    if train.height == 0:
+        raise ValueError("sft_set has no rows in its train split: nothing to fine-tune on")
+    base = base_model.resolved()
+    fitted = launch.fit(
+        fit_sft,
+        ctx,
+        "sft_model",
+        launcher,
+        train=train,
+        test=common.split_rows(sft_set, "test", params.eval_rows),
+        base_path=base.path,
+        params=params,
+        checkpoints=str(ctx.work_dir("sft_model") / common.CHECKPOINTS),
+        out=str(ctx.output_dir("sft_model")),
+    )
     return StageOutput(
         stats={
-            **metrics,
+            **fitted.stats,
             "train_rows": train.height,
-            **sizes,
             "base_model": base.identity,
             "versions": common.library_versions(),
             "load": "AutoModelForCausalLM.from_pretrained(path)",

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -259,3 +260,105 @@ def test_sql_shell_reads_statements_from_stdin(capsys, evolforge_home):
     assert proc.stderr.count("\n") == 1 and "read-only mode" in proc.stderr
     code, _, err = run(capsys, "sql", "SELECT 1", "--shell")
     assert code != 0 and "a QUERY or --shell" in err
+
+
+@pytest.fixture
+def sft_checkpoint(evolforge_home, tmp_path):
+    """A real SFT checkpoint version (the tiny model, two steps)."""
+    from storage.datasets import DatasetStore
+    from tasks.training.common import BaseModelSpec
+    from tasks.training.sft import SftTrainParams, train_sft
+    from tests.tasks.training.test_sft import _sft_set
+    from tests.tasks.training.tiny import make_tiny_model
+
+    store = DatasetStore(evolforge_home)
+    sft_set = _sft_set(store)
+    result = train_sft.run(
+        sft_set=sft_set,
+        base_model=BaseModelSpec(name=str(make_tiny_model(tmp_path / "tiny"))),
+        params=SftTrainParams(max_steps=1, max_length=96, eval_rows=0),
+    )
+    return store.manifest(result["sft_model"]), sft_set
+
+
+def test_models_push_offline_no_token_and_bad_refs_are_one_line_before_any_upload(
+    capsys, evolforge_home, monkeypatch, sft_checkpoint
+):
+    from huggingface_hub import HfApi
+
+    capsys.readouterr()  # the fixture's training output
+    calls = []
+    for method in ("create_repo", "create_branch", "upload_folder"):
+        monkeypatch.setattr(HfApi, method, lambda self, *a, _m=method, **k: calls.append(_m))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    code, out, err = run(capsys, "models", "push", "sft_model", "--repo-id", "me/sft")
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert "push to the hub (me/sft)" in err and "HF_HUB_OFFLINE" in err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("HF_HOME", str(evolforge_home / "no-hf-login"))
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    code, _, err = run(capsys, "models", "push", "sft_model", "--repo-id", "me/sft")
+    assert code == 2 and err.count("\n") == 1 and "no Hugging Face token" in err
+    code, _, err = run(capsys, "models", "push", "sft_model@nope", "--repo-id", "me/sft")
+    assert code == 2 and err.count("\n") == 1
+    assert "models push: 'sft_model@nope': no version of 'sft_model' matches 'nope'" in err
+    code, _, err = run(capsys, "models", "push", "sft_set", "--repo-id", "me/sft")
+    assert code == 2 and "sft_set@" in err and "is a dataset, not a model checkpoint" in err
+    code, _, err = run(capsys, "models", "push", "sft_model", "--repo-id", "not a repo")
+    assert code == 2 and "'not a repo' is not a repo id" in err
+    assert calls == []
+
+
+def test_models_push_uploads_the_checkpoint_folder_with_its_lineage(
+    capsys, evolforge_home, monkeypatch, sft_checkpoint
+):
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    manifest, sft_set = sft_checkpoint
+    capsys.readouterr()  # the fixture's training output
+    seen: dict = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        seen["repo"] = (repo_id, kwargs)
+
+    def create_branch(self, repo_id, **kwargs):
+        seen["branch"] = (repo_id, kwargs)
+
+    def upload_folder(self, **kwargs):
+        folder = kwargs["folder_path"]
+        files = [str(p.relative_to(folder)) for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+        seen["upload"] = kwargs
+        seen["files"] = list(
+            filter_repo_objects(files, ignore_patterns=kwargs.get("ignore_patterns"))
+        )
+        return type("Commit", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/1"})()  # fmt: skip
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    ref = f"sft_model@{manifest.version[:8]}"
+    code, out, err = run(
+        capsys, "models", "push", ref, "--repo-id", "me/sft", "--private", "--revision", "v1"
+    )
+    assert (code, err) == (0, "")
+    assert f"pushed sft_model@{manifest.version} to me/sft:" in out and "/commit/1" in out
+    assert seen["repo"] == ("me/sft", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert seen["branch"][0] == "me/sft" and seen["branch"][1]["branch"] == "v1"
+    upload = seen["upload"]
+    folder = Path(upload["folder_path"])
+    assert folder == evolforge_home / "datasets" / "sft_model" / manifest.version
+    assert upload["repo_id"] == "me/sft" and upload["revision"] == "v1"
+    files = set(seen["files"])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training_log.json"} <= files
+    assert any(f.startswith("logs/events.out.tfevents.") for f in files)
+    assert "_manifest.json" not in files and (folder / "_manifest.json").is_file()
+    message = upload["commit_message"]
+    assert message.startswith("evolforge ") and f"sft_model@{manifest.version}" in message
+    assert str(sft_set) in message
+    assert "stage train_sft" in upload["commit_description"]
+    assert "base model: folder-sha256:" in upload["commit_description"]

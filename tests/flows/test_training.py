@@ -114,3 +114,39 @@ def test_a_set_without_train_rows_is_skipped_and_rl_uses_the_r_i_column(
     rl = store.manifest(state.rl_model)
     assert rl.stats["rI_source"] == "r_i column" and rl.stats["rA_source"] == "prm_model"
     assert str(state.irm_set) not in rl.parents
+
+
+@pytest.mark.slow
+def test_the_flow_launches_each_trainer_in_two_processes_with_the_one_process_shapes(
+    prefect_harness, evolforge_home, tiny, segmenter
+):
+    """`training.launcher.processes: 2` (CPU, gloo) against the default: each of the four
+    checkpoints has the one-process run's files, config and stats keys (about 2 minutes)."""
+    import json
+
+    from tasks.training.launch import LauncherParams
+
+    store = DatasetStore(home())
+    write_all(store)
+    sets = training_sets(
+        params=TrainingSetsParams(training_sets=TrainingSetParams(split={"test_fraction": 0.3}))
+    )
+    inputs = TrainingState.from_states(sets)
+    one = training(params=_params(tiny), inputs=inputs)
+    params = _params(tiny)
+    params.training.launcher = LauncherParams(processes=2)
+    two = training(params=params, inputs=inputs)
+    for name in ("sft_model", "irm_model", "prm_model", "rl_model"):
+        a, b = store.manifest(getattr(one, name)), store.manifest(getattr(two, name))
+        assert a.version != b.version, name
+        assert b.stats["processes"] == 2 and a.stats["processes"] == 1, name
+        assert a.stats.keys() == b.stats.keys(), name
+        paths = [{f["path"] for f in m.files if not f["path"].startswith("logs/")} for m in (a, b)]
+        assert paths[0] == paths[1], name
+        assert any(f["path"].startswith("logs/events.out.tfevents") for f in b.files), name
+        folders = [store.version_dir(m.name, m.version) for m in (a, b)]
+        configs = [json.loads((f / "config.json").read_text()) for f in folders]
+        assert configs[0] == configs[1], name
+    rl = store.manifest(two.rl_model)
+    assert rl.stats["rA_source"] == "prm_model" and rl.stats["eval_prompts"] > 0
+    assert "train-rl-progress" in _artifact_keys()

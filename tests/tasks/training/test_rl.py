@@ -112,6 +112,31 @@ def test_train_rl_without_a_prm_needs_the_judge(evolforge_home, tiny):
     assert store.versions("rl_model") == []
 
 
+def test_use_vllm_without_vllm_beside_trl_fails_in_one_line_before_loading(
+    evolforge_home, tiny, monkeypatch
+):
+    """trl looks for the `vllm` distribution in the trainer's environment; the project's vLLM
+    CPU build lives in another one. The stage says so before any model loads."""
+    from trl import import_utils
+
+    store = DatasetStore(home())
+    _, _, rl_prompts = _sets(store)
+    loaded: list[str] = []
+    monkeypatch.setattr(rl_mod.common, "load_tokenizer", lambda *a, **k: loaded.append("tok"))
+    monkeypatch.setattr(import_utils, "is_vllm_available", lambda *a, **k: False)
+    params = RlTrainParams(**FAST, use_vllm=True)
+    with pytest.raises(ValueError, match=r"^training\.rl\.use_vllm: .*use_vllm: false") as err:
+        train_rl.run(
+            rl_prompts=rl_prompts, sft_model=None, irm_model=None, prm_model=None,
+            base_model=BaseModelSpec(name=str(tiny)), judge=None, params=params,
+        )  # fmt: skip
+    assert "\n" not in str(err.value) and loaded == []
+    assert store.versions("rl_model") == []
+    # Where trl finds vLLM the check lets the stage go on (to the tokenizer, here).
+    monkeypatch.setattr(import_utils, "is_vllm_available", lambda *a, **k: True)
+    rl_mod.check_use_vllm(params)
+
+
 def test_train_rl_falls_back_to_the_judge_and_the_r_i_column(evolforge_home, tiny, monkeypatch):
     from infra.engines import EngineConfig
 

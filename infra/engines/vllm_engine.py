@@ -285,10 +285,10 @@ class VLLMWorker:
         try:
             ready = self._receive(startup_timeout_s, "starting")
         except BaseException:
-            self.stop()
+            self.stop(keep_log=True)
             raise
         if "error" in ready:
-            self.stop()
+            self.stop(keep_log=True)
             raise RuntimeError(
                 f"vLLM worker failed to load {options['model']}: {ready['error']} "
                 f"(log {self.log_path}: {log_tail(self.log_path)})"
@@ -348,14 +348,19 @@ class VLLMWorker:
                     f"(log {self.log_path}: {log_tail(self.log_path)})"
                 )
 
-    def stop(self) -> None:
-        """Close its input (it exits at the end of it) and end its process group by pid."""
+    def stop(self, keep_log: bool = False) -> None:
+        """Close its input (it exits at the end of it) and end its process group by pid. The log
+        of a worker stopped while healthy goes; one that failed or died keeps it (its errors
+        name it)."""
         from infra.engines.vllm_process import stop_process
 
+        healthy = self.alive and not keep_log
         for stream in (self._out, self._in) if hasattr(self, "_in") else ():
             with contextlib.suppress(OSError):
                 stream.close()
         stop_process(self.proc)
+        if healthy:
+            self.log_path.unlink(missing_ok=True)
         log.info("vLLM worker pid %d stopped", self.proc.pid)
 
 

@@ -179,7 +179,7 @@ class VLLMServerEngine:
                     f"answering (log {self.log_path}: {log_tail(self.log_path)})"
                 )
             if time.monotonic() > deadline:
-                self._stop()
+                self._stop(keep_log=True)
                 raise TimeoutError(
                     f"vLLM server for {self._options['model']} did not answer /v1/models within "
                     f"{self.startup_timeout_s:.0f} s (log {self.log_path}: {log_tail(self.log_path)})"
@@ -194,13 +194,18 @@ class VLLMServerEngine:
         with self._lock:
             self._stop()
 
-    def _stop(self) -> None:
+    def _stop(self, keep_log: bool = False) -> None:
+        """Stop the server; the log of one stopped while healthy goes, one that failed or died
+        keeps it (its errors name it)."""
         from infra.engines.vllm_process import stop_process
 
         proc, self.proc, self.client = self.proc, None, None
         _running.discard(self)
         if proc is not None:
+            healthy = proc.poll() is None and not keep_log
             stop_process(proc)
+            if healthy and self.log_path is not None:
+                self.log_path.unlink(missing_ok=True)
             log.info("vLLM server pid %d stopped", proc.pid)
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:

@@ -56,9 +56,11 @@ def test_seeded_samples_repeat_alone_batched_and_in_a_new_worker(worker):
     assert engine.generate([reseeded])[0].completions != alone.completions
 
     # Released: the worker is stopped by its pid; asked again, a fresh one gives the same samples.
-    pid = engine.worker.pid
+    pid, log = engine.worker.pid, engine.worker.log_path
+    assert log.is_file()
     release_accelerators()
     assert engine.worker is None and not alive(pid)
+    assert not log.exists()  # a healthy worker's log goes with it
     again = engine.generate([sampled])[0]
     assert engine.worker.pid != pid
     assert again.completions == alone.completions

@@ -194,7 +194,14 @@ class VLLMEngine:
         that holds it in vLLM's environment."""
         if self.in_process:
             if self.llm is None:
-                self.llm = self._vllm.LLM(**self._options)  # type: ignore[union-attr]
+                import torch
+
+                options = dict(self._options)
+                if not torch.cuda.is_available():  # vLLM's CPU build in this interpreter
+                    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gb)
+                    options.setdefault("enforce_eager", True)
+                    options.pop("gpu_memory_utilization", None)
+                self.llm = self._vllm.LLM(**options)  # type: ignore[union-attr]
         elif self.worker is None or not self.worker.alive:
             assert self._python is not None
             if self.worker is not None:

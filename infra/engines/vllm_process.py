@@ -53,7 +53,7 @@ def child_env(kv_cache_gb: int, threads: int | None = None) -> dict[str, str]:
     bounded, its engine core in process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")

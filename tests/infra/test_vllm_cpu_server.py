@@ -72,6 +72,7 @@ def test_a_server_that_dies_while_starting_says_why_in_one_line(tmp_path):
     log = Path(message.split("(log ", 1)[1].split(": ", 1)[0])
     assert log.is_file() and message.split(f"{log}: ", 1)[1].strip(" )")  # kept, its tail quoted
     assert engine.proc is None
+    log.unlink()
 
 
 def test_chat_raw_seeded_n_stop_and_schema_through_the_server(served):
@@ -137,11 +138,13 @@ def test_a_server_killed_mid_batch_and_a_rerun_that_sends_only_the_missing(serve
         for animal in ("cat", "dog", "fox", "owl", "bee", "cow", "elk", "yak", "ant", "hen")
     ]
     engine.generate(requests[:1])  # the server is up
-    old = engine.proc.pid
+    old, old_log = engine.proc.pid, engine.log_path
     killing = Spy(engine, kill_on=2)
     with pytest.raises(RuntimeError, match=rf"vLLM server pid {old} exited with code -9 while"):
         CachedEngine(killing, open_request_cache(), "killed", chunk_size=4).generate(requests)
     assert killing.calls == 2 and not group_alive(old)
+    assert old_log.is_file()  # a dead server's log stays (the error names it)
+    old_log.unlink()
 
     # The rerun: a fresh server (the dead one is noticed and replaced), only what is missing sent.
     spy = Spy(engine)

@@ -194,3 +194,60 @@ def test_speed_settings_stay_out_of_the_fingerprint_and_dtype_in_it():
         != EngineConfig(kind="vllm_server", model="org/model", dtype="float32").fingerprint()
     )
     assert vllm_identity("m@sha", "auto") == "m@sha+vllm-auto"
+
+
+def fake_python(tmp_path: Path, body: str) -> Path:
+    """An executable standing in for vLLM's interpreter (it ignores its arguments)."""
+    script = tmp_path / "python"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture
+def model_folder(tmp_path) -> str:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
+def test_a_server_that_exits_before_answering_fails_in_one_line(
+    tmp_path, monkeypatch, model_folder
+):
+    from infra.engines.vllm_server import VLLMServerEngine
+
+    python = fake_python(tmp_path, "echo 'loading'; echo 'ValueError: no weights'; exit 3")
+    monkeypatch.setenv(PYTHON_ENV, str(python))
+    engine = VLLMServerEngine(model_folder)
+    with pytest.raises(RuntimeError) as failed:
+        engine.load()
+    message = str(failed.value)
+    assert "\n" not in message and "exited with code 3 before answering" in message
+    assert message.endswith("loading | ValueError: no weights)")
+    assert engine.proc is None
+
+
+def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypatch, model_folder):
+    from infra.engines.vllm_server import VLLMServerEngine
+
+    marker = tmp_path / "pid"
+    python = fake_python(tmp_path, f"echo $$ > {marker}; echo 'still loading'; exec sleep 120")
+    monkeypatch.setenv(PYTHON_ENV, str(python))
+    engine = VLLMServerEngine(model_folder, startup_timeout_s=1.5)
+    with pytest.raises(TimeoutError, match=r"did not answer /v1/models within 2 s .*still loading"):
+        engine.load()
+    assert not running(int(marker.read_text()))  # stopped by its pid, not left behind
+    assert engine.proc is None
+
+
+def test_a_worker_that_dies_while_loading_fails_in_one_line(tmp_path, monkeypatch, model_folder):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    python = fake_python(tmp_path, "echo 'Traceback'; echo 'ImportError: no vllm here'; exit 1")
+    monkeypatch.setenv(PYTHON_ENV, str(python))
+    engine = VLLMEngine(model_folder)
+    with pytest.raises(RuntimeError) as failed:
+        engine.load()
+    message = str(failed.value)
+    assert "\n" not in message and "exited with code 1 while starting" in message
+    assert message.endswith("Traceback | ImportError: no vllm here)")

@@ -196,6 +196,14 @@ def test_speed_settings_stay_out_of_the_fingerprint_and_dtype_in_it():
     assert vllm_identity("m@sha", "auto") == "m@sha+vllm-auto"
 
 
+def logged(message: str) -> Path:
+    """The log an error names (kept after a failure); the test removes it."""
+    log = Path(message.split("(log ", 1)[1].split(": ", 1)[0])
+    assert log.is_file()
+    log.unlink()
+    return log
+
+
 def fake_python(tmp_path: Path, body: str) -> Path:
     """An executable standing in for vLLM's interpreter (it ignores its arguments)."""
     script = tmp_path / "python"
@@ -226,6 +234,7 @@ def test_a_server_that_exits_before_answering_fails_in_one_line(
     assert "\n" not in message and "exited with code 3 before answering" in message
     assert message.endswith("loading | ValueError: no weights)")
     assert engine.proc is None
+    logged(message)
 
 
 def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypatch, model_folder):
@@ -235,8 +244,10 @@ def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypa
     python = fake_python(tmp_path, f"echo $$ > {marker}; echo 'still loading'; exec sleep 120")
     monkeypatch.setenv(PYTHON_ENV, str(python))
     engine = VLLMServerEngine(model_folder, startup_timeout_s=1.5)
-    with pytest.raises(TimeoutError, match=r"did not answer /v1/models within 2 s .*still loading"):
+    with pytest.raises(TimeoutError, match=r"did not answer /v1/models within 2 s") as failed:
         engine.load()
+    assert "\n" not in str(failed.value) and str(failed.value).endswith(": still loading)")
+    logged(str(failed.value))
     assert not running(int(marker.read_text()))  # stopped by its pid, not left behind
     assert engine.proc is None
 
@@ -251,3 +262,4 @@ def test_a_worker_that_dies_while_loading_fails_in_one_line(tmp_path, monkeypatc
     message = str(failed.value)
     assert "\n" not in message and "exited with code 1 while starting" in message
     assert message.endswith("Traceback | ImportError: no vllm here)")
+    logged(message)

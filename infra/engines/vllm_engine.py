@@ -1,8 +1,14 @@
-"""The vLLM engine: offline `vllm.LLM` on local GPUs, for the paper-scale profile.
+"""The vLLM engine: offline `vllm.LLM` on local GPUs for the paper-scale profile, or vLLM's CPU
+build.
 
 vLLM is an optional extra (`pip install 'evolforge[vllm]'`); importing it lazily keeps the rest
-of the factory usable on machines without a GPU, and a missing install fails with a message
-naming the extra.
+of the factory usable on machines without a GPU. Where this interpreter has no vLLM but vLLM's
+own environment exists (`make vllm-venv`: `.venv-vllm` beside the checkout, or
+`$EVOLFORGE_VLLM_PYTHON`), the `vllm.LLM` lives in a worker process there (`VLLMWorker`, the
+other side in `infra.engines.vllm_worker`) and the same requests go to it over a pipe; with
+neither, the engine fails with a message naming the extra and the environment. On a CPU (in
+process or in the worker) the graph is not compiled unless `enforce_eager` is set false, and the
+KV cache gets `kv_cache_gb` GiB.
 
 Each request becomes one conversation for `LLM.chat` (the model's own chat template) with its
 own `SamplingParams`. `n`, `seed` and `max_tokens` are always set explicitly: vLLM's
@@ -12,8 +18,8 @@ on older releases (the field was renamed). Completions are validated with `jsons
 so an invalid one (e.g. truncated) comes back with `error` set and its text kept.
 
 The engine holds the GPU only while it is the device's loaded engine (`infra.engines.lifecycle`):
-`vllm.LLM` is built when the engine is first asked to generate, and `release()` shuts it down
-and deletes it (its engine-core worker stopped, the distributed state torn down, `gc.collect()`,
+`vllm.LLM` (or the worker) is built when the engine is first asked to generate, and `release()`
+stops the worker by its pid, or shuts the `LLM` down and deletes it (its engine-core worker stopped, the distributed state torn down, `gc.collect()`,
 `torch.cuda.empty_cache()` where CUDA is present) before an engine for another model loads on the
 same GPU, and when the flow that used it ends. Every in-process vLLM engine starts at the first
 visible GPU (`tensor_parallel_size` GPUs from there), so they all share one device: `vllm`.

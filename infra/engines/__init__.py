@@ -119,15 +119,24 @@ class EngineConfig(BaseModel):
 
 _engines: dict[EngineConfig, Engine] = {}
 _engines_lock = threading.Lock()
+_builds = 0
 
 
 def build_engine(config: EngineConfig) -> Engine:
-    """The engine for `config`, built once per process."""
+    """The engine for `config`, built once per process (a Ray worker process keeps it across
+    the shards it runs)."""
+    global _builds
     with _engines_lock:
         engine = _engines.get(config)
         if engine is None:
             engine = _engines[config] = _build(config)
+            _builds += 1
         return engine
+
+
+def builds() -> int:
+    """How many engines this process has built (each shard manifest records its share)."""
+    return _builds
 
 
 def _build(config: EngineConfig) -> Engine:
@@ -182,6 +191,7 @@ __all__ = [
     "EngineConfig",
     "SamplingParams",
     "build_engine",
+    "builds",
     "engine_scope",
     "open_engine",
     "release_accelerators",

@@ -131,6 +131,12 @@ def start_time(pid: int) -> str:
     return fields[21] if fields else ""
 
 
+def pid_running(pid: int) -> bool:
+    """A process with this pid exists and is not a zombie."""
+    fields = _stat(pid)
+    return fields is not None and fields[2] != "Z"
+
+
 def alive(proc: Proc) -> bool:
     fields = _stat(proc.pid)
     return fields is not None and fields[21] == proc.started and fields[2] != "Z"

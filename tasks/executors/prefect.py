@@ -93,6 +93,9 @@ class PrefectExecutor(Executor):
         if self.settings.kind != "ray" or self.runner is None:
             return {}
         options = stage.resources_for(values)
+        chosen = self.settings.resources.get(stage.name)
+        if chosen is not None:
+            options.update(chosen.options())
         if options.get("num_gpus"):
             options["max_calls"] = 0
         return options

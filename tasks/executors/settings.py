@@ -39,6 +39,20 @@ FORWARDED_NAMES = (
 )
 
 
+class StageResources(BaseModel):
+    """What each task run of one stage asks of a Ray cluster, set per run (overrides the
+    stage's declared `resources`, field by field)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_cpus: float | None = Field(None, ge=0, description="CPUs per task run")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per task run")
+    memory: int | None = Field(None, ge=0, description="bytes of memory per task run")
+
+    def options(self) -> dict[str, float | int]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class ExecutorSettings(BaseModel):
     """Where the shards of each stage run: threads here (local) or a Ray cluster (ray)."""
 
@@ -73,6 +87,11 @@ class ExecutorSettings(BaseModel):
         description="ray: environment variables the workers get from the driver, besides the "
         "data home and Prefect's (they are visible in the job's runtime env; a key that must "
         "not be is better set on the nodes themselves)",
+    )
+    resources: dict[str, StageResources] = Field(
+        default_factory=dict,
+        description="ray: per stage name, what each of its task runs asks for (num_cpus, "
+        "num_gpus, memory), over what the stage declares; e.g. {solve: {num_cpus: 2}}",
     )
     namespace: str = Field("evolforge", description="ray: the Ray namespace of the runs")
 

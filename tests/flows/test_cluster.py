@@ -227,6 +227,44 @@ def test_every_worker_builds_its_engine_once_and_a_warm_rerun_does_nothing(
     assert all("0 computed" in line for line in block if line.split()[0] != "ingest"), block
 
 
+def test_cluster_status_names_every_process_and_no_connection_leaves_loopback(
+    reference, ray_cluster, capsys
+):
+    from flows.cli import main
+
+    assert main(["cluster", "status", "--state-dir", ray_cluster.state_dir]) == 0
+    out = capsys.readouterr().out
+    for proc in ray_cluster.procs:
+        assert f"{proc.role}: pid {proc.pid} up" in out
+    assert "connections beyond loopback: none" in out
+    assert f"export RAY_ADDRESS={ray_cluster.ray_address}" in out
+
+
+def test_an_s3_server_for_the_home_starts_with_a_bucket_and_stops_by_pid(tmp_path):
+    import boto3
+
+    from flows import cluster
+
+    state = cluster.ClusterState(str(tmp_path), "", str(tmp_path / "ray"), "")
+    cluster._start_s3(state, dict(os.environ))
+    try:
+        exports = state.exports
+        assert exports["EVOLFORGE_HOME"] == f"s3://{cluster.S3_BUCKET}/home"
+        client = boto3.client(
+            "s3",
+            endpoint_url=exports["AWS_ENDPOINT_URL"],
+            aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"],
+            region_name=exports["AWS_DEFAULT_REGION"],
+        )
+        assert client.head_bucket(Bucket=cluster.S3_BUCKET)["ResponseMetadata"]["HTTPStatusCode"]
+        assert exports["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    finally:
+        stopped = cluster.down(state)
+    assert stopped == [f"s3 (pid {state.procs[0].pid})"]
+    assert not cluster.pid_running(state.procs[0].pid)
+
+
 def test_the_versions_are_the_local_runs(reference, server, homes):
     home = homes("local")
     run_ok(home, scripted_sets(server))

@@ -6,13 +6,15 @@
     evolforge cluster status
     evolforge cluster down
 
-`up` starts, all on 127.0.0.1: a Ray head and N worker nodes (`ray start --block`, each in a
-session of its own, `--num-cpus`, a small object store), a Prefect server (the API every Ray
-worker reports task runs to: without one each worker would start an ephemeral server on one
-SQLite file, `database is locked`) and, with `--s3`, a moto S3 server with a bucket. It records
-their pids, ports and logs in a state file and prints the variables to export. `down` stops them
-by their recorded pids (checking each is still the process it started), `status` reports them
-and any of their sockets listening beyond loopback.
+`up` starts, all on loopback: a Ray head and N worker nodes (`ray start --block`, each in a
+session of its own, `--num-cpus`, a small object store) on 127.0.0.2 (see `RAY_HOST`), a Prefect
+server on 127.0.0.1 (the API every Ray worker reports task runs to: without one each worker
+would start an ephemeral server on one SQLite file, `database is locked`) and, with `--s3`, a
+moto S3 server with a bucket on 127.0.0.1. It records their pids, ports and logs in a state file
+and prints the variables to export. `down` stops them by their recorded pids (checking each is
+still the process it started, then what it started), `status` reports them and, from `ss`, the
+cluster's sockets that listen on every interface or on the host's address, and its connections
+beyond loopback (none: `tests/flows/test_cluster.py`).
 
 Ray 2.60 turns token authentication on by default for a new cluster; a node joining with another
 setting fails with `InvalidAuthToken`. `up` makes a token of its own (a file beside the state,

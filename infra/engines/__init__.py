@@ -119,24 +119,24 @@ class EngineConfig(BaseModel):
 
 _engines: dict[EngineConfig, Engine] = {}
 _engines_lock = threading.Lock()
-_builds = 0
+_built_here = threading.local()
 
 
 def build_engine(config: EngineConfig) -> Engine:
     """The engine for `config`, built once per process (a Ray worker process keeps it across
     the shards it runs)."""
-    global _builds
     with _engines_lock:
         engine = _engines.get(config)
         if engine is None:
             engine = _engines[config] = _build(config)
-            _builds += 1
+            _built_here.count = builds() + 1
         return engine
 
 
 def builds() -> int:
-    """How many engines this process has built (each shard manifest records its share)."""
-    return _builds
+    """How many engines this thread has built (a shard runs on one thread: its manifest
+    records the builds it caused, exactly, even with other shards on other threads)."""
+    return getattr(_built_here, "count", 0)
 
 
 def _build(config: EngineConfig) -> Engine:

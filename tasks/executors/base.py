@@ -48,7 +48,8 @@ WORKER = "worker"
 
 
 def engine_builds() -> int:
-    """Engines this process has built so far (`infra.engines.build_engine` keeps each)."""
+    """Engines this thread has built so far (`infra.engines.build_engine` keeps each for the
+    process)."""
     from infra.engines import builds
 
     return builds()

@@ -9,6 +9,7 @@
     evolforge sql --shell                            # a read-only SQL prompt (or stdin)
     evolforge datasets ls | show seeds | export seeds --to out.jsonl
     evolforge models push sft_model --repo-id me/wizardmath-sft   # a checkpoint to the hub
+    evolforge cluster up --workers 1 | status | down   # a local Ray cluster + Prefect server
 
 Every command fails with one line on stderr and a non-zero exit; set EVOLFORGE_DEBUG=1 for the
 traceback. Heavy libraries are imported only by the commands that need them, so `sql` and
@@ -451,11 +452,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.registry import FLOWS, load_params
+    from flows.registry import FLOWS, load_run
 
-    params = load_params(args.config, args.set or [], args.flow)
+    arguments = load_run(args.config, args.set or [], args.flow)
     entry = FLOWS[args.flow]
-    print(entry.summary(entry.flow(params=params)))
+    print(entry.summary(entry.flow(**arguments)))
     return 0
 
 
@@ -480,6 +481,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     entry = FLOWS["evaluation"]
     print(entry.summary(entry.flow(params=params)))
     return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from flows import cluster
+
+    state_dir = Path(args.state_dir).expanduser() if args.state_dir else None
+    if args.action == "up":
+        state = cluster.up(
+            state_dir,
+            workers=args.workers,
+            cpus=args.cpus,
+            object_store_mb=args.object_store_mb,
+            prefect=not args.no_prefect,
+            s3=args.s3,
+        )
+        if not args.quiet:
+            for proc in state.procs:
+                where = f" {proc.url}" if proc.url else ""
+                print(f"# {proc.role}: pid {proc.pid}{where}, log {proc.log}", file=sys.stderr)
+            print(
+                "# run on it: evolforge run --config configs/demo.yaml --set executor.kind=ray "
+                "--set executor.address=$RAY_ADDRESS",
+                file=sys.stderr,
+            )
+        print(cluster.exports_text(state))
+        return 0
+    state = cluster.ClusterState.load(state_dir or cluster.default_state_dir())
+    if args.action == "down":
+        stopped = cluster.down(state)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    report = cluster.status(state)
+    for proc in report["procs"]:
+        where = f" {proc['url']}" if proc["url"] else ""
+        print(f"{proc['role']}: pid {proc['pid']} {'up' if proc['alive'] else 'DOWN'}{where}")
+    for key in ("listening_on_all_interfaces", "listening_on_host_address"):
+        if report[key]:
+            print(f"{key.replace('_', ' ')}: {', '.join(report[key])}")
+    beyond = report["connected_beyond_loopback"]
+    print("connections beyond loopback: " + (", ".join(beyond) if beyond else "none"))
+    print(cluster.exports_text(state))
+    return 0 if all(p["alive"] for p in report["procs"]) else EXIT_ERROR
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
@@ -625,6 +668,23 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--private", action="store_true", help="create the repo private")
     models.add_argument("--revision", help="a branch to push to (created if missing)")
     models.set_defaults(func=cmd_models)
+    cl = sub.add_parser(
+        "cluster",
+        help="a local Ray cluster (head + worker nodes), a Prefect server, an S3 server",
+    )
+    cl.add_argument("action", choices=["up", "down", "status"])
+    cl.add_argument("--workers", type=int, default=1, help="worker nodes besides the head")
+    cl.add_argument("--cpus", type=int, default=1, help="CPUs each node offers to Ray")
+    cl.add_argument(
+        "--object-store-mb", type=int, default=100, help="each node's object store (MB, >= 75)"
+    )
+    cl.add_argument("--s3", action="store_true", help="also a moto S3 server with a bucket")
+    cl.add_argument("--no-prefect", action="store_true", help="no Prefect server (use yours)")
+    cl.add_argument("--quiet", action="store_true", help="up: print the exports only")
+    cl.add_argument(
+        "--state-dir", help="where the state file and logs go (default ~/.evolforge/cluster)"
+    )
+    cl.set_defaults(func=cmd_cluster)
 
     catalog = sub.add_parser("catalog", help="rebuild the DuckDB catalog from the manifests")
     catalog.add_argument("action", choices=["rebuild"])

@@ -26,13 +26,14 @@ from tasks.evolution.dedup import dedup_batch
 from tasks.evolution.eliminate import eliminate_batch
 from tasks.evolution.evolve import evolve_batch
 from tasks.evolution.funnel import draw_funnel_plot
+from tasks.executors import ExecutorSettings, executor_scope
 from tasks.seeds import ingest_seeds
 from tasks.solutions.difficulty import report_difficulty
 from tasks.solutions.sft import write_sft_answers
 from tasks.solutions.solve import solve_batch
 
 # Shards of a stage are task runs on this runner; `EVOLFORGE_SHARD_WORKERS` sets how many run at
-# once, and `data.with_options(task_runner=RayTaskRunner(...))` places them on a Ray cluster.
+# once. The run's `executor` setting (kind ray) sends them to a Ray cluster instead.
 RUNNER = ThreadPoolTaskRunner(max_workers=shard_workers())
 
 
@@ -97,9 +98,11 @@ def pin_irm(params: DataParams) -> DataParams:
 
 
 @flow(name="data", log_prints=True, validate_parameters=True, task_runner=RUNNER)
-def data(params: DataParams = DataParams()) -> DataState:
+def data(
+    params: DataParams = DataParams(), executor: ExecutorSettings = ExecutorSettings()
+) -> DataState:
     """Seeds → SFT answers → evolution rounds → CoT/PoT solutions → difficulty check."""
-    with run_lock(home(), "data"), engine_scope():
+    with run_lock(home(), "data"), engine_scope(), executor_scope(executor):
         params = pin_irm(params)
         seeds = ingest_seeds(params=params.seeds)
         state = DataState(seeds=seeds["seeds"]).updated(seeds)

@@ -47,6 +47,7 @@ from tasks.evaluation.guard import GuardParams, guard_contamination
 from tasks.evaluation.items import load_eval_items
 from tasks.evaluation.models import ModelFolders, resolve_models
 from tasks.evaluation.scores import draw_evaluation_chart, score_evaluation
+from tasks.executors import ExecutorSettings, executor_scope
 
 RUNNER = ThreadPoolTaskRunner(max_workers=shard_workers())
 
@@ -143,9 +144,11 @@ class EvaluationParams(BaseModel):
 
 
 @flow(name="evaluation", log_prints=True, validate_parameters=True, task_runner=RUNNER)
-def evaluation(params: EvaluationParams = EvaluationParams()) -> EvaluationState:
+def evaluation(
+    params: EvaluationParams = EvaluationParams(), executor: ExecutorSettings = ExecutorSettings()
+) -> EvaluationState:
     """Evaluate models on math benchmarks (greedy CoT, PoT, hybrid PoT→CoT, maj@k)."""
-    with run_lock(home(), "evaluation"), engine_scope():
+    with run_lock(home(), "evaluation"), engine_scope(), executor_scope(executor):
         return _evaluate(params)
 
 

@@ -18,6 +18,7 @@ from flows.training import TrainingParams, training
 from flows.training_sets import TrainingSetsParams, training_sets
 from storage.locks import run_lock
 from storage.settings import home
+from tasks.executors import executor_scope
 
 
 @flow(name="factory", log_prints=True, validate_parameters=True)
@@ -25,18 +26,22 @@ def factory(params: FactoryParams = FactoryParams()) -> FactoryState:
     """Build math instruction data from seed problems (WizardMath RLEIF + MAmmoTH rationales),
     label its rewards, then train and evaluate on it."""
     params.check_factory()
-    with run_lock(home(), "factory"):
-        data_state = data(params=params.data_params())
-        reward_state = rewards(params=params.rewards, data=data_state)
+    executor = params.executor  # one Ray connection for the whole run: each flow reuses it
+    with run_lock(home(), "factory"), executor_scope(executor):
+        data_state = data(params=params.data_params(), executor=executor)
+        reward_state = rewards(params=params.rewards, data=data_state, executor=executor)
         sets = training_sets(
             params=params.for_flow(TrainingSetsParams),
             inputs=TrainingSetsState.from_states(data_state, reward_state),
+            executor=executor,
         )
         trained = training(
-            params=params.for_flow(TrainingParams), inputs=TrainingState.from_states(sets)
+            params=params.for_flow(TrainingParams),
+            inputs=TrainingState.from_states(sets),
+            executor=executor,
         )
         evaluated = (
-            evaluation(params=pinned(params.evaluation, trained))
+            evaluation(params=pinned(params.evaluation, trained), executor=executor)
             if params.evaluation.enabled
             else None
         )

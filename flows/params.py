@@ -23,6 +23,7 @@ from infra.engines import EngineConfig
 from tasks.evolution.dedup import DecontamParams, DedupParams
 from tasks.evolution.eliminate import EliminationParams
 from tasks.evolution.evolve import EvolutionParams
+from tasks.executors.settings import ExecutorSettings
 from tasks.seeds import IngestParams
 from tasks.solutions.sft import SftParams
 from tasks.solutions.solve import SolutionParams
@@ -79,6 +80,13 @@ class DataParams(BaseModel):
 
 class FactoryParams(DataParams):
     """Everything a factory run needs; defaults run the built-in sample on the embedded engine."""
+
+    executor: ExecutorSettings = Field(
+        default_factory=ExecutorSettings,
+        title="Executor",
+        description="Where the shards of the stages run: local threads or a Ray cluster "
+        "(kind ray, its address). Versions never depend on it.",
+    )
 
     rewards: RewardParams = Field(
         default_factory=RewardParams,

@@ -63,3 +63,17 @@ def load_params(
     if flow not in FLOWS:
         raise ConfigError(f"no flow named {flow!r} (known: {', '.join(FLOWS)})")
     return FLOWS[flow].params(load_factory_params(config, overrides))
+
+
+def load_run(
+    config: str | Path | None, overrides: Sequence[str], flow: str = "factory"
+) -> dict[str, Any]:
+    """A flow's call arguments from a run profile and `--set` overrides: its parameters and,
+    for a flow run on its own, the run's `executor` setting (the factory's is in its params)."""
+    if flow not in FLOWS:
+        raise ConfigError(f"no flow named {flow!r} (known: {', '.join(FLOWS)})")
+    full = load_factory_params(config, overrides)
+    arguments: dict[str, Any] = {"params": FLOWS[flow].params(full)}
+    if flow != "factory":
+        arguments["executor"] = full.executor
+    return arguments

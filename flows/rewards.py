@@ -23,6 +23,7 @@ from infra.engines import EngineConfig, engine_scope
 from storage.errors import UserError
 from storage.locks import run_lock
 from storage.settings import home, shard_workers
+from tasks.executors import ExecutorSettings, executor_scope
 from tasks.rewards.consensus import label_steps
 from tasks.rewards.monte_carlo import MonteCarloParams, rollout_steps
 from tasks.rewards.rankings import RankingParams, rank_siblings
@@ -96,12 +97,16 @@ def _check_inputs(data: DataState) -> DataState:
 
 
 @flow(name="rewards", log_prints=True, validate_parameters=True, task_runner=RUNNER)
-def rewards(params: RewardParams = RewardParams(), data: DataState | None = None) -> RewardState:
+def rewards(
+    params: RewardParams = RewardParams(),
+    data: DataState | None = None,
+    executor: ExecutorSettings = ExecutorSettings(),
+) -> RewardState:
     """Sibling rankings (IRM data), step labels (PRM data) and r = rI · rA per solution."""
     state = RewardState()
     if not params.enabled:
         return state
-    with run_lock(home(), "rewards"), engine_scope():
+    with run_lock(home(), "rewards"), engine_scope(), executor_scope(executor):
         return _label(params, _check_inputs(data if data is not None else DataState.newest()))
 
 

@@ -30,6 +30,7 @@ from flows.state import TrainingState
 from infra.engines import EngineConfig, engine_scope
 from storage.locks import run_lock
 from storage.settings import home
+from tasks.executors import ExecutorSettings, executor_scope
 from tasks.training.common import BaseModelSpec
 from tasks.training.config import TrainingConfig
 from tasks.training.curves import draw_training_curves
@@ -91,12 +92,14 @@ def _rewards_for_rl(state: TrainingState, params: TrainingParams) -> bool:
 # bytecode when print is patched into the log.
 @flow(name="training", log_prints=False, validate_parameters=True)
 def training(
-    params: TrainingParams = TrainingParams(), inputs: TrainingState | None = None
+    params: TrainingParams = TrainingParams(),
+    inputs: TrainingState | None = None,
+    executor: ExecutorSettings = ExecutorSettings(),
 ) -> TrainingState:
     """SFT → IRM → PRM → RL on r = rI · rA; curves and metrics as artifacts."""
     if not params.training.enabled:
         return inputs if inputs is not None else TrainingState()
-    with run_lock(home(), "training"), engine_scope():
+    with run_lock(home(), "training"), engine_scope(), executor_scope(executor):
         return _train(params, inputs if inputs is not None else TrainingState.newest())
 
 

@@ -20,6 +20,7 @@ from flows.reports.training import publish_training_sets_report
 from flows.state import TrainingSetsState
 from storage.locks import run_lock
 from storage.settings import home
+from tasks.executors import ExecutorSettings, executor_scope
 from tasks.training.sets import (
     TrainingSetParams,
     build_irm_set,
@@ -43,12 +44,14 @@ class TrainingSetsParams(BaseModel):
 
 @flow(name="training_sets", log_prints=False, validate_parameters=True)
 def training_sets(
-    params: TrainingSetsParams = TrainingSetsParams(), inputs: TrainingSetsState | None = None
+    params: TrainingSetsParams = TrainingSetsParams(),
+    inputs: TrainingSetsState | None = None,
+    executor: ExecutorSettings = ExecutorSettings(),
 ) -> TrainingSetsState:
     """SFT set, IRM pairs, PRM steps and RL prompts, split by root seed."""
     if not params.training_sets.enabled:
         return inputs if inputs is not None else TrainingSetsState()
-    with run_lock(home(), "training_sets"):
+    with run_lock(home(), "training_sets"), executor_scope(executor):
         return _build(params, inputs if inputs is not None else TrainingSetsState.newest())
 
 

@@ -60,6 +60,22 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What one task run of a stage (each shard, or the stage itself) needs where it runs:
+    declared as `@stage(..., resources=Resources(num_cpus=2))`. On a Ray cluster these become
+    the task's Ray `remote_options` (`memory` in bytes); in process and on threads they are
+    ignored. They never enter a version: where a stage runs does not change what it writes."""
+
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    memory: int | None = None
+
+    def options(self) -> dict[str, float | int]:
+        """The declared fields, as Ray's `remote_options` (unset ones left to Ray)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class ShardSpec:
     """One shard of a stage's input: where it lies and its version (a hash of its content)."""
 

@@ -37,12 +37,14 @@ exchange are in `tasks/contracts.py`.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import sys
 import threading
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ from tasks.contracts import (
     Artifact,
     ArtifactDir,
     ParquetFiles,
+    Resources,
     Shard,
     ShardSpec,
     StageContext,
@@ -78,6 +81,7 @@ __all__ = [
     "Artifact",
     "ArtifactDir",
     "ParquetFiles",
+    "Resources",
     "Shard",
     "ShardSpec",
     "Stage",
@@ -170,8 +174,10 @@ class Stage:
         name: str,
         outputs: Mapping[str, type[Record] | Artifact],
         shard: Shard | None,
+        resources: Resources | None = None,
     ):
         self.fn = fn
+        self.resources = resources or Resources()
         self.name = name
         self.module = fn.__module__
         self.outputs: list[str] = list(outputs)  # in declaration order
@@ -267,6 +273,24 @@ class Stage:
                 )
             record.check(frame, stage=self.name, output=output)
 
+    def resources_for(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Ray `remote_options` for this stage's task runs: the declared `resources`, and one
+        GPU per tensor-parallel rank for an engine of kind vllm among the parameters (a vLLM
+        stage on a cluster is placed on a GPU node). Empty: Ray's defaults (one CPU)."""
+        options: dict[str, Any] = dict(self.resources.options())
+        gpus = max((e.tensor_parallel_size for e in _vllm_engines(values)), default=0)
+        if gpus:
+            options["num_gpus"] = max(gpus, options.get("num_gpus") or 0)
+        return options
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickled by name (its module and attribute), so a task shipped to another process
+        (a Ray worker) finds the declaration that process imported, not a copy of its code."""
+        module = sys.modules.get(self.module)
+        if module is not None and getattr(module, self.task_name, None) is self:
+            return (_declared, (self.module, self.task_name))
+        return super().__reduce_ex__(protocol)
+
     # -- running: handed to an executor ------------------------------------------------------
     def __call__(self, **kwargs: Any) -> StageResult:
         """Run on the executor in force: Prefect task runs inside a flow run, else in process
@@ -278,9 +302,14 @@ class Stage:
         return InProcessExecutor(home).run(self, self.bind(kwargs))
 
     # -- shards -----------------------------------------------------------------------------
-    def shard_plan(self, values: dict[str, Any], home: Path) -> list[ShardSpec]:
-        """The shards of the input, each with its version (a hash of its own content)."""
+    def shard_plan(
+        self, values: dict[str, Any], home: Path, rows: int | None = None
+    ) -> list[ShardSpec]:
+        """The shards of the input, each with its version (a hash of its own content). `rows`
+        (the executor's `shard_rows`) replaces the declared shard size: more, smaller shards to
+        spread over a cluster. It changes the shards' versions, never the stage's."""
         assert self.shard is not None
+        shard = self.shard if rows is None else replace(self.shard, rows=rows)
         store = DatasetStore(home)
         frame = store.read(values[self.shard.by])
         lookups = {
@@ -299,15 +328,15 @@ class Stage:
             "inputs": fixed,
         }
         specs = []
-        for index, (offset, rows) in enumerate(shard_bounds(frame, self.shard)):
-            part = frame.slice(offset, rows)
+        for index, (offset, length) in enumerate(shard_bounds(frame, shard)):
+            part = frame.slice(offset, length)
             digests = [frame_digest(part)]
             for name, (column, key) in sorted(self.shard.lookups.items()):
                 table = lookups[name]
                 if table is not None:
                     digests.append(frame_digest(lookup_rows(table, part, column, key)))
             version = version_id(f"{self.name}[shard]", base["code"], base, digests)
-            specs.append(ShardSpec(index, offset, rows, version))
+            specs.append(ShardSpec(index, offset, length, version))
         return specs
 
 
@@ -316,14 +345,39 @@ def stage(
     outputs: Mapping[str, type[Record] | Artifact],
     shard: Shard | None = None,
     name: str | None = None,
+    resources: Resources | None = None,
 ) -> Callable[[Callable[..., Any]], Stage]:
     """Declare a stage (see the module docstring). The function's name (a verb phrase) names
-    its Prefect task; `name` (default: the same) names the stage in manifests and versions."""
+    its Prefect task; `name` (default: the same) names the stage in manifests and versions;
+    `resources` is what each of its task runs needs on a cluster (`Resources`)."""
 
     def decorate(fn: Callable[..., Any]) -> Stage:
-        return Stage(fn, name or fn.__name__, outputs, shard)
+        return Stage(fn, name or fn.__name__, outputs, shard, resources)
 
     return decorate
+
+
+def _declared(module: str, attribute: str) -> Stage:
+    """A declared stage by its module and attribute (how a pickled `Stage` comes back)."""
+    found = getattr(importlib.import_module(module), attribute)
+    if not isinstance(found, Stage):
+        raise StageError(f"{module}.{attribute} is not a declared stage")
+    return found
+
+
+def _vllm_engines(value: Any) -> list[Any]:
+    """The engine configurations of kind vllm anywhere in a stage's parameters."""
+    from infra.engines import EngineConfig
+
+    if isinstance(value, EngineConfig):
+        return [value] if value.kind == "vllm" else []
+    if isinstance(value, BaseModel):
+        value = [getattr(value, name) for name in type(value).model_fields]
+    elif isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [e for item in value for e in _vllm_engines(item)]
+    return []
 
 
 def read(ref: DatasetRef | str | None, home: Path | None = None) -> pl.DataFrame | None:

@@ -5,6 +5,9 @@ Replies are chosen from the request's system message, so every prompt template o
 gets a well-formed answer: evolutions are new word problems (distinct per parent, so dedup keeps
 most), the answer probe and chain-of-thought answer 7, programs print 7, judges reply with JSON.
 Every request is logged; `delay_s` slows each reply so that a test can kill a run mid-batch.
+Requests are answered on threads, each sleeping on its own: a sleeping engine that serves many
+clients at once, as a model server does, so that shards on several Ray nodes (which reach it by
+its URL) overlap their waits. `delay_s` may be changed while it serves.
 """
 
 from __future__ import annotations

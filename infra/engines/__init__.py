@@ -141,15 +141,24 @@ class EngineConfig(BaseModel):
 
 _engines: dict[EngineConfig, Engine] = {}
 _engines_lock = threading.Lock()
+_built_here = threading.local()
 
 
 def build_engine(config: EngineConfig) -> Engine:
-    """The engine for `config`, built once per process."""
+    """The engine for `config`, built once per process (a Ray worker process keeps it across
+    the shards it runs)."""
     with _engines_lock:
         engine = _engines.get(config)
         if engine is None:
             engine = _engines[config] = _build(config)
+            _built_here.count = builds() + 1
         return engine
+
+
+def builds() -> int:
+    """How many engines this thread has built (a shard runs on one thread: its manifest
+    records the builds it caused, exactly, even with other shards on other threads)."""
+    return getattr(_built_here, "count", 0)
 
 
 def _build(config: EngineConfig) -> Engine:
@@ -224,6 +233,7 @@ __all__ = [
     "EngineConfig",
     "SamplingParams",
     "build_engine",
+    "builds",
     "engine_scope",
     "open_engine",
     "release_accelerators",

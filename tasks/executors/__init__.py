@@ -7,6 +7,11 @@
 Calling a stage (`evolve_batch(pool=..., ...)`) uses the executor in force: the one set with
 `use_executor(...)`, else Prefect inside a flow run, else in process. `Executor` (`base.py`) is
 the one interface: `run(stage, bound arguments) -> StageResult`.
+
+A flow body opens its run's `executor` setting (`settings.py`) with `executor_scope(settings)`:
+`local` keeps the flow's own task runner (threads); `ray` starts prefect-ray's `RayTaskRunner`
+on the cluster for the block, and the stages called inside it (subflows included) send their
+shards there.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from contextvars import ContextVar
 from tasks.executors.base import Declared, Executor
 from tasks.executors.local import InProcessExecutor
 from tasks.executors.prefect import PrefectExecutor
+from tasks.executors.settings import ExecutorSettings, task_runner
 
 __all__ = [
     "Declared",
     "Executor",
+    "ExecutorSettings",
     "InProcessExecutor",
     "PrefectExecutor",
     "current_executor",
+    "executor_scope",
     "use_executor",
 ]
 
@@ -51,3 +59,21 @@ def use_executor(executor: Executor) -> Iterator[Executor]:
         yield executor
     finally:
         _chosen.reset(token)
+
+
+@contextmanager
+def executor_scope(settings: ExecutorSettings | None) -> Iterator[Executor]:
+    """Run the stages called inside this block (in a flow run) where `settings` says. Inside a
+    scope with the same settings (the factory's, around each of its flows) it changes nothing;
+    a Ray runner started here is shut down when the block ends."""
+    chosen = _chosen.get()
+    if settings is None or (isinstance(chosen, PrefectExecutor) and chosen.settings == settings):
+        yield current_executor()
+        return
+    if settings.kind == "local":
+        with use_executor(PrefectExecutor(settings=settings)) as executor:
+            yield executor
+        return
+    runner = task_runner(settings)
+    with runner, use_executor(PrefectExecutor(settings=settings, runner=runner)) as executor:
+        yield executor

@@ -15,7 +15,9 @@ that an executor runs twice (a retried task, a node that died after writing) wri
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,17 @@ from tasks.contracts import (
 )
 
 log = logging.getLogger("tasks.stage")
+
+# The stats key of a shard manifest naming the process that computed it (never merged).
+WORKER = "worker"
+
+
+def engine_builds() -> int:
+    """Engines this thread has built so far (`infra.engines.build_engine` keeps each for the
+    process)."""
+    from infra.engines import builds
+
+    return builds()
 
 
 class Declared(Protocol):
@@ -73,6 +86,9 @@ class Declared(Protocol):
 
 class Executor(ABC):
     """Runs declared stages. `run` is the whole interface; the rest is shared work."""
+
+    # Rows per shard in place of each stage's declared size (`ExecutorSettings.shard_rows`).
+    shard_rows: int | None = None
 
     def __init__(self, home: Path | None = None):
         self._home = home
@@ -207,7 +223,12 @@ class Executor(ABC):
         ctx = StageContext(
             stage.name, spec.version, home, shard=f"{spec.index}", reporter=self.reporter(stage)
         )
+        builds = engine_builds()
         output = self.call_body(stage, ctx, values, store, override)
+        # Which process computed the shard, and how many engines it had to build for it (0
+        # when the process kept its engine from an earlier shard): shard manifests only.
+        worker = {"host": socket.gethostname(), "pid": os.getpid()}
+        worker["engines_built"] = engine_builds() - builds
         missing = [o for o in stage.outputs if o not in output.frames]
         if missing:
             raise StageError(f"stage {stage.name} did not produce output(s): {', '.join(missing)}")
@@ -220,7 +241,7 @@ class Executor(ABC):
                 code_version=stage.code_version,
                 params={"shard": spec.index, "offset": spec.offset, "rows": spec.rows},
                 parents=stage.parents(values),
-                stats=output.stats,
+                stats={**output.stats, WORKER: worker},
                 version=spec.version,
             )
         self.log(
@@ -231,7 +252,7 @@ class Executor(ABC):
     def merge_shards(self, stage: Declared, values: dict[str, Any]) -> StageOutput:
         """Concatenate the shards' outputs in order, computing here any shard not yet done."""
         store = DatasetStore(self.home)
-        specs = stage.shard_plan(values, self.home)
+        specs = stage.shard_plan(values, self.home, self.shard_rows)
         run = current_flow_run()
         new = 0
         for spec in specs:
@@ -245,7 +266,7 @@ class Executor(ABC):
             frames[name] = pl.concat(parts, how="diagonal_relaxed")
         for spec in specs:
             manifest = store.manifest(DatasetRef(SHARD_PREFIX + stage.outputs[0], spec.version))
-            add_stats(stats, manifest.stats)
+            add_stats(stats, {k: v for k, v in manifest.stats.items() if k != WORKER})
         stats["shards"] = {"total": len(specs), "new": new, "reused": len(specs) - new}
         return StageOutput(frames, stats)
 

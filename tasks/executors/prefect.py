@@ -4,20 +4,27 @@ Inside a flow run each stage becomes a task run whose cache key is the stage's v
 the run id), so Prefect's UI shows it and a rerun answers from the cache. A sharded stage first
 submits its shards as task runs to the flow's task runner — threads by default
 (`EVOLFORGE_SHARD_WORKERS`), a Ray cluster with `prefect_ray.RayTaskRunner` — and the stage's
-own task run then merges them. Which runner places the shards is the flow's setting; nothing
-here or in a stage's code changes with it. Logs go to the task run's logger, progress to
+own task run then merges them. Which runner places the shards is the run's `executor` setting
+(`tasks/executors/settings.py`, opened by `executor_scope`); nothing here or in a stage's code
+changes with it. On Ray, a stage's `resources` (and a GPU for a vLLM engine) become the Ray
+`remote_options` of its task runs, and a stage that is not sharded runs on the cluster too when
+it declares resources; every other stage, and every merge, runs in the flow's own process.
+Task runs return small values (a shard's index, a `StageResult` of refs and stats), never
+frames: the data goes through the data home. Logs go to the task run's logger, progress to
 Prefect progress artifacts.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
 from storage.datasets import current_flow_run
 from tasks.contracts import ProgressReporter, ShardSpec, StageResult
 from tasks.executors.base import Declared, Executor
+from tasks.executors.settings import ExecutorSettings
 
 log = logging.getLogger("tasks.stage")
 
@@ -25,18 +32,38 @@ log = logging.getLogger("tasks.stage")
 class PrefectExecutor(Executor):
     """Runs stages as cached Prefect tasks on the current flow's task runner."""
 
-    def __init__(self, home: Any = None):
+    def __init__(
+        self, home: Any = None, settings: ExecutorSettings | None = None, runner: Any = None
+    ):
         super().__init__(home)
+        self.settings = settings or ExecutorSettings()
+        self.shard_rows = self.settings.shard_rows
+        # The task runner shards go to: None is the flow's own (threads); a started
+        # `RayTaskRunner` for executor.kind=ray.
+        self.runner = runner
         # One Prefect task object per (stage, which): building tasks is not free, and Prefect
         # groups task runs by them. Keyed by the declaration (declarations live forever).
         self._tasks: dict[tuple[int, str], Any] = {}
         self._shard_progress: dict[tuple[str, str], Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a task run shipped to a Ray worker needs of its executor: the home and the
+        settings, not the runner, the Prefect tasks or the progress artifacts."""
+        return {"home": self._home, "settings": self.settings}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["home"], state["settings"])  # type: ignore[misc]
+
     def run(self, stage: Declared, values: dict[str, Any]) -> StageResult:
         done = self.done(stage, values)
         if stage.shard is not None and not done:
             self.submit_shards(stage, values)
-        result = self.task(stage, "stage")(**values)
+        if not done and stage.shard is None and self.remote_options(stage, values):
+            # A stage that asks for resources (a GPU, many CPUs) runs where they are.
+            with self.placement(stage, values):
+                result = self.submit(self.task(stage, "stage"), values).result()
+        else:
+            result = self.task(stage, "stage")(**values)
         # Prefect may answer from its result cache, whose record says how the version was made
         # the first time: the outputs existing before this call is what makes it a cache hit.
         result = replace(result, cached=True) if done else result
@@ -44,13 +71,42 @@ class PrefectExecutor(Executor):
 
     def submit_shards(self, stage: Declared, values: dict[str, Any]) -> None:
         """Submit the shards to the flow's task runner and wait for them, in order."""
-        specs = stage.shard_plan(values, self.home)
+        specs = stage.shard_plan(values, self.home, self.shard_rows)
         task = self.task(stage, "shard")
-        futures = [task.submit(values=values, spec=spec) for spec in specs]
+        with self.placement(stage, values):
+            futures = [self.submit(task, {"values": values, "spec": spec}) for spec in specs]
         for done, future in enumerate(futures, start=1):
             future.result()
             if len(specs) > 1:
                 self.shards_done(stage, done, len(specs))
+
+    def submit(self, task: Any, parameters: dict[str, Any]) -> Any:
+        """A task run on this executor's runner, else on the flow's (what `task.submit` does)."""
+        if self.runner is None:
+            return task.submit(**parameters)
+        return self.runner.submit(task, parameters)
+
+    def remote_options(self, stage: Declared, values: dict[str, Any]) -> dict[str, Any]:
+        """Ray `remote_options` of the stage's task runs (none off Ray). A GPU task keeps its
+        worker process (`max_calls=0`; Ray's default for GPU tasks is a new process per task),
+        so the vLLM engine it built serves the next shards instead of loading again."""
+        if self.settings.kind != "ray" or self.runner is None:
+            return {}
+        options = stage.resources_for(values)
+        chosen = self.settings.resources.get(stage.name)
+        if chosen is not None:
+            options.update(chosen.options())
+        if options.get("num_gpus"):
+            options["max_calls"] = 0
+        return options
+
+    def placement(self, stage: Declared, values: dict[str, Any]) -> Any:
+        options = self.remote_options(stage, values)
+        if not options:
+            return nullcontext()
+        from prefect_ray.context import remote_options
+
+        return remote_options(**options)
 
     # -- Prefect tasks ------------------------------------------------------------------------
     def task(self, stage: Declared, which: str) -> Any:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import UserError
-from storage.settings import PROJECT_ROOT, home
+from storage.settings import PROJECT_ROOT, home, home_url
 
 # Always passed to the workers when set in the driver: where the data and models live, how
 # Prefect keeps results, offline switches.
@@ -83,10 +83,15 @@ class ExecutorSettings(BaseModel):
         "(empty: this checkout's path, as on one machine or an image built from it)",
     )
     forward_env: list[str] = Field(
-        default_factory=lambda: ["OPENAI_API_KEY"],
+        default_factory=lambda: [
+            "OPENAI_API_KEY",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+        ],
         description="ray: environment variables the workers get from the driver, besides the "
-        "data home and Prefect's (they are visible in the job's runtime env; a key that must "
-        "not be is better set on the nodes themselves)",
+        "data home, the S3 endpoint and Prefect's (they are visible in the job's runtime env; "
+        "a key that must not be is better set on the nodes themselves, or an instance role)",
     )
     resources: dict[str, StageResources] = Field(
         default_factory=dict,
@@ -103,7 +108,10 @@ class ExecutorSettings(BaseModel):
             if name.startswith(FORWARDED_PREFIXES) or name in FORWARDED_NAMES
         }
         env.update({name: os.environ[name] for name in self.forward_env if name in os.environ})
-        env["EVOLFORGE_HOME"] = str(home())
+        # The home as configured (a folder, or `s3://bucket/prefix`), checked here first: on S3
+        # `home()` is this machine's local folder, which the workers must not take for the home.
+        home()
+        env["EVOLFORGE_HOME"] = home_url()
         env["PYTHONPATH"] = self.project_path or str(PROJECT_ROOT)
         if api_url:
             env["PREFECT_API_URL"] = api_url

@@ -104,7 +104,16 @@ def scripted_sets(server: ScriptedServer) -> dict[str, object]:
 class Run:
     """An `evolforge run --flow data` subprocess in its own session, output in files."""
 
-    def __init__(self, home: Path, sets: dict[str, object], cluster_state=None, label: str = ""):
+    def __init__(
+        self,
+        home: Path,
+        sets: dict[str, object],
+        cluster_state=None,
+        label: str = "",
+        s3: tuple[str, dict[str, str]] | None = None,
+    ):
+        """`s3`: (the home's `s3://` URL, the S3 client's environment); `home` is then this
+        driver's local folder of it (`EVOLFORGE_CACHE`)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "EVOLFORGE_"))}
         env.update(
             EVOLFORGE_HOME=str(home),
@@ -112,6 +121,8 @@ class Run:
             OPENAI_API_KEY="test-key",
             PYTHONPATH=str(PROJECT_ROOT),
         )
+        if s3 is not None:
+            env.update(s3[1], EVOLFORGE_HOME=s3[0], EVOLFORGE_CACHE=str(home))
         sets = dict(sets)
         if cluster_state is not None:
             env.update(cluster_state.exports)
@@ -138,8 +149,8 @@ class Run:
         return code, self.out.read_text(), self.err.read_text()
 
 
-def run_ok(home: Path, sets: dict[str, object], cluster_state=None) -> str:
-    code, out, err = Run(home, sets, cluster_state).wait()
+def run_ok(home: Path, sets: dict[str, object], cluster_state=None, s3=None) -> str:
+    code, out, err = Run(home, sets, cluster_state, s3=s3).wait()
     assert code == 0, err[-4000:]
     return out
 
@@ -225,6 +236,53 @@ def test_every_worker_builds_its_engine_once_and_a_warm_rerun_does_nothing(
     assert "evolve" in stages and "solve" in stages
     # Ingest reads its sources each run (and finds its version); every other stage is a hit.
     assert all("0 computed" in line for line in block if line.split()[0] != "ingest"), block
+
+
+@pytest.fixture(scope="module")
+def moto():
+    from tests.s3_server import MotoServer
+
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_data_flow_on_the_cluster_with_the_home_on_s3(
+    reference, ray_cluster, server, moto, homes, monkeypatch
+):
+    """The home on an S3 server (moto on loopback), the driver and both nodes reading and writing
+    it: the same versions and rows as the cluster run on the local disk, each version committed
+    once on S3; a second driver with an empty local folder (another machine) finds every stage
+    done and sends nothing."""
+    from tests.s3_server import use_server
+
+    url = f"s3://{moto.create_bucket()}/home"
+    s3 = (url, moto.env())
+    local = homes("s3-driver")
+    out = run_ok(local, scripted_sets(server), ray_cluster, s3=s3)
+    assert url in out  # the run's report names the home it wrote
+    use_server(monkeypatch, moto)  # this process reads the home on S3 through its local folder
+    assert versions(local) == reference["versions"]
+    assert current(local) == reference["current"]
+    assert contents(local) == reference["data"]
+    import boto3
+
+    client = boto3.client("s3", **{"endpoint_url": moto.url, "region_name": "us-east-1"})
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=url.split("/")[2])
+        for o in page.get("Contents", [])
+    ]
+    manifests = [k for k in keys if k.endswith("/_manifest.json")]
+    assert len(manifests) == sum(len(v) for v in reference["versions"].values())
+    assert any(k.startswith("home/cache/requests/") for k in keys)
+    before = server.count
+    other = homes("s3-other-driver")
+    out = run_ok(other, scripted_sets(server), ray_cluster, s3=s3)
+    assert server.count == before  # every request answered from the shared cache, or not asked
+    assert versions(other) == reference["versions"]
 
 
 def test_cluster_status_names_every_process_and_no_connection_leaves_loopback(

@@ -107,6 +107,24 @@ def test_the_ray_runner_needs_a_prefect_server_and_passes_the_project_home_and_a
     assert elsewhere.ray_runtime_env(None)["env_vars"]["PYTHONPATH"] == "/srv/evolforge"
 
 
+def test_workers_get_a_home_on_s3_as_its_url_and_the_s3_client_settings(s3_home, monkeypatch):
+    """On S3 the driver's `home()` is its own local folder: the workers get the home's URL (and
+    find their own local folder), the endpoint and the credentials, never the driver's path."""
+    from storage.settings import home
+
+    env = ExecutorSettings(kind="ray").ray_runtime_env(None)["env_vars"]
+    assert env["EVOLFORGE_HOME"] == s3_home
+    assert env["EVOLFORGE_HOME"] != str(home())
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name] == os.environ[name]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    from storage import settings as storage_settings
+
+    storage_settings._checked.clear()
+    with pytest.raises(UserError, match=r"127\.0\.0\.1:9"):  # checked before a worker starts
+        ExecutorSettings(kind="ray").ray_runtime_env(None)
+
+
 def test_resources_become_ray_remote_options_only_on_ray(rows):
     vllm = EngineConfig(kind="vllm", tensor_parallel_size=2)
     values = double_rows.bind({"rows": rows, "engine": vllm})

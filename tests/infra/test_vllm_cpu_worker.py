@@ -24,7 +24,9 @@ def worker(models_dir):
     """(config, engine): the packaged SmolLM2 on vLLM's CPU build in one worker process."""
     vllm_python()
     engines._engines.clear()
-    config = EngineConfig(kind="vllm", model=packaged_folder(models_dir), dtype="float32")
+    config = EngineConfig(
+        kind="vllm", model=packaged_folder(models_dir), dtype="float32", max_model_len=2048
+    )
     engine = build_engine(config)
     assert not engine.in_process, "this interpreter imports vllm: these tests are the worker's"
     yield config, engine
@@ -141,3 +143,23 @@ def test_the_second_call_answers_from_the_request_cache(worker):
     assert (second.stats["hits"], second.stats["misses"]) == (2, 0)
     assert all(r.cached for r in again)
     assert [r.completions for r in again] == [r.completions for r in answers]
+
+
+def test_more_seeded_prompts_than_the_kv_cache_holds_run_without_preemption(worker):
+    """30 seeded prompts of ~1,000 tokens that ask for a long answer: 30k tokens and more, over
+    the 23k that 1 GiB holds in float32. Uncapped, vLLM admits prompts until the cache is full,
+    preempts some as the answers grow, and dies on resuming them ("CPU Generator does not use
+    offset"); capped at 11 sequences at once (`cpu_max_num_seqs`), every request is answered."""
+    _, engine = worker
+    facts = " ".join(f"Fact {i}: {i} apples cost {3 * i} dollars." for i in range(80))
+    requests = [
+        ChatRequest(
+            text(f"{facts} Copy the facts from Fact {i} on, one a line."),
+            SamplingParams(temperature=0.7, seed=i, max_tokens=96),
+        )
+        for i in range(30)
+    ]
+    answers = engine.generate(requests)
+    assert len(answers) == 30 and all(a.ok and a.completions[0].text for a in answers)
+    assert sum(a.completions[0].truncated for a in answers) >= 20  # long answers: growing KV
+    assert sum(a.prompt_tokens for a in answers) > 24_000

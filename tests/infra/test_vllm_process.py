@@ -33,7 +33,12 @@ from infra.engines.vllm_process import (
     start_process,
     stop_process,
 )
-from infra.engines.vllm_worker import output_to_dict, request_from_dict
+from infra.engines.vllm_worker import (
+    _llm_options,
+    cpu_max_num_seqs,
+    output_to_dict,
+    request_from_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -263,3 +268,45 @@ def test_a_worker_that_dies_while_loading_fails_in_one_line(tmp_path, monkeypatc
     assert "\n" not in message and "exited with code 1 while starting" in message
     assert message.endswith("Traceback | ImportError: no vllm here)")
     logged(message)
+
+
+def _config_folder(tmp_path: Path, dtype: str) -> str:
+    import json
+
+    folder = tmp_path / f"model-{dtype}"
+    folder.mkdir()
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "num_hidden_layers": 30,
+        "intermediate_size": 1536,
+        "max_position_embeddings": 8192,
+        "vocab_size": 49152,
+        "torch_dtype": dtype,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_on_a_cpu_vllm_runs_no_more_sequences_than_its_kv_cache_holds_at_full_length(tmp_path):
+    """vLLM's CPU build dies when it preempts a seeded request (a CPU generator has no offset to
+    rewind): the worker caps the sequences at once to what the KV cache holds at full length.
+    SmolLM2-135M's shape: 30 layers x 3 KV heads x 64 = 5,760 values a token for the keys and as
+    many for the values: 23,040 bytes in bfloat16, 46,080 in float32 (vLLM reported 23,296
+    tokens for 1 GiB in float32)."""
+    bf16 = _config_folder(tmp_path, "bfloat16")
+    assert cpu_max_num_seqs({"model": bf16, "max_model_len": 2048}, 1) == 2**30 // 23040 // 2048
+    assert cpu_max_num_seqs({"model": bf16, "max_model_len": 2048}, 1) == 22
+    f32 = {"model": bf16, "dtype": "float32", "max_model_len": 2048}
+    assert cpu_max_num_seqs(f32, 1) == 11 and cpu_max_num_seqs(f32, 4) == 45
+    # The model's own context when max_model_len is unset; at least one sequence.
+    assert cpu_max_num_seqs({"model": bf16}, 1) == 5
+    assert cpu_max_num_seqs({"model": bf16, "dtype": "float32", "max_model_len": 32768}, 1) == 1
+    assert cpu_max_num_seqs({"model": str(tmp_path / "missing")}, 1) is None
+    # The worker passes it to vllm.LLM on a CPU (an explicit setting wins), never on a GPU.
+    assert _llm_options({"model": bf16, "max_model_len": 2048}, "cpu")["max_num_seqs"] == 22
+    assert _llm_options({"model": bf16, "max_num_seqs": 3}, "cpu")["max_num_seqs"] == 3
+    assert "max_num_seqs" not in _llm_options({"model": bf16, "max_model_len": 2048}, "cuda")

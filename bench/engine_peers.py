@@ -23,7 +23,8 @@ Contenders (all on the same SmolLM2-135M-Instruct weights, the same threads):
   in `.venv-vllm` or `$EVOLFORGE_VLLM_PYTHON`: `make vllm-venv`), all prompts in one call;
 - `vllm-server-<dtype>`: vLLM's OpenAI-compatible server, through the project's `vllm_server`
   engine (started by the engine, on 127.0.0.1), every prompt in flight at once. Both run eager
-  with a 1 GiB KV cache and vLLM's own thread binding (`--threads` does not apply); start-up
+  with a 2 GiB KV cache (`max_model_len` 1,024) and vLLM's own thread binding (`--threads`
+  does not apply); start-up
   (~20 s offline, ~35 s served) is not timed, and is printed in the note;
 - `llamacpp`: llama-cpp-python on the GGUF the project ships (Q4_1), one prompt after another
   through `Llama.generate` (its high-level API has no batched generation). Its default build
@@ -176,6 +177,12 @@ def _worker_vllm(job: dict, kind: str, dtype: str) -> dict:
         batch_size=job["batch"],
         max_concurrency=job["batch"],
         timeout_s=1800,
+        # Room for every prompt of a workload at once: on a CPU the engine runs no more
+        # sequences than the KV cache holds at `max_model_len` (`cpu_max_num_seqs`); 1,024
+        # tokens cover the longest workload (~700 prompt + 160 new) and 2 GiB hold 45 such
+        # sequences in float32, 91 in bf16.
+        max_model_len=1024,
+        kv_cache_gb=2,
     )
     engine = build_engine(config)
     try:

@@ -207,7 +207,7 @@ class VLLMEngine:
                     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gb)
                     options.setdefault("enforce_eager", True)
                     options.pop("gpu_memory_utilization", None)
-                    from infra.engines.vllm_worker import cpu_max_num_seqs
+                    from infra.engines.vllm_cpu import cpu_max_num_seqs
 
                     options.setdefault(
                         "max_num_seqs", cpu_max_num_seqs(options, float(self.kv_cache_gb))

@@ -1,0 +1,48 @@
+"""vLLM's CPU build: how many sequences it may run at once.
+
+Imported by the in-process engine (`infra.engines.vllm_engine`) and by the worker and server
+launcher in vLLM's own environment (`infra.engines.vllm_worker`); it imports nothing of the
+factory's, so either side can use it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def kv_cache_gib() -> float:
+    return float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
+
+
+def cpu_max_num_seqs(options: dict[str, Any], kv_gib: float) -> int | None:
+    """As many sequences at once as the KV cache holds at full length (`max_model_len`), so vLLM
+    never preempts one on a CPU.
+
+    vLLM 0.32's CPU build cannot resume a preempted *seeded* request: recomputing it rewinds the
+    request's generator (`gen.set_offset(...)` in `gpu_model_runner.py`), and a CPU
+    `torch.Generator` has no offset ("CPU Generator does not use offset"), which kills the engine
+    core. Every request of the factory is seeded, and a KV cache of a few GiB fills quickly (1 GiB
+    is 23k tokens of SmolLM2-135M in float32: 40 seeded prompts of ~1,650 tokens killed it, 11 at a
+    time ran). None when the model's config does not say its KV size (vLLM's default then)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(options["model"])
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        layers = text.num_hidden_layers
+        length = options.get("max_model_len") or text.max_position_embeddings
+    except Exception as exc:  # an unusual config: leave vLLM's default, say so in the log
+        print(f"evolforge: KV size of {options.get('model')} unknown ({exc})", flush=True)
+        return None
+    dtype = options.get("dtype") or "auto"
+    if dtype == "auto":
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "float32"))
+    width = 4 if "float32" in dtype else 2
+    per_token = 2 * layers * kv_heads * head_dim * width  # keys and values, every layer
+    seqs = max(1, int(kv_gib * 2**30) // per_token // int(length))
+    print(f"evolforge: max_num_seqs {seqs} ({kv_gib:g} GiB KV cache, {length} tokens)", flush=True)
+    return seqs

@@ -172,49 +172,40 @@ def _build(config: EngineConfig) -> Engine:
             num_threads=config.num_threads,
             json_retries=config.json_retries,
         )
-    if config.kind == "vllm":
-        from infra.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(
-            config.model,
-            dtype=config.dtype,
-            tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            max_model_len=config.max_model_len,
-            batch_size=config.batch_size,
-            enforce_eager=config.enforce_eager,
-            kv_cache_gb=config.kv_cache_gb,
-            startup_timeout_s=config.startup_timeout_s,
+    if config.kind in ("vllm", "vllm_server"):
+        # What both vLLM kinds take: the model, its precision and placement, the CPU settings.
+        vllm_options = config.model_dump(
+            include={
+                "dtype",
+                "tensor_parallel_size",
+                "gpu_memory_utilization",
+                "max_model_len",
+                "enforce_eager",
+                "kv_cache_gb",
+                "startup_timeout_s",
+            }
         )
-    if config.kind == "vllm_server":
+        if config.kind == "vllm":
+            from infra.engines.vllm_engine import VLLMEngine
+
+            return VLLMEngine(config.model, batch_size=config.batch_size, **vllm_options)
         from infra.engines.vllm_server import VLLMServerEngine
 
-        return VLLMServerEngine(
-            config.model,
-            dtype=config.dtype,
-            tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            max_model_len=config.max_model_len,
-            enforce_eager=config.enforce_eager,
-            kv_cache_gb=config.kv_cache_gb,
-            startup_timeout_s=config.startup_timeout_s,
-            max_concurrency=config.max_concurrency,
-            timeout_s=config.timeout_s,
-            max_retries=config.max_retries,
-            backoff_s=config.backoff_s,
-        )
+        return VLLMServerEngine(config.model, **vllm_options, **_client_options(config))
     from infra.engines.openai_engine import OpenAIEngine
 
     return OpenAIEngine(
         config.model,
         base_url=config.base_url,
         api_key_env=config.api_key_env,
-        max_concurrency=config.max_concurrency,
-        timeout_s=config.timeout_s,
-        max_retries=config.max_retries,
-        backoff_s=config.backoff_s,
+        **_client_options(config),
         revision=config.revision,
     )
+
+
+def _client_options(config: EngineConfig) -> dict[str, object]:
+    """How an HTTP client of an OpenAI-compatible server behaves (openai, vllm_server)."""
+    return config.model_dump(include={"max_concurrency", "timeout_s", "max_retries", "backoff_s"})
 
 
 def open_engine(config: EngineConfig, stage: str) -> CachedEngine:

@@ -30,7 +30,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.processes import free_port
 from storage.errors import UserError
 
 STATE_FILE = "cluster.json"
@@ -104,12 +104,6 @@ class ClusterState:
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("EVOLFORGE_CLUSTER_DIR", "~/.evolforge/cluster")).expanduser()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- processes, by /proc -----------------------------------------------------------------------

@@ -11,13 +11,14 @@ server's engine core) too.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import signal
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
+
+from infra.processes import stop_group
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PYTHON_ENV = "EVOLFORGE_VLLM_PYTHON"
@@ -112,22 +113,9 @@ def _popen(
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """End `proc`'s process group by its pid: SIGTERM, then SIGKILL after `grace_s`."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; a straggler of its group (an engine core) goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        break
-    if proc.poll() is None:
-        proc.wait(5)
+    """End `proc`'s process group by its pid: SIGTERM, then SIGKILL after `grace_s` (an engine
+    core left behind by the server goes with it)."""
+    stop_group(proc, grace_s)
 
 
 def log_tail(path: Path, lines: int = 3, limit: int = 400) -> str:

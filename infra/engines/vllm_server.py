@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import socket
 import sys
 import tempfile
 import threading
@@ -42,18 +41,12 @@ from typing import Any
 from infra.engines.base import ChatRequest, ChatResponse
 from infra.engines.lifecycle import ACCELERATORS
 from infra.engines.vllm_engine import vllm_identity
+from infra.processes import free_port
 
 log = logging.getLogger("evolforge.engines")
 
 SERVED_NAME = "evolforge"
 _running: weakref.WeakSet[VLLMServerEngine] = weakref.WeakSet()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def vllm_python() -> str:

@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.processes import free_port, stop_group
 from tasks.training import common
 
 LAUNCH_DIR = "launch"
@@ -104,12 +104,6 @@ def fit(fn: Any, ctx: Any, output: str, launcher: LauncherParams, **args: Any) -
 
 
 # -- the stage's side -------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _encode(name: str, value: Any, job: Path) -> dict[str, Any]:
@@ -180,7 +174,7 @@ def _launch(fn: Any, ctx: Any, output: str, launcher: LauncherParams, args: dict
         "fit": f"{fn.__module__}:{fn.__qualname__}",
         "name": ctx.name,
         "args": {k: _encode(k, v, job) for k, v in args.items()},
-        "accelerate": accelerate_args(n, settings["bf16"], _free_port()),
+        "accelerate": accelerate_args(n, settings["bf16"], free_port()),
     }
     (job / JOB).write_text(json.dumps(spec, indent=1), encoding="utf-8")
     env = dict(os.environ)
@@ -206,7 +200,7 @@ def _launch(fn: Any, ctx: Any, output: str, launcher: LauncherParams, args: dict
             time.sleep(0.5)
         _forward_progress(ctx, job / PROGRESS, seen)
     except BaseException:
-        _stop(proc)
+        stop_group(proc, grace_s=15)
         raise
     if proc.returncode != 0 or not (job / RESULT).is_file():
         raise TrainingLaunchError(failure_line(ctx.name, job, n, proc.returncode))
@@ -225,20 +219,6 @@ def _forward_progress(ctx: Any, path: Path, seen: Any) -> Any:
     if state != seen:
         ctx.progress(state["done"], state["total"], state.get("description"))
     return state
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the launcher's process group (the launcher and the ranks it started)."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def failure_line(name: str, job: Path, processes: int, code: int | None) -> str:

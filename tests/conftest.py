@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# `engine.kind: auto` (the default) becomes the embedded engine in the suite, whatever this
+# machine has installed: tests that exercise vLLM name it (`kind: vllm`, marker `vllm`), and
+# tests/infra/engines/test_choice.py runs `auto` against the real vLLM environment.
+os.environ.setdefault("EVOLFORGE_AUTO_ENGINE", "embedded")
+
 from tests.s3_server import s3_home, s3_server  # noqa: F401  (a home on a test S3 server)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -4,6 +4,11 @@ Stages never branch on the engine kind. They receive an `EngineConfig` (a field 
 parameter model) and call `open_engine(config, stage).generate(requests)`, which returns the
 configured engine behind the crash-safe request cache in `EVOLFORGE_HOME/cache`.
 
+The default kind, `auto`, is resolved when a configuration is validated
+(`infra/engines/choice.py`): `vllm` where vLLM is installed (in this interpreter, or its CPU
+build in `.venv-vllm`) and the CPU can run it, `embedded` everywhere else. A validated
+`EngineConfig` never says `auto`.
+
 `build_engine` is memoised per process on the configuration, so the embedded model is loaded
 once however many stages and tasks use it. Implementations are imported lazily: vLLM and
 transformers are only imported when their kind is built.
@@ -50,12 +55,13 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["embedded", "vllm", "vllm_server", "openai"] = Field(
-        "embedded",
+    kind: Literal["auto", "embedded", "vllm", "vllm_server", "openai"] = Field(
+        "auto",
         title="Engine",
-        description="embedded (CPU, transformers), vllm (offline vLLM: GPU, or its CPU build in "
-        "a worker process), vllm_server (a vLLM OpenAI-compatible server this run starts and "
-        "stops), openai (any compatible server)",
+        description="auto (vllm where it is installed and the CPU runs it, else embedded; "
+        "resolved when the run starts), embedded (CPU, transformers), vllm (offline vLLM: GPU, "
+        "or its CPU build in a worker process), vllm_server (a vLLM OpenAI-compatible server "
+        "this run starts and stops), openai (any compatible server)",
     )
     model: str | None = Field(
         None,
@@ -68,8 +74,9 @@ class EngineConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="rows decoded together (embedded), chunk size")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="auto: embedded bf16 where the CPU has native bf16, float32 elsewhere; "
-        "vllm and vllm_server: vLLM's choice for the model",
+        description="auto: bf16 where the CPU has native bf16, float32 elsewhere (embedded, "
+        "and vllm when kind auto picks its CPU build); vllm and vllm_server: vLLM's choice for "
+        "the model",
     )
     json_retries: int = Field(2, ge=0, description="embedded: re-tries of schema-invalid output")
     num_threads: int | None = Field(
@@ -128,6 +135,18 @@ class EngineConfig(BaseModel):
             from infra.engines.cpu import choose_dtype
 
             data["dtype"] = choose_dtype("auto")[0]
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, data: object) -> object:
+        """`kind: auto` (the default) becomes the engine this machine runs best
+        (`infra/engines/choice.py`), so the configuration, its fingerprint and the request
+        cache's keys name the engine that actually runs."""
+        if isinstance(data, dict) and data.get("kind", "auto") == "auto":
+            from infra.engines.choice import resolve_auto
+
+            return resolve_auto(data)
         return data
 
     @model_validator(mode="after")
@@ -208,6 +227,38 @@ def _client_options(config: EngineConfig) -> dict[str, object]:
     return config.model_dump(include={"max_concurrency", "timeout_s", "max_retries", "backoff_s"})
 
 
+def engines_in(value: object) -> list[EngineConfig]:
+    """The engine configurations anywhere in a value (a flow's or a stage's parameters: models,
+    dicts, lists), each once, in order of appearance."""
+    if isinstance(value, EngineConfig):
+        return [value]
+    if isinstance(value, BaseModel):
+        value = [getattr(value, name) for name in type(value).model_fields]
+    elif isinstance(value, dict):
+        value = list(value.values())
+    found: list[EngineConfig] = []
+    if isinstance(value, list | tuple):
+        for item in value:
+            found += [e for e in engines_in(item) if e not in found]
+    return found
+
+
+def describe_engines(params: object) -> list[str]:
+    """One line per engine a run's parameters use: its kind, model and precision, and, where
+    `kind: auto` chose that kind on this machine, why."""
+    from infra.engines.choice import choice_made
+
+    choice = choice_made()
+    lines = []
+    for engine in engines_in(params):
+        line = f"engine: {engine.kind}, model {engine.model or 'packaged SmolLM2-135M-Instruct'}"
+        line += f", dtype {engine.dtype}"
+        if choice is not None and choice.kind == engine.kind:
+            line += f" (what kind auto picks here: {choice.reason})"
+        lines.append(line)
+    return lines
+
+
 def open_engine(config: EngineConfig, stage: str) -> CachedEngine:
     """The configured engine behind the request cache, counting under `stage`."""
     from storage.request_cache import open_request_cache
@@ -225,7 +276,9 @@ __all__ = [
     "SamplingParams",
     "build_engine",
     "builds",
+    "describe_engines",
     "engine_scope",
+    "engines_in",
     "open_engine",
     "release_accelerators",
     "schema_error",

@@ -273,12 +273,15 @@ class Stage:
                 )
             record.check(frame, stage=self.name, output=output)
 
-    def resources_for(self, values: dict[str, Any]) -> dict[str, Any]:
+    def resources_for(self, values: dict[str, Any], cluster_gpus: bool = True) -> dict[str, Any]:
         """Ray `remote_options` for this stage's task runs: the declared `resources`, and one
         GPU per tensor-parallel rank for an engine of kind vllm among the parameters (a vLLM
-        stage on a cluster is placed on a GPU node). Empty: Ray's defaults (one CPU)."""
+        stage on a cluster with GPUs is placed on a GPU node; on a cluster without any, asking
+        for one would leave the task pending forever, and vLLM runs its CPU build).
+        Empty: Ray's defaults (one CPU)."""
         options: dict[str, Any] = dict(self.resources.options())
-        gpus = max((e.tensor_parallel_size for e in _vllm_engines(values)), default=0)
+        engines = _vllm_engines(values) if cluster_gpus else []
+        gpus = max((e.tensor_parallel_size for e in engines), default=0)
         if gpus:
             options["num_gpus"] = max(gpus, options.get("num_gpus") or 0)
         return options
@@ -367,17 +370,9 @@ def _declared(module: str, attribute: str) -> Stage:
 
 def _vllm_engines(value: Any) -> list[Any]:
     """The engine configurations of kind vllm anywhere in a stage's parameters."""
-    from infra.engines import EngineConfig
+    from infra.engines import engines_in
 
-    if isinstance(value, EngineConfig):
-        return [value] if value.kind == "vllm" else []
-    if isinstance(value, BaseModel):
-        value = [getattr(value, name) for name in type(value).model_fields]
-    elif isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        return [e for item in value for e in _vllm_engines(item)]
-    return []
+    return [e for e in engines_in(value) if e.kind == "vllm"]
 
 
 def read(ref: DatasetRef | str | None, home: Path | None = None) -> pl.DataFrame | None:

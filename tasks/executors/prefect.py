@@ -92,7 +92,7 @@ class PrefectExecutor(Executor):
         so the vLLM engine it built serves the next shards instead of loading again."""
         if self.settings.kind != "ray" or self.runner is None:
             return {}
-        options = stage.resources_for(values)
+        options = stage.resources_for(values, cluster_gpus=_cluster_has_gpus())
         chosen = self.settings.resources.get(stage.name)
         if chosen is not None:
             options.update(chosen.options())
@@ -216,3 +216,15 @@ class PrefectExecutor(Executor):
 def artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _cluster_has_gpus() -> bool:
+    """Whether the Ray cluster this driver is connected to has any GPU (True when it is not
+    connected: a GPU is then asked for, as configured)."""
+    try:
+        import ray
+    except ImportError:
+        return True
+    if not ray.is_initialized():
+        return True
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -129,6 +129,9 @@ def test_resources_become_ray_remote_options_only_on_ray(rows):
     vllm = EngineConfig(kind="vllm", tensor_parallel_size=2)
     values = double_rows.bind({"rows": rows, "engine": vllm})
     assert double_rows.resources_for(values) == {"num_gpus": 2}
+    # On a cluster without GPUs a vLLM stage runs vLLM's CPU build: asking for a GPU there would
+    # leave its task pending forever.
+    assert double_rows.resources_for(values, cluster_gpus=False) == {}
     embedded = double_rows.bind({"rows": rows, "engine": EngineConfig()})
     assert double_rows.resources_for(embedded) == {}
     assert sum_rows.resources_for(sum_rows.bind({"rows": rows})) == {

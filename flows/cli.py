@@ -453,8 +453,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.registry import FLOWS, load_run
+    from infra.engines import describe_engines
 
     arguments = load_run(args.config, args.set or [], args.flow)
+    for line in describe_engines(list(arguments.values())):
+        print(f"evolforge: {line}", file=sys.stderr)
     entry = FLOWS[args.flow]
     print(entry.summary(entry.flow(**arguments)))
     return 0
@@ -478,6 +481,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config=args.config,
         overrides=args.set or [],
     )
+    from infra.engines import describe_engines
+
+    for line in describe_engines(params):
+        print(f"evolforge: {line}", file=sys.stderr)
     entry = FLOWS["evaluation"]
     print(entry.summary(entry.flow(params=params)))
     return 0

@@ -16,6 +16,7 @@ from flows.rewards import rewards
 from flows.state import FactoryState, TrainingSetsState, TrainingState
 from flows.training import TrainingParams, training
 from flows.training_sets import TrainingSetsParams, training_sets
+from infra.engines import describe_engines
 from storage.locks import run_lock
 from storage.settings import home
 from tasks.executors import executor_scope
@@ -26,6 +27,8 @@ def factory(params: FactoryParams = FactoryParams()) -> FactoryState:
     """Build math instruction data from seed problems (WizardMath RLEIF + MAmmoTH rationales),
     label its rewards, then train and evaluate on it."""
     params.check_factory()
+    for line in describe_engines(params):  # in the run's log, for runs started from the UI
+        print(line)
     executor = params.executor  # one Ray connection for the whole run: each flow reuses it
     with run_lock(home(), "factory"), executor_scope(executor):
         data_state = data(params=params.data_params(), executor=executor)

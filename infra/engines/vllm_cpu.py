@@ -1,4 +1,12 @@
-"""vLLM's CPU build: how many sequences it may run at once.
+"""vLLM's CPU build: the scheduler settings it needs to run seeded requests.
+
+vLLM 0.32's CPU build dies ("CPU Generator does not use offset") whenever it has to rewind a
+seeded request's random generator, which a CPU `torch.Generator` cannot do. Two things rewind it:
+resuming a *preempted* request, and a *partial prefill* (chunked prefill: a prompt's tokens split
+over two steps, the token sampled after the first part discarded; `_bookkeeping_sync` in
+`gpu_model_runner.py`). Every request of the factory is seeded, so on a CPU the engine runs no
+more sequences than its KV cache holds at full length (no preemption) and prefills every prompt
+in one step (chunked prefill off, a step's token budget at least one full context).
 
 Imported by the in-process engine (`infra.engines.vllm_engine`) and by the worker and server
 launcher in vLLM's own environment (`infra.engines.vllm_worker`); it imports nothing of the
@@ -13,6 +21,33 @@ from typing import Any
 
 def kv_cache_gib() -> float:
     return float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
+
+
+def cpu_options(options: dict[str, Any], kv_gib: float) -> dict[str, Any]:
+    """The `vllm.LLM` settings a CPU run of seeded requests needs (an explicit `max_num_seqs`
+    or `max_num_batched_tokens` in `options` wins): see the module's docstring."""
+    extra: dict[str, Any] = {"enable_chunked_prefill": False}
+    if options.get("max_num_seqs") is None:
+        extra["max_num_seqs"] = cpu_max_num_seqs(options, kv_gib)
+    if options.get("max_num_batched_tokens") is None:
+        length = model_length(options)
+        # vLLM's own CPU default budget is 4,096 tokens a step (2,048 served); never less than
+        # one whole prompt, or a prompt longer than the budget could never be scheduled.
+        extra["max_num_batched_tokens"] = max(length or 0, 4096)
+    return {k: v for k, v in extra.items() if v is not None}
+
+
+def model_length(options: dict[str, Any]) -> int | None:
+    """`max_model_len`, else the model's context length (None when its config does not say)."""
+    if options.get("max_model_len"):
+        return int(options["max_model_len"])
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(options["model"])
+        return int(config.get_text_config().max_position_embeddings)
+    except Exception:
+        return None
 
 
 def cpu_max_num_seqs(options: dict[str, Any], kv_gib: float) -> int | None:

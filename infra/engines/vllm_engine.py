@@ -207,11 +207,9 @@ class VLLMEngine:
                     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gb)
                     options.setdefault("enforce_eager", True)
                     options.pop("gpu_memory_utilization", None)
-                    from infra.engines.vllm_cpu import cpu_max_num_seqs
+                    from infra.engines.vllm_cpu import cpu_options
 
-                    options.setdefault(
-                        "max_num_seqs", cpu_max_num_seqs(options, float(self.kv_cache_gb))
-                    )
+                    options.update(cpu_options(options, float(self.kv_cache_gb)))
                 self.llm = self._vllm.LLM(**options)  # type: ignore[union-attr]
         elif self.worker is None or not self.worker.alive:
             assert self._python is not None
@@ -272,6 +270,7 @@ class VLLMWorker:
 
         self._lock = threading.Lock()
         self.log_path = Path(tempfile.mkstemp(prefix="evolforge-vllm-worker-", suffix=".log")[1])
+        self.failed = False  # a generate call came back with an error
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         start = time.perf_counter()
@@ -335,7 +334,10 @@ class VLLMWorker:
                 pass  # the worker is gone: `_receive` says how
             reply = self._receive(None, "generating")
         if "error" in reply:
-            raise RuntimeError(f"vLLM worker pid {self.pid}: {reply['error']}")
+            self.failed = True  # its log, with the traceback, stays
+            raise RuntimeError(
+                f"vLLM worker pid {self.pid}: {reply['error']} (log {self.log_path})"
+            )
         outputs = reply["outputs"]
         if len(outputs) != len(requests):
             raise RuntimeError(
@@ -372,7 +374,7 @@ class VLLMWorker:
         name it)."""
         from infra.engines.vllm_process import stop_process
 
-        healthy = self.alive and not keep_log
+        healthy = self.alive and not keep_log and not self.failed
         for stream in (self._out, self._in) if hasattr(self, "_in") else ():
             with contextlib.suppress(OSError):
                 stream.close()

@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from infra.engines.vllm_cpu import cpu_max_num_seqs, kv_cache_gib
+from infra.engines.vllm_cpu import cpu_options, kv_cache_gib
 
 
 def _device() -> str:
@@ -52,8 +52,7 @@ def _llm_options(options: dict[str, Any], device: str) -> dict[str, Any]:
         options["enforce_eager"] = device == "cpu"
     if device == "cpu":
         options.pop("gpu_memory_utilization", None)
-        if options.get("max_num_seqs") is None:
-            options["max_num_seqs"] = cpu_max_num_seqs(options, kv_cache_gib())
+        options.update(cpu_options(options, kv_cache_gib()))
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -148,9 +147,12 @@ def _serve_http(args: argparse.Namespace) -> None:
     if device != "cpu" and options.get("gpu_memory_utilization"):
         argv += ["--gpu-memory-utilization", str(options["gpu_memory_utilization"])]
     if device == "cpu":
-        seqs = options.get("max_num_seqs") or cpu_max_num_seqs(options, kv_cache_gib())
-        if seqs:
-            argv += ["--max-num-seqs", str(seqs)]
+        extra = cpu_options(options, kv_cache_gib())
+        argv.append("--no-enable-chunked-prefill")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = options.get(name) or extra.get(name)
+            if value:
+                argv += ["--" + name.replace("_", "-"), str(value)]
     print("evolforge: " + " ".join(argv[1:]), flush=True)
     os.execv(sys.executable, argv)
 

@@ -163,3 +163,26 @@ def test_more_seeded_prompts_than_the_kv_cache_holds_run_without_preemption(work
     assert len(answers) == 30 and all(a.ok and a.completions[0].text for a in answers)
     assert sum(a.completions[0].truncated for a in answers) >= 20  # long answers: growing KV
     assert sum(a.prompt_tokens for a in answers) > 24_000
+
+
+def test_long_prompts_sampled_n_at_a_time_are_prefilled_whole(worker):
+    """12 distinct prompts of ~700 tokens, each sampled twice with a seed (the factory's n=2):
+    11 sequences at once need ~7,800 prompt tokens in the first step, over the 4,096 a CPU step
+    schedules by default. With chunked prefill on (vLLM's default) one child request is
+    prefilled in part, its sampled token discarded, and rewinding its seeded CPU generator kills
+    the engine ("CPU Generator does not use offset"; found by the demo's `solve` on vLLM). The
+    engine turns chunked prefill off on a CPU, so every prompt is prefilled in one step."""
+    _, engine = worker
+    requests = [
+        ChatRequest(
+            text(
+                " ".join(f"Q{i}: item {j} weighs {i * j + 7} grams." for j in range(60)) + " Total?"
+            ),
+            SamplingParams(temperature=0.7, n=2, seed=0, max_tokens=8),
+        )
+        for i in range(12)
+    ]
+    answers = engine.generate(requests)
+    assert all(a.ok and len(a.completions) == 2 for a in answers)
+    assert all(a.prompt_tokens > 600 for a in answers)
+    assert sum(a.prompt_tokens for a in answers[:11]) > 4096

@@ -306,3 +306,10 @@ def test_on_a_cpu_vllm_runs_no_more_sequences_than_its_kv_cache_holds_at_full_le
     assert _llm_options({"model": bf16, "max_model_len": 2048}, "cpu")["max_num_seqs"] == 22
     assert _llm_options({"model": bf16, "max_num_seqs": 3}, "cpu")["max_num_seqs"] == 3
     assert "max_num_seqs" not in _llm_options({"model": bf16, "max_model_len": 2048}, "cuda")
+    # And prefills each prompt in one step (a partial prefill rewinds a seeded generator too):
+    # chunked prefill off, a step's budget at least one whole context.
+    cpu = _llm_options({"model": bf16, "max_model_len": 2048}, "cpu")
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 4096
+    assert _llm_options({"model": bf16}, "cpu")["max_num_batched_tokens"] == 8192
+    gpu = _llm_options({"model": bf16, "max_model_len": 2048}, "cuda")
+    assert "enable_chunked_prefill" not in gpu and "max_num_batched_tokens" not in gpu

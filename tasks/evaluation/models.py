@@ -190,7 +190,7 @@ def _checkpoint_problem(folder: Path) -> str | None:
 
 
 def _base_identity(engine: EngineConfig) -> str:
-    if engine.model is None and engine.kind == "embedded":
+    if engine.model is None and engine.kind != "openai":  # the packaged model, on any engine
         from infra.models import PACKAGED_NAME, file_checksum, packaged_gguf
 
         return f"{PACKAGED_NAME}@gguf-sha256:{file_checksum(packaged_gguf())}"

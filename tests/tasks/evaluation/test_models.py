@@ -150,6 +150,10 @@ def test_base_folders_and_served_models(lineage, tmp_path):
     assert (base.label, base.model, base.prompt_format) == ("base", None, "alpaca")
     assert base.identity.startswith("SmolLM2-135M-Instruct@gguf-sha256:")
     assert base.training_sets == []  # unknown lineage: contamination unknown, not zero
+    # The packaged model is named by its file on vLLM too (what `kind: auto` may pick), not as
+    # an unpinned "vllm:None".
+    on_vllm = resolve_spec("base", EngineConfig(kind="vllm"), store=store)
+    assert on_vllm.identity == base.identity
     folder = tmp_path / "my-model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))

@@ -185,7 +185,12 @@ def test_eval_follows_extends_like_run(capsys, evolforge_home, tmp_path, monkeyp
     code, out, err = run(
         capsys, "eval", "--config", str(tmp_path / "child.yaml"), "--set", "evaluation.seed=7"
     )
-    assert (code, out.strip(), err) == (0, "done", "")
+    assert (code, out.strip()) == (0, "done")
+    # stderr has only the engine the evaluation uses, and why `auto` picked it (pinned here).
+    assert err.splitlines() == [
+        "evolforge: engine: embedded, model packaged SmolLM2-135M-Instruct, dtype auto "
+        "(what kind auto picks here: $EVOLFORGE_AUTO_ENGINE=embedded)"
+    ]
     (params,) = seen
     assert (params.limit, params.k, params.seed, params.modes) == (3, 4, 7, ["cot"])
     assert params.decoding.cot_max_tokens == 96

@@ -44,7 +44,7 @@ class DataParams(BaseModel):
     engine: EngineConfig = Field(
         default_factory=EngineConfig,
         title="LLM engine",
-        description="The engine for every stage: embedded (CPU), vllm (GPU) or openai (any compatible server).",
+        description="The engine for every stage: auto (the default: vLLM where installed, else embedded), embedded (CPU), vllm (GPU, or its CPU build), vllm_server or openai (any compatible server).",
     )
     sft: SftParams = Field(
         default_factory=SftParams,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -137,17 +137,17 @@ class EngineConfig(BaseModel):
             data["dtype"] = choose_dtype("auto")[0]
         return data
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _resolve_auto(cls, data: object) -> object:
+    def _resolve_auto(cls, data: object, handler: Any) -> EngineConfig:
         """`kind: auto` (the default) becomes the engine this machine runs best
         (`infra/engines/choice.py`), so the configuration, its fingerprint and the request
         cache's keys name the engine that actually runs."""
         if isinstance(data, dict) and data.get("kind", "auto") == "auto":
-            from infra.engines.choice import resolve_auto
+            from infra.engines.choice import remember, resolve_auto
 
-            return resolve_auto(data)
-        return data
+            return remember(handler(resolve_auto(data)))
+        return handler(data)
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
@@ -246,15 +246,15 @@ def engines_in(value: object) -> list[EngineConfig]:
 def describe_engines(params: object) -> list[str]:
     """One line per engine a run's parameters use: its kind, model and precision, and, where
     `kind: auto` chose that kind on this machine, why."""
-    from infra.engines.choice import choice_made
+    from infra.engines.choice import choice_made, from_auto
 
     choice = choice_made()
     lines = []
     for engine in engines_in(params):
         line = f"engine: {engine.kind}, model {engine.model or 'packaged SmolLM2-135M-Instruct'}"
         line += f", dtype {engine.dtype}"
-        if choice is not None and choice.kind == engine.kind:
-            line += f" (what kind auto picks here: {choice.reason})"
+        if choice is not None and from_auto(engine):
+            line += f" (kind auto: {choice.reason})"
         lines.append(line)
     return lines
 

@@ -115,6 +115,18 @@ def choose_engine(
 
 
 _made: list[Choice] = []
+_from_auto: set[Any] = set()  # validated engine configurations that said `kind: auto`
+
+
+def remember(config: Any) -> Any:
+    """Note that `config` was resolved from `kind: auto` (for `from_auto`); returns it."""
+    _from_auto.add(config)
+    return config
+
+
+def from_auto(config: Any) -> bool:
+    """Whether a configuration equal to `config` was resolved from `kind: auto` here."""
+    return config in _from_auto
 
 
 def choice_made() -> Choice | None:

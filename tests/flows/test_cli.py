@@ -189,7 +189,7 @@ def test_eval_follows_extends_like_run(capsys, evolforge_home, tmp_path, monkeyp
     # stderr has only the engine the evaluation uses, and why `auto` picked it (pinned here).
     assert err.splitlines() == [
         "evolforge: engine: embedded, model packaged SmolLM2-135M-Instruct, dtype auto "
-        "(what kind auto picks here: $EVOLFORGE_AUTO_ENGINE=embedded)"
+        "(kind auto: $EVOLFORGE_AUTO_ENGINE=embedded)"
     ]
     (params,) = seen
     assert (params.limit, params.k, params.seed, params.modes) == (3, 4, 7, ["cot"])

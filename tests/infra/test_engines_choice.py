@@ -112,6 +112,20 @@ def test_a_validated_configuration_never_says_auto_and_its_fingerprint_names_the
     assert EngineConfig.model_validate(vllm.model_dump()).kind == "vllm"
 
 
+def test_a_run_says_which_engines_it_uses_and_why_auto_chose(monkeypatch):
+    from infra.engines import describe_engines
+
+    monkeypatch.setenv(PIN_ENV, "embedded")
+    chosen = EngineConfig(batch_size=7)
+    named = EngineConfig(kind="embedded", batch_size=9)
+    lines = describe_engines({"a": chosen, "b": [named, chosen]})
+    assert lines == [
+        "engine: embedded, model packaged SmolLM2-135M-Instruct, dtype auto "
+        f"(kind auto: ${PIN_ENV}=embedded)",
+        "engine: embedded, model packaged SmolLM2-135M-Instruct, dtype auto",  # named: no why
+    ]
+
+
 def test_the_demo_profile_runs_on_auto(monkeypatch):
     from flows.params import load_factory_params
 

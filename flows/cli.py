@@ -451,13 +451,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from flows.registry import FLOWS, load_run
+def _say_engines(params: object) -> None:
+    """The engines a run uses, and why `auto` chose them, on stderr before it starts."""
     from infra.engines import describe_engines
 
-    arguments = load_run(args.config, args.set or [], args.flow)
-    for line in describe_engines(list(arguments.values())):
+    for line in describe_engines(params):
         print(f"evolforge: {line}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.registry import FLOWS, load_run
+
+    arguments = load_run(args.config, args.set or [], args.flow)
+    _say_engines(list(arguments.values()))
     entry = FLOWS[args.flow]
     print(entry.summary(entry.flow(**arguments)))
     return 0
@@ -481,10 +487,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config=args.config,
         overrides=args.set or [],
     )
-    from infra.engines import describe_engines
-
-    for line in describe_engines(params):
-        print(f"evolforge: {line}", file=sys.stderr)
+    _say_engines(params)
     entry = FLOWS["evaluation"]
     print(entry.summary(entry.flow(params=params)))
     return 0

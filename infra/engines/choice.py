@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from infra.engines.cpu import CpuInfo, choose_dtype, log_choice_once, read_cpu_info
+from infra.engines.cpu import CpuInfo, choose_dtype, log_choice_once, this_cpu
 
 PIN_ENV = "EVOLFORGE_AUTO_ENGINE"
 PINNABLE = ("embedded", "vllm")
@@ -49,8 +49,10 @@ class Choice:
     cpu_build: bool = False  # vllm on its CPU build (a worker in vLLM's environment)
 
 
+@functools.cache
 def vllm_in_process() -> bool:
-    """Whether this interpreter has vLLM (found, not imported: that takes seconds)."""
+    """Whether this interpreter has vLLM (found, not imported: that takes seconds; once per
+    process, since every configuration that says auto asks)."""
     return importlib.util.find_spec("vllm") is not None
 
 
@@ -89,14 +91,15 @@ def choose_engine(
     """What `engine.kind: auto` becomes on this machine (every argument defaults to what this
     machine has; tests pass their own)."""
     pinned = os.environ.get(PIN_ENV) if pinned is None else pinned
+
+    def here() -> bool:  # vLLM in this interpreter (looked up only when it matters)
+        return vllm_in_process() if in_process is None else in_process
+
     if pinned:
         if pinned not in PINNABLE:
             raise ValueError(f"${PIN_ENV} is {pinned!r}: it must be one of {', '.join(PINNABLE)}")
-        cpu_build = False
-        if pinned == "vllm" and not (vllm_in_process() if in_process is None else in_process):
-            cpu_build = True
-        return Choice(pinned, f"${PIN_ENV}={pinned}", cpu_build)
-    if vllm_in_process() if in_process is None else in_process:
+        return Choice(pinned, f"${PIN_ENV}={pinned}", cpu_build=pinned == "vllm" and not here())
+    if here():
         return Choice("vllm", "vLLM is installed in this interpreter")
     if find_python is None:
         from infra.engines.vllm_process import find_vllm_python as find_python
@@ -106,7 +109,7 @@ def choose_engine(
         return Choice("embedded", f"{exc}; the embedded engine runs instead")
     if python is None:
         return Choice("embedded", "no vLLM environment (`make vllm-venv` builds one)")
-    unable = cpu_runs_vllm(cpu or read_cpu_info(), machine)
+    unable = cpu_runs_vllm(cpu or this_cpu(), machine)
     if unable:
         return Choice("embedded", unable)
     if not (vllm_in_environment(python) if python_has_vllm is None else python_has_vllm):

@@ -12,6 +12,7 @@ limit, not the machine's core count).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -58,11 +59,18 @@ def read_cpu_info(cpuinfo: str | None = None) -> CpuInfo:
     return CpuInfo(model, flags)
 
 
+@functools.cache
+def this_cpu() -> CpuInfo:
+    """This machine's CPU, read once per process: every engine configuration's fingerprint and
+    every `kind: auto` asks, and a process does not change CPUs."""
+    return read_cpu_info()
+
+
 def choose_dtype(requested: str, cpu: CpuInfo | None = None) -> tuple[str, str]:
     """The dtype to load the model in, and why: `auto` -> bf16 where native, else float32."""
     if requested != "auto":
         return requested, "configured"
-    cpu = cpu or read_cpu_info()
+    cpu = cpu or this_cpu()
     native = sorted(cpu.flags & NATIVE_BF16_FLAGS)
     if native:
         return "bfloat16", f"native bf16 ({', '.join(native)})"

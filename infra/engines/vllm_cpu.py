@@ -9,18 +9,32 @@ more sequences than its KV cache holds at full length (no preemption) and prefil
 in one step (chunked prefill off, a step's token budget at least one full context).
 
 Imported by the in-process engine (`infra.engines.vllm_engine`) and by the worker and server
-launcher in vLLM's own environment (`infra.engines.vllm_worker`); it imports nothing of the
-factory's, so either side can use it.
+launcher in vLLM's own environment (`infra.engines.vllm_worker`), which build `vllm.LLM` with
+the same `llm_options`; it imports nothing of the factory's, so either side can use it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 
 def kv_cache_gib() -> float:
     return float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
+
+
+def llm_options(options: dict[str, Any], device: str) -> dict[str, Any]:
+    """The `vllm.LLM` keyword arguments for `device` (the worker's and the in-process engine's):
+    on a CPU eager unless configured otherwise, no GPU memory share, and `cpu_options`; unset
+    options (compiled or eager on a GPU among them) left to vLLM."""
+    options = dict(options)
+    if device == "cpu":
+        if options.get("enforce_eager") is None:
+            options["enforce_eager"] = True
+        options.pop("gpu_memory_utilization", None)
+        options.update(cpu_options(options, kv_cache_gib()))
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def cpu_options(options: dict[str, Any], kv_gib: float) -> dict[str, Any]:
@@ -30,11 +44,18 @@ def cpu_options(options: dict[str, Any], kv_gib: float) -> dict[str, Any]:
     if options.get("max_num_seqs") is None:
         extra["max_num_seqs"] = cpu_max_num_seqs(options, kv_gib)
     if options.get("max_num_batched_tokens") is None:
-        length = model_length(options)
         # vLLM's own CPU default budget is 4,096 tokens a step (2,048 served); never less than
         # one whole prompt, or a prompt longer than the budget could never be scheduled.
-        extra["max_num_batched_tokens"] = max(length or 0, 4096)
+        extra["max_num_batched_tokens"] = max(model_length(options) or 0, 4096)
     return {k: v for k, v in extra.items() if v is not None}
+
+
+@functools.cache
+def _model_config(model: str) -> Any:
+    """The model's transformers config, read once per process (both settings above need it)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model)
 
 
 def model_length(options: dict[str, Any]) -> int | None:
@@ -42,10 +63,7 @@ def model_length(options: dict[str, Any]) -> int | None:
     if options.get("max_model_len"):
         return int(options["max_model_len"])
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(options["model"])
-        return int(config.get_text_config().max_position_embeddings)
+        return int(_model_config(options["model"]).get_text_config().max_position_embeddings)
     except Exception:
         return None
 
@@ -61,15 +79,13 @@ def cpu_max_num_seqs(options: dict[str, Any], kv_gib: float) -> int | None:
     is 23k tokens of SmolLM2-135M in float32: 40 seeded prompts of ~1,650 tokens killed it, 11 at a
     time ran). None when the model's config does not say its KV size (vLLM's default then)."""
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(options["model"])
+        config = _model_config(options["model"])
         text = config.get_text_config()
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         layers = text.num_hidden_layers
-        length = options.get("max_model_len") or text.max_position_embeddings
+        length = model_length(options) or text.max_position_embeddings
     except Exception as exc:  # an unusual config: leave vLLM's default, say so in the log
         print(f"evolforge: KV size of {options.get('model')} unknown ({exc})", flush=True)
         return None

@@ -182,12 +182,8 @@ class VLLMEngine:
             "gpu_memory_utilization": gpu_memory_utilization,
             "max_model_len": max_model_len,
             "seed": seed,
+            "enforce_eager": enforce_eager,  # None: `llm_options` picks by device
         }
-        if python is None:
-            if enforce_eager is not None:
-                self._options["enforce_eager"] = enforce_eager
-        else:
-            self._options["enforce_eager"] = enforce_eager  # None: the worker picks by device
         self.llm: Any = None  # built by `load`, while this engine holds the device
         self.worker: VLLMWorker | None = None
 
@@ -202,14 +198,12 @@ class VLLMEngine:
             if self.llm is None:
                 import torch
 
-                options = dict(self._options)
-                if not torch.cuda.is_available():  # vLLM's CPU build in this interpreter
-                    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gb)
-                    options.setdefault("enforce_eager", True)
-                    options.pop("gpu_memory_utilization", None)
-                    from infra.engines.vllm_cpu import cpu_options
+                from infra.engines.vllm_cpu import llm_options
 
-                    options.update(cpu_options(options, float(self.kv_cache_gb)))
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                if device == "cpu":  # vLLM's CPU build in this interpreter
+                    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gb)
+                options = llm_options(self._options, device)
                 self.llm = self._vllm.LLM(**options)  # type: ignore[union-attr]
         elif self.worker is None or not self.worker.alive:
             assert self._python is not None

@@ -37,23 +37,13 @@ import sys
 import time
 from typing import Any
 
-from infra.engines.vllm_cpu import cpu_options, kv_cache_gib
+from infra.engines.vllm_cpu import cpu_options, kv_cache_gib, llm_options
 
 
 def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _llm_options(options: dict[str, Any], device: str) -> dict[str, Any]:
-    options = dict(options)
-    if options.get("enforce_eager") is None:
-        options["enforce_eager"] = device == "cpu"
-    if device == "cpu":
-        options.pop("gpu_memory_utilization", None)
-        options.update(cpu_options(options, kv_cache_gib()))
-    return {k: v for k, v in options.items() if v is not None}
 
 
 def request_from_dict(data: dict[str, Any]):
@@ -94,7 +84,7 @@ def _serve_worker(args: argparse.Namespace) -> int:
         from infra.engines.vllm_engine import run_requests
 
         device = _device()
-        llm = vllm.LLM(**_llm_options(json.loads(args.options), device))
+        llm = vllm.LLM(**llm_options(json.loads(args.options), device))
     except Exception as exc:  # the factory gets one line; the traceback is in the log
         import traceback
 
@@ -147,12 +137,12 @@ def _serve_http(args: argparse.Namespace) -> None:
     if device != "cpu" and options.get("gpu_memory_utilization"):
         argv += ["--gpu-memory-utilization", str(options["gpu_memory_utilization"])]
     if device == "cpu":
-        extra = cpu_options(options, kv_cache_gib())
-        argv.append("--no-enable-chunked-prefill")
+        cpu = {**options, **cpu_options(options, kv_cache_gib())}
+        if not cpu["enable_chunked_prefill"]:
+            argv.append("--no-enable-chunked-prefill")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
-            value = options.get(name) or extra.get(name)
-            if value:
-                argv += ["--" + name.replace("_", "-"), str(value)]
+            if cpu.get(name):
+                argv += ["--" + name.replace("_", "-"), str(cpu[name])]
     print("evolforge: " + " ".join(argv[1:]), flush=True)
     os.execv(sys.executable, argv)
 

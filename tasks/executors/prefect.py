@@ -45,6 +45,7 @@ class PrefectExecutor(Executor):
         # groups task runs by them. Keyed by the declaration (declarations live forever).
         self._tasks: dict[tuple[int, str], Any] = {}
         self._shard_progress: dict[tuple[str, str], Any] = {}
+        self._cluster_gpus: bool | None = None  # whether the Ray cluster has GPUs, looked up once
 
     def __getstate__(self) -> dict[str, Any]:
         """What a task run shipped to a Ray worker needs of its executor: the home and the
@@ -92,7 +93,9 @@ class PrefectExecutor(Executor):
         so the vLLM engine it built serves the next shards instead of loading again."""
         if self.settings.kind != "ray" or self.runner is None:
             return {}
-        options = stage.resources_for(values, cluster_gpus=_cluster_has_gpus())
+        if getattr(self, "_cluster_gpus", None) is None:  # one look at the cluster per run
+            self._cluster_gpus = _cluster_has_gpus()
+        options = stage.resources_for(values, cluster_gpus=self._cluster_gpus)
         chosen = self.settings.resources.get(stage.name)
         if chosen is not None:
             options.update(chosen.options())

@@ -20,6 +20,7 @@ import infra.engines.vllm_process as vllm_process
 from infra.engines import EngineConfig
 from infra.engines.base import ChatRequest, SamplingParams
 from infra.engines.vllm_cpu import cpu_max_num_seqs
+from infra.engines.vllm_cpu import llm_options as _llm_options
 from infra.engines.vllm_engine import (
     VLLMEngine,
     output_from_dict,
@@ -34,7 +35,7 @@ from infra.engines.vllm_process import (
     start_process,
     stop_process,
 )
-from infra.engines.vllm_worker import _llm_options, output_to_dict, request_from_dict
+from infra.engines.vllm_worker import output_to_dict, request_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
